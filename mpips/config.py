@@ -1,0 +1,283 @@
+"""Configuration: one keyword-only dataclass per concern, mapped onto CLI flags and config files.
+
+Every field becomes a flag: ``lr`` -> ``--lr``, ``data_servers`` -> ``--data-servers``.
+A ``--config FILE`` in TOML or YAML gives the same keys (dashes or underscores, flat or grouped
+under the concern's name: ``[optim] lr = 0.1``); flags given on the command line win::
+
+    mpirun -n 4 python -m mpips.train --optimizer adam --lr 3e-3 --sync ssp --staleness 2
+    mpirun -n 6 python -m mpips.train --config run.toml --servers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RoleConfig",
+    "TrainConfig",
+    "build_parser",
+    "parse_args",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message says which and why."""
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(kw_only=True)
+class RoleConfig:
+    """How the MPI ranks are split into roles."""
+
+    servers: int = _opt(1, "parameter-server ranks; parameters are sharded across them by bytes")
+    data_servers: int = _opt(
+        1, "data-server ranks streaming batches from HDF5; 0 = workers read their own data"
+    )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which network to train."""
+
+    model: str = _opt("mlp", "mlp | cnn | gpt | package.module:factory (a callable returning an nn.Module)")
+    hidden: int = _opt(128, "MLP hidden width")
+    gpt_layers: int = _opt(2, "GPT: transformer blocks")
+    gpt_width: int = _opt(128, "GPT: embedding width")
+    gpt_heads: int = _opt(4, "GPT: attention heads")
+    gpt_context: int = _opt(64, "GPT: context length in bytes")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where samples come from and how they reach the workers."""
+
+    dataset: str = _opt("digits", "built-in dataset: digits (UCI handwritten digits) | pytext (stdlib sources, bytes)")
+    data: str | None = _opt(None, "HDF5 dataset file made by `python -m mpips.data prepare` (overrides --dataset)")
+    batch_size: int = _opt(32, "samples per worker per step")
+    prefetch: int = _opt(2, "batches each worker keeps in flight from its data server")
+    replicas: int = _opt(1, "data servers holding each partition")
+    cache_mb: float = _opt(256.0, "per data server read cache bound, MB")
+    data_dir: str | None = _opt(None, "where built-in datasets are materialised as HDF5 (default ~/.cache/mpips)")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """The server-side optimizer; it runs on each server over its own shard."""
+
+    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw"] = _opt("adam", "update rule")
+    lr: float = _opt(3e-3, "peak learning rate")
+    momentum: float = _opt(0.9, "momentum for momentum / nesterov")
+    weight_decay: float = _opt(0.0, "L2 (sgd, adam) or decoupled (adamw) weight decay")
+    lr_schedule: Literal["constant", "step", "cosine"] = _opt("constant", "learning-rate schedule after warm-up")
+    warmup_steps: int = _opt(0, "linear warm-up steps")
+    step_size: int = _opt(100, "step schedule: multiply lr by --gamma every this many steps")
+    gamma: float = _opt(0.1, "step schedule factor")
+    clip_grad_norm: float = _opt(0.0, "clip the global gradient norm (across all servers) to this; 0 = off")
+    asp_scale: float | None = _opt(None, "asp/ssp: scale of each applied gradient (default 1/workers)")
+    max_bad_grads: int = _opt(10, "abort after this many dropped NaN/Inf gradients; 0 = never")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training run."""
+
+    epochs: float = _opt(30.0, "epochs over the training split (ignored when --steps is set)")
+    steps: int | None = _opt(None, "global steps to train; overrides --epochs")
+    sync: Literal["bsp", "asp", "ssp"] = _opt("bsp", "bsp = synchronous; asp = fully async; ssp = bounded staleness")
+    staleness: int = _opt(2, "ssp: no worker runs more than this many steps ahead of the slowest")
+    seed: int = _opt(0, "seeds model initialisation and the sample order")
+    eval_every: int = _opt(0, "evaluate on the held-out split every N steps (0 = at the end only)")
+    save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
+    metrics: str | None = _opt(None, "write JSON-lines events (step, eval, end) to this file")
+    device: Literal["cpu", "cuda", "auto"] = _opt("cpu", "where workers compute")
+    pull: Literal["auto", "rma", "message"] = _opt(
+        "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"
+    )
+    max_inflight: int = _opt(2, "pushes a worker may have outstanding per server")
+    threads: int = _opt(1, "torch threads per rank")
+    log_every: int = _opt(10, "progress line every N steps when not on a terminal")
+    dry_run: bool = _opt(False, "print the role map and shard plan, then exit")
+    stall_timeout: float = _opt(120.0, "abort when no progress is made for this many seconds")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Checkpoint and resume."""
+
+    checkpoint_dir: str | None = _opt(None, "directory for checkpoints")
+    checkpoint_every: int = _opt(0, "checkpoint every N steps (0 = off)")
+    resume: str | None = _opt(None, "resume from this checkpoint, or 'latest' in --checkpoint-dir")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """All settings of one run, grouped by concern."""
+
+    roles: RoleConfig = field(default_factory=RoleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> Config:
+        """Check value ranges; raise ConfigError naming the flag."""
+        checks = [
+            (self.roles.servers >= 1, "--servers must be at least 1"),
+            (self.roles.data_servers >= 0, "--data-servers must be 0 or more"),
+            (self.data.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.data.prefetch >= 1, "--prefetch must be at least 1"),
+            (self.data.replicas >= 1, "--replicas must be at least 1"),
+            (self.optim.lr > 0, "--lr must be positive"),
+            (0 <= self.optim.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.optim.weight_decay >= 0, "--weight-decay must be 0 or more"),
+            (self.optim.clip_grad_norm >= 0, "--clip-grad-norm must be 0 or more"),
+            (self.train.epochs > 0, "--epochs must be positive"),
+            (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
+            (self.train.staleness >= 0, "--staleness must be 0 or more"),
+            (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
+            (self.train.threads >= 1, "--threads must be at least 1"),
+            (self.train.stall_timeout > 0, "--stall-timeout must be positive"),
+            (self.data.replicas <= max(1, self.roles.data_servers), "--replicas cannot exceed --data-servers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _concerns() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Flat map: field name -> (concern, field, resolved type)."""
+    out: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for concern, cls in _concerns().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"duplicate config key {f.name}"
+            out[f.name] = (concern, f, hints[f.name])
+    return out
+
+
+def _scalar_type(tp: Any) -> tuple[Any, tuple[str, ...] | None]:
+    """(converter, choices) for a field type such as int, float | None or Literal[...]."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return str, tuple(typing.get_args(tp))
+    if args:  # Optional[X]
+        return _scalar_type(args[0])
+    return tp, None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpips.train",
+        description="Train a PyTorch model with MPI parameter servers. Launch under mpirun or srun.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="TOML or YAML file with the same keys as the flags")
+    groups = {name: parser.add_argument_group(name, cls.__doc__) for name, cls in _concerns().items()}
+    defaults = Config()
+    for name, (concern, f, tp) in _fields().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(getattr(defaults, concern), name)
+        conv, choices = _scalar_type(tp)
+        if conv is bool:
+            groups[concern].add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {default})",
+            )
+        else:
+            groups[concern].add_argument(
+                flag, type=conv, choices=choices, default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {default})",
+            )
+    return parser
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a flat {field: value} dict (safe loaders only)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = tomllib.loads(text)
+    except Exception as exc:  # yaml and toml raise their own error types
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    flat: dict[str, Any] = {}
+    concerns = _concerns()
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in concerns and isinstance(value, dict):
+            flat.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def from_flat(values: dict[str, Any], base: Config | None = None) -> Config:
+    """Apply a flat {field: value} dict onto a Config, checking names and types."""
+    cfg = base if base is not None else Config()
+    fields = _fields()
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{key}' (see python -m mpips.train --help)")
+        concern, f, tp = fields[key]
+        conv, choices = _scalar_type(tp)
+        if value is not None:
+            try:
+                if conv is bool and not isinstance(value, bool):
+                    raise ValueError
+                if conv is float and isinstance(value, int):
+                    value = float(value)
+                if not isinstance(value, conv) or isinstance(value, bool) and conv is not bool:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    f"config key '{key}' must be {conv.__name__}, got {value!r}"
+                ) from None
+            if choices and value not in choices:
+                raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        setattr(getattr(cfg, concern), key, value)
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Parse CLI flags (and --config FILE) into a validated Config."""
+    ns = vars(build_parser().parse_args(argv))
+    cfg = Config()
+    path = ns.pop("config", None)
+    if path:
+        cfg = from_flat(load_file(path), cfg)
+    cfg = from_flat(ns, cfg)
+    return cfg.validate()

@@ -1,0 +1,55 @@
+"""Server-side optimizers and learning-rate schedules. Pure: torch only, no MPI.
+
+The update rules are torch.optim's own, run over tensors that view a server's shard memory, so a
+sharded run applies exactly the arithmetic a single-process run applies to the same elements.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mpips.config import OptimConfig
+
+__all__ = ["STATE_FACTOR", "build_optimizer", "lr_factor"]
+
+# optimizer state per parameter element, in units of the parameter itself
+STATE_FACTOR = {"sgd": 0.0, "momentum": 1.0, "nesterov": 1.0, "adam": 2.0, "adamw": 2.0}
+
+
+def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by ``cfg.optimizer`` over ``params``."""
+    kind, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
+    # foreach=False: the per-tensor loop is the same arithmetic on any number of shards.
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=False)
+    if kind in ("momentum", "nesterov"):
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, nesterov=kind == "nesterov",
+            weight_decay=wd, foreach=False,
+        )
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, foreach=False)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of ``cfg.lr`` for global step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps``, then constant, step decay (``gamma`` every
+    ``step_size`` steps) or cosine decay to 0 at ``total_steps``.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = step - cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "step":
+        return cfg.gamma ** (t // max(1, cfg.step_size))
+    if cfg.lr_schedule == "cosine":
+        span = max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / span)))
+    raise ValueError(f"unknown schedule {cfg.lr_schedule!r}")

@@ -53,10 +53,13 @@ def _pytext(context: int = 64, max_bytes: int = 4 << 20) -> dict:
 BUILTIN = {"digits": _digits, "pytext": _pytext}
 
 
-def load_builtin(name: str) -> dict:
-    """Arrays of a built-in dataset: x, y, kind, num_classes, train_ids, val_ids."""
+def load_builtin(name: str, context: int = 64) -> dict:
+    """Arrays of a built-in dataset: x, y, kind, num_classes, train_ids, val_ids.
+
+    ``context`` is the window length of text datasets.
+    """
     if name not in BUILTIN:
         raise ValueError(f"unknown dataset {name!r}; built-in: {', '.join(BUILTIN)}")
-    out = BUILTIN[name]()
+    out = _pytext(context) if name == "pytext" else BUILTIN[name]()
     out["train_ids"], out["val_ids"] = _split(len(out["y"]))
     return out

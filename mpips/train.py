@@ -1,0 +1,239 @@
+"""Entry point: config -> role layout -> this rank's role -> clean exit, or abort the whole job.
+
+    mpirun -n 4 python -m mpips.train                       # MLP on digits: 1 server, 1 data server, 2 workers
+    mpirun -n 6 python -m mpips.train --servers 2 --sync ssp --staleness 2
+    mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
+    srun python -m mpips.train --config run.toml            # on a Slurm allocation
+
+Any exception on any rank prints one line naming the rank, host, role and cause (the traceback
+goes to that rank's stderr) and calls MPI Abort, so the job ends instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpips.config import Config, ConfigError, parse_args
+from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
+from mpips.metrics import MetricsLog, Progress, format_table
+from mpips.models import build_model
+from mpips.optim import STATE_FACTOR
+from mpips.server import ParameterServer
+from mpips.shard import ShardPlan
+from mpips.worker import FlatModel, Worker, evaluate
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("mpips")
+
+
+def choose_pull(mode: str) -> str:
+    """rma where the MPI library makes passive-target progress on its own, else messages."""
+    if mode != "auto":
+        return mode
+    if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
+        return "rma"
+    return "message"
+
+
+def total_steps(cfg: Config, plan: EpochPlan) -> int:
+    return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+
+
+def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
+    """Run this rank's part of the job; returns the exit status.
+
+    ``who`` receives this rank's role as soon as it is known, for the failure message.
+    """
+    rank = comm.Get_rank()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts)
+    role = layout.role_of(rank)
+    if who is not None:
+        who["role"] = f"{role.value} {layout.index_of(rank)}"
+    _setup_logging(rank, role, layout)
+    torch.set_num_threads(cfg.train.threads)
+    data = open_dataset(cfg.data.dataset, cfg.data.data, context=cfg.model.gpt_context)
+    epoch_plan = EpochPlan(len(data.train), len(layout.workers), cfg.data.batch_size, cfg.train.seed)
+    steps = total_steps(cfg, epoch_plan)
+    pull = choose_pull(cfg.train.pull)
+    model = build_model(cfg.model, data.spec, cfg.train.seed) if role != Role.DATA else None
+    plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
+    if rank == 0:
+        print(layout.describe(), flush=True)
+        print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
+        print(
+            f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
+            f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
+            f" {steps} steps; sync {cfg.train.sync}; pulls by {pull}", flush=True,
+        )
+    if cfg.train.dry_run:
+        return 0
+
+    comms = RoleComms.split(comm, layout)
+    ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    try:
+        if role == Role.SERVER:
+            _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull)
+        elif role == Role.WORKER:
+            _run_worker(cfg, layout, ps_comm, plan, model, data, epoch_plan, steps, pull)
+        else:
+            from mpips.dataserver import run_data_server
+
+            run_data_server(cfg, layout, comms, data, epoch_plan, steps)
+    finally:
+        comms.free()
+        ps_comm.Free()
+    return 0
+
+
+def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
+    """Rank in the parameter-server communicator (servers + workers, world order)."""
+    members = sorted(layout.servers + layout.workers)
+    return members.index(world_rank)
+
+
+def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull) -> None:
+    index = layout.index_of(comms.world.Get_rank())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    lo, hi = plan.shard_range(index)
+    server = ParameterServer(
+        comm=ps_comm, servers=comms.role, index=index,
+        workers=[_ps_rank(layout, r) for r in layout.workers], init=flat[lo:hi].copy(),
+        optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
+        pull=pull, stall_timeout=cfg.train.stall_timeout,
+    )
+    server.start()
+    server.serve()
+    server.finish(lead=_ps_rank(layout, layout.lead_worker))
+
+
+def _run_worker(cfg, layout, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull) -> None:
+    rank = MPI.COMM_WORLD.Get_rank()
+    index, lead = layout.index_of(rank), rank == layout.lead_worker
+    device = _device(cfg.train.device)
+    flat = FlatModel(model, plan, device)
+    if layout.data_servers:
+        from mpips.dataserver import RemoteSource
+
+        source = RemoteSource(cfg, layout, index, epoch_plan)
+    else:
+        source = LocalSource(data.train, epoch_plan, index)
+    metrics = MetricsLog(cfg.train.metrics, rank=rank)
+    progress = Progress(steps, cfg.train.log_every, enabled=lead)
+
+    def on_eval(step: int) -> None:
+        loss, acc = evaluate(flat.model, data.val_x, data.val_y, device)
+        metrics.event("eval", step, loss=loss, accuracy=acc)
+        print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
+
+    worker = Worker(
+        comm=ps_comm, index=index, servers=[_ps_rank(layout, r) for r in layout.servers], flat=flat,
+        source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
+        total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
+        stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress,
+        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
+    )
+    worker.start()
+    stats = worker.run()
+    progress.close()
+    final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
+    if lead:
+        _report(cfg, flat, final, worker, data, device, stats, metrics, steps)
+    metrics.close()
+
+
+def _report(cfg, flat, final, worker, data, device, stats, metrics, steps) -> None:
+    """Lead worker: evaluate the final parameters, print the table, save the model."""
+    flat.host[:] = final
+    flat.after_pull()
+    loss, acc = evaluate(flat.model, data.val_x, data.val_y, device)
+    servers = worker.server_stats
+    rows = {
+        "steps": steps,
+        "held-out loss": loss,
+        "held-out accuracy": acc,
+        "last train loss (worker 0)": stats.last_loss,
+        "samples/s (all workers)": stats.samples * worker.epoch_plan.workers
+        / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),
+        "gradients applied": sum(s.applied for s in servers),
+        "gradients dropped": sum(s.dropped for s in servers),
+        "max staleness applied": max(s.max_staleness for s in servers),
+        "time pulling / computing / pushing (s)":
+            f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
+    }
+    print(format_table(rows, "final metrics"), flush=True)
+    metrics.event("eval", steps, loss=loss, accuracy=acc)
+    metrics.event(
+        "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
+        dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
+        staleness=[x for s in servers for x in s.staleness],
+    )
+    if cfg.train.save:
+        state = {k: v.detach().cpu().clone() for k, v in flat.model.state_dict().items()}
+        torch.save(state, cfg.train.save)
+        print(f"saved model state_dict to {cfg.train.save}", flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+        local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _setup_logging(rank: int, role: Role, layout: RoleLayout) -> None:
+    level = logging.INFO if rank == 0 or role == Role.SERVER else logging.WARNING
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format=f"[mpips rank {rank} {role.value} {layout.index_of(rank)}] %(levelname)s %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as exc:
+        print(f"mpips: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    who = {"role": "role not yet assigned"}
+    try:
+        return run(cfg, comm, who)
+    except (LayoutError, ConfigError) as exc:  # the same on every rank: say it once, exit cleanly
+        if rank == 0:
+            print(f"mpips: bad configuration: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
+        _abort(comm, exc, who["role"])
+        return 1
+
+
+def _abort(comm: MPI.Comm, exc: BaseException, role: str) -> None:
+    """Report the failure once, with rank, host and role, then take the whole job down."""
+    rank = comm.Get_rank()
+    traceback.print_exc(file=sys.stderr)
+    print(
+        f"mpips: FATAL on rank {rank} (host {MPI.Get_processor_name()}, {role}):"
+        f" {type(exc).__name__}: {exc}",
+        file=sys.stderr, flush=True,
+    )
+    comm.Abort(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,7 +97,7 @@ def _config(args: argparse.Namespace, model: str, sync: str, metrics: str | None
 # -- one run of each system; every function returns per-worker step records on every rank -----
 # A record is (step, end time in seconds since the epoch, samples, loss).
 
-def _run_mpips(cfg: Config, sub: MPI.Comm, metrics: str) -> list[list[tuple]] | None:
+def _run_mpips(cfg: Config, sub: MPI.Comm, data, metrics: str) -> list[list[tuple]] | None:
     from mpips.train import run as train_run
 
     if sub.Get_rank() == 0 and os.path.exists(metrics):
@@ -110,7 +110,6 @@ def _run_mpips(cfg: Config, sub: MPI.Comm, metrics: str) -> list[list[tuple]] | 
     if sub.Get_rank() != 0:
         return None
     workers = sub.Get_size() - 1
-    data = open_dataset(cfg.data.dataset, None, context=cfg.model.gpt_context)
     plan = EpochPlan(len(data.train), workers, cfg.data.batch_size, cfg.train.seed)
     records: list[list[tuple]] = [[] for _ in range(workers)]
     with open(metrics) as f:
@@ -273,6 +272,7 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
              rep: int) -> list[list[tuple]] | None:
     """One run of ``system`` on the first ``ranks`` ranks; the others wait, sleeping."""
     rank = comm.Get_rank()
+    t0 = time.perf_counter()
     sub = comm.Split(0 if rank < ranks else MPI.UNDEFINED, rank)
     records = None
     if sub != MPI.COMM_NULL:
@@ -281,13 +281,16 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
         cfg = _config(args, model, system.removeprefix("mpips-") if mpips else "bsp", metrics)
         torch.set_num_threads(args.threads)
         if mpips:
-            records = _run_mpips(cfg, sub, metrics)
+            records = _run_mpips(cfg, sub, data, metrics)
         elif system == "ddp":
             records = _run_ddp(cfg, sub, data)
         else:
             records = _run_allreduce(cfg, sub, data)
         sub.Free()
     quiet_barrier(comm)
+    if rank == 0 and os.environ.get("MPIPS_BENCH_VERBOSE"):
+        print(f"train: {model} {system} on {ranks} ranks, run {rep}:"
+              f" {time.perf_counter() - t0:.1f} s", flush=True)
     return records
 
 

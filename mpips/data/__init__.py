@@ -1,13 +1,23 @@
-"""Training data: the sample-order plan, built-in datasets, and batch sources for workers."""
+"""Training data: the sample-order plan, the HDF5 dataset format, and batch sources for workers.
+
+Every job reads an HDF5 dataset file: ``--data FILE.h5`` (made by ``python -m mpips.data
+prepare``), or a built-in dataset (``--dataset digits``) materialised once as such a file in
+``--data-dir``. ``open_dataset`` checks the file up front, on every rank alike, so a bad file
+ends the job with one clear ``DatasetError`` before training starts.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mpips.data.builtin import load_builtin
+from mpips.data.hdf5 import DatasetError, DatasetFile, HDF5Store, HeldOut, Partitions, SampleFormat
 from mpips.data.plan import EpochPlan
+from mpips.data.prepare import materialise_builtin
 from mpips.data.source import ArrayDataset, Batch, BatchSource, LocalSource, SampleStore
 from mpips.models import DataSpec
 
@@ -15,6 +25,7 @@ __all__ = [
     "ArrayDataset",
     "Batch",
     "BatchSource",
+    "DatasetError",
     "DatasetHandle",
     "EpochPlan",
     "LocalSource",
@@ -22,23 +33,85 @@ __all__ = [
     "open_dataset",
 ]
 
+MAX_REPORTED = 5  # problems listed in one DatasetError
+
 
 @dataclass
 class DatasetHandle:
-    """What the job needs of a dataset: its spec, the training store and the held-out split."""
+    """What the job needs of a dataset: its spec, the training store and the held-out split.
+
+    ``partitions`` (contiguous training ranges) shape the epoch order: build the EpochPlan with
+    ``plan()`` so that every reader (data servers, workers, a reference run) agrees on it.
+    """
 
     name: str
     spec: DataSpec
     train: SampleStore
-    val_x: np.ndarray
-    val_y: np.ndarray
+    val: Any  # has .x and .y (HeldOut reads them on first use; ArrayDataset holds them)
+    path: str | None = None
+    format: SampleFormat | None = None
+    partitions: Partitions | None = None
+
+    @property
+    def val_x(self) -> np.ndarray:
+        return self.val.x
+
+    @property
+    def val_y(self) -> np.ndarray:
+        return self.val.y
+
+    def plan(self, workers: int, batch_size: int, seed: int) -> EpochPlan:
+        sizes = self.partitions.sizes if self.partitions is not None else None
+        return EpochPlan(len(self.train), workers, batch_size, seed, sizes)
 
 
-def open_dataset(dataset: str, path: str | None, context: int = 64) -> DatasetHandle:
-    """The built-in ``dataset``, or the HDF5 file at ``path`` when given."""
-    if path is not None:
-        raise ValueError(f"--data {path}: HDF5 dataset files are not supported yet")
-    d = load_builtin(dataset, context=context)
-    spec = DataSpec(d["kind"], tuple(d["x"].shape[1:]), d["num_classes"])
-    tr, va = d["train_ids"], d["val_ids"]
-    return DatasetHandle(dataset, spec, ArrayDataset(d["x"][tr], d["y"][tr]), d["x"][va], d["y"][va])
+def open_dataset(
+    dataset: str, path: str | None, context: int = 64, *, comm: Any = None,
+    data_dir: str | None = None,
+    data_servers: int = 0, replicas: int = 1, cache_mb: float = 256.0, verify: bool = True,
+) -> DatasetHandle:
+    """Open the HDF5 file at ``path``, or the built-in ``dataset`` materialised in ``data_dir``.
+
+    Args:
+        dataset: built-in name, used when ``path`` is None.
+        path: an mpips dataset file.
+        context: window length for text datasets (at most the file's).
+        comm: collective over ``comm`` when given: the built-in file is written once per node,
+            and the partition checksums are verified with the work spread over the ranks.
+        data_servers, replicas: the layout's needs; the file must have at least
+            ceil(data_servers / replicas) partitions.
+        cache_mb: read cache of the training store (used when workers read their own data).
+        verify: re-read every partition to check its checksum and labels.
+
+    Raises:
+        DatasetError: naming the file and partition, the same on every rank.
+    """
+    if path is None:
+        path = materialise_builtin(dataset, context, data_dir, comm)
+    with DatasetFile(path) as f:
+        fmt, parts, samples = f.format, f.partitions, f.samples
+        if fmt.kind == "text" and context > fmt.max_context:
+            raise DatasetError(
+                f"{path}: windows hold a context of {fmt.max_context} bytes,"
+                f" --gpt-context is {context}"
+            )
+        need = math.ceil(data_servers / replicas) if data_servers else 1
+        if len(parts) < need:
+            raise DatasetError(
+                f"{path} has {len(parts)} partition(s), but {data_servers} data servers"
+                f" with --replicas"
+                f" {replicas} need at least {need}: re-create it with `python -m mpips.data prepare"
+                f" --partitions {data_servers}` or lower --data-servers"
+            )
+        problems = f.check_val() if verify else []
+        if verify:
+            rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+            mine = [msg for p in range(rank, len(parts), size) for msg in f.check_partition(p)]
+            problems += [m for ms in comm.allgather(mine) for m in ms] if comm is not None else mine
+    if problems:
+        extra = len(problems) - MAX_REPORTED
+        more = f"\n  ... and {extra} more" if extra > 0 else ""
+        raise DatasetError("\n  ".join(problems[:MAX_REPORTED]) + more)
+    store = HDF5Store(path, fmt, samples, int(cache_mb * (1 << 20)), context)
+    val = HeldOut(path, fmt, context)
+    return DatasetHandle(f.name, fmt.spec(context), store, val, path, fmt, parts)

@@ -5,16 +5,37 @@ An epoch is one seeded permutation of the training set, cut into global batches 
 of each global batch. The last global batch of an epoch may be short: it is split as evenly as
 possible (``numpy.array_split``), so every training sample is used exactly once per epoch, and
 in bsp the global batch of step ``t`` holds the same samples whatever the number of workers.
+
+When the training set is split into contiguous partitions (an HDF5 dataset file), the
+permutation keeps reads large: the partitions are visited in a seeded random order, and the
+samples of each partition in a seeded random order of their own, so a data server reads a
+partition whole into a bounded buffer and serves it out of memory. The order depends only on
+(partition sizes, seed, epoch), never on the number of workers or data servers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = ["EpochPlan"]
+
+
+@functools.lru_cache(maxsize=4)  # every step asks for its epoch's order; compute it once
+def _order(samples: int, partitions: tuple[int, ...] | None, seed: int, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    if partitions is None:
+        out = rng.permutation(samples)
+    else:
+        sizes = np.asarray(partitions, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        visit = rng.permutation(len(sizes))
+        out = np.concatenate([offsets[p] + rng.permutation(sizes[p]) for p in visit])
+    out.flags.writeable = False  # shared between callers
+    return out
 
 
 @dataclass(frozen=True)
@@ -25,10 +46,17 @@ class EpochPlan:
     workers: int
     batch_size: int
     seed: int
+    partitions: tuple[int, ...] | None = None  # sizes of contiguous partitions; None = one pool
 
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError("the training split is empty")
+        if self.partitions is not None and (
+            sum(self.partitions) != self.samples or min(self.partitions, default=0) < 1
+        ):
+            raise ValueError(
+                f"partition sizes {self.partitions} do not add up to {self.samples} samples"
+            )
         if self.workers < 1 or self.batch_size < 1:
             raise ValueError("need at least one worker and a batch size of at least 1")
 
@@ -41,8 +69,8 @@ class EpochPlan:
         return math.ceil(self.samples / self.global_batch)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The seeded permutation of sample ids for ``epoch``."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.samples)
+        """The seeded permutation of sample ids for ``epoch`` (partition by partition, if any)."""
+        return _order(self.samples, self.partitions, self.seed, epoch)
 
     def global_ids(self, epoch: int, step: int) -> np.ndarray:
         """Sample ids of global batch ``step`` (0-based within the epoch)."""

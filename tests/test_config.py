@@ -1,0 +1,67 @@
+"""Config: flags, files, validation. No MPI."""
+
+import pytest
+
+from mpips.config import ConfigError, parse_args
+
+
+def test_defaults_match_the_documented_job():
+    cfg = parse_args([])
+    assert (cfg.roles.servers, cfg.roles.data_servers) == (1, 1)
+    assert cfg.train.sync == "bsp" and cfg.model.model == "mlp" and cfg.data.dataset == "digits"
+
+
+def test_flags_map_onto_concerns():
+    cfg = parse_args(["--servers", "2", "--lr", "0.5", "--sync", "ssp", "--staleness", "3", "--dry-run"])
+    assert cfg.roles.servers == 2 and cfg.optim.lr == 0.5
+    assert cfg.train.sync == "ssp" and cfg.train.staleness == 3 and cfg.train.dry_run
+
+
+@pytest.mark.parametrize(
+    "text, suffix",
+    [
+        ("lr = 0.25\nservers = 2\n[train]\nsync = 'asp'\n", ".toml"),
+        ("lr: 0.25\nservers: 2\ntrain:\n  sync: asp\n", ".yaml"),
+    ],
+)
+def test_config_file_gives_the_same_keys_and_cli_wins(tmp_path, text, suffix):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.optim.lr == 0.25 and cfg.roles.servers == 2 and cfg.train.sync == "asp"
+    cfg = parse_args(["--config", str(path), "--lr", "0.1"])
+    assert cfg.optim.lr == 0.1 and cfg.roles.servers == 2
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate = 0.1\n", "unknown config key 'learning_rate'"),
+        ("lr = 'fast'\n", "config key 'lr' must be float"),
+        ("sync = 'sometimes'\n", "must be one of bsp, asp, ssp"),
+        ("lr = -1.0\n", "--lr must be positive"),
+        ("lr = \n", "is not valid TOML"),
+    ],
+)
+def test_bad_config_file_says_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(path)])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        parse_args(["--config", str(tmp_path / "nope.toml")])
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("lr: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(path)])
+
+
+def test_replicas_cannot_exceed_data_servers():
+    with pytest.raises(ConfigError, match="--replicas"):
+        parse_args(["--data-servers", "1", "--replicas", "2"])

@@ -1,0 +1,35 @@
+"""Server-side optimizers are torch.optim's; a sharded update equals the whole-model update."""
+
+import pytest
+import torch
+
+from mpips.config import OptimConfig
+from mpips.optim import build_optimizer, lr_factor
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_two_shards_update_like_one_vector(kind):
+    cfg = OptimConfig(optimizer=kind, lr=0.1, weight_decay=0.01)
+    torch.manual_seed(0)
+    whole = torch.randn(10)
+    halves = [whole[:4].clone(), whole[4:].clone()]
+    opt_whole = build_optimizer([whole], cfg)
+    opts = [build_optimizer([h], cfg) for h in halves]
+    for _ in range(5):
+        g = torch.randn(10)
+        whole.grad = g.clone()
+        opt_whole.step()
+        for h, o, part in zip(halves, opts, (g[:4], g[4:])):
+            h.grad = part.clone()
+            o.step()
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)
+
+
+def test_schedules():
+    cfg = OptimConfig(warmup_steps=4, lr_schedule="cosine")
+    assert [lr_factor(s, cfg, 104) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, cfg, 104) == 1.0
+    assert lr_factor(54, cfg, 104) == pytest.approx(0.5)
+    assert lr_factor(104, cfg, 104) == pytest.approx(0.0)
+    step = OptimConfig(lr_schedule="step", step_size=10, gamma=0.5)
+    assert [lr_factor(s, step, 100) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]

@@ -109,7 +109,7 @@ class DataServer:
 
     def serve(self) -> DataServerStats:
         """Answer requests until every worker is done; StallError if none come for too long."""
-        backoff, last = Backoff(high=5e-3), time.monotonic()
+        backoff, last = Backoff(high=1e-3), time.monotonic()
         first = None
         while not all(self.done):
             statuses: list[MPI.Status] = []
@@ -179,10 +179,12 @@ class DataServer:
                 " which it does not hold"
             )
         t0 = time.perf_counter()
-        arrays = self.reader.take(ids)
-        self.stats.read_seconds += time.perf_counter() - t0
         reply = np.empty(REPLY_HEADER + n * self.format.record_bytes, dtype=np.uint8)
-        nbytes = self.format.pack(arrays, reply[REPLY_HEADER:])
+        self.reader.take(
+            ids, out=self.format.unpack(reply[REPLY_HEADER:], n)
+        )  # read into the reply
+        self.stats.read_seconds += time.perf_counter() - t0
+        nbytes = reply.nbytes - REPLY_HEADER
         reply[:REPLY_HEADER].view(np.int64)[:] = (MAGIC, w, epoch, step, n, nbytes, 0, 0)
         self.sending.append((self.comm.Isend(reply, dest=self.workers[w], tag=Tag.DATA), reply))
         st = self.stats
@@ -325,7 +327,7 @@ class RemoteSource:
         self.last_wait = time.perf_counter() - t0
         self.wait_seconds += self.last_wait
         self._top_up()  # keep `prefetch` steps in flight while this one is computed
-        out = self.format.empty(len(entry.ids))
+        out = self.format.empty(len(entry.ids)) if len(entry.pieces) != 1 else {}
         for p in entry.pieces:
             head = p.reply[:REPLY_HEADER].view(np.int64)
             expect = (MAGIC, self.worker, epoch, step, len(p.positions))
@@ -334,8 +336,12 @@ class RemoteSource:
                     f"worker {self.worker}: data server {p.server} sent {head[:5].tolist()},"
                     f" expected {expect}"
                 )
-            for name, arr in self.format.unpack(p.reply[REPLY_HEADER:], len(p.positions)).items():
-                out[name][p.positions] = arr
+            arrays = self.format.unpack(p.reply[REPLY_HEADER:], len(p.positions))
+            if len(entry.pieces) == 1:  # the whole batch from one server, in order: no copy
+                out = arrays
+            else:
+                for name, arr in arrays.items():
+                    out[name][p.positions] = arr
         x, y = self.format.to_xy(out, self.context)
         return Batch(entry.ids, x, y)
 

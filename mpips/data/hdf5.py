@@ -369,10 +369,12 @@ class PartitionReader:
         self.cached_bytes += size
         return block
 
-    def take(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Stored fields of samples ``ids`` (in the order given)."""
+    def take(
+        self, ids: np.ndarray, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Stored fields of samples ``ids`` (in the order given), into ``out`` when given."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = self.format.empty(len(ids))
+        out = self.format.empty(len(ids)) if out is None else out
         if not len(ids):
             return out
         if ids.min() < 0 or ids.max() >= self.file.samples:
@@ -387,7 +389,10 @@ class PartitionReader:
                 base, top = int(ids[sel].min()), int(ids[sel].max()) + 1
                 block = self._read(base, top)
             for name, arr in block.items():
-                out[name][sel] = arr[ids[sel] - base]
+                if len(sel) == len(ids):  # one partition: gather straight into ``out``
+                    np.take(arr, ids - base, axis=0, out=out[name])
+                else:
+                    out[name][sel] = arr[ids[sel] - base]
         return out
 
 

@@ -1,0 +1,468 @@
+"""Environment self-test: can this machine (or allocation) run an mpips job?
+
+    python -m mpips.doctor                  # one process; probes RMA with its own `mpirun -n 2`
+    mpirun -n 4 python -m mpips.doctor      # the job's own launch line: probes these ranks
+    srun -n 8 python -m mpips.doctor        # same, on a Slurm allocation
+
+Rank 0 prints one line per check: the MPI library and standard, the thread level, the ranks
+and hosts, whether a passive-target ``MPI_Get`` completes while its target computes without
+calling MPI (what parameter pulls rely on), whether MPI is CUDA-aware, h5py's MPI-IO, torch,
+numpy and thread settings, then advice for anything that will be slow or will not work.
+The exit status is 1 when something every job needs is missing (mpi4py, h5py, torch), 0
+otherwise, and the same on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Finding",
+    "ProbeResult",
+    "cuda_aware",
+    "find_loaded_libmpi",
+    "launcher_world_size",
+    "main",
+    "rma_passive_progress",
+]
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+SETUP_ADVICE = "run `bash jobs/setup.sh` (or `pip install -e .` in an environment that has it)"
+
+# Shared objects that are "the MPI library" across vendors: Open MPI and Intel MPI (libmpi),
+# MPICH/MVAPICH (libmpich or libmpi), Cray (libmpi_cray), IBM Spectrum (libmpi_ibm). Not the
+# language bindings next to them (libmpi_cxx, libmpi_mpifh, libmpi_usempif08).
+_LIBMPI_NAME = re.compile(r"/lib(?:mpi|mpich|mpi_cray|mpi_ibm)\.so(?:\.\d+)*$")
+
+# Marks rank 0 writes into the probe window around its MPI-free computation.
+_IDLE, _BUSY, _DONE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of the report.
+
+    Attributes:
+        label: what was checked, e.g. ``"h5py"``.
+        value: what was found, one line.
+        status: ``"ok"``, ``"warn"`` (works, but slowly or not everywhere) or ``"fail"`` (a job
+            cannot run).
+        advice: what to do about a warn or fail, one sentence each.
+    """
+
+    label: str
+    value: str
+    status: str = OK
+    advice: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of :func:`rma_passive_progress`, the same on every rank.
+
+    Attributes:
+        passive: True if a Get completed while its target computed without calling MPI, False
+            if it completed only once the target called MPI again, None if not tested.
+        latency_s: duration of the Lock/Get/Unlock that decided it; None if not tested.
+        busy_s: how long the target computed without calling MPI.
+        nbytes: bytes read by each Get.
+        detail: why it was not tested, or the error that stopped it; empty otherwise.
+    """
+
+    passive: bool | None
+    latency_s: float | None = None
+    busy_s: float = 0.0
+    nbytes: int = 0
+    detail: str = ""
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if self.passive is None:
+            return f"not tested: {self.detail}"
+        size = f"{self.nbytes / 2**20:g} MiB" if self.nbytes >= 2**20 else f"{self.nbytes} B"
+        if self.passive:
+            return (f"yes: a {size} Get took {self.latency_s * 1e3:.2f} ms while its target "
+                    f"computed for {self.busy_s:g} s without calling MPI")
+        return (f"no: a {size} Get waited {self.latency_s:.2f} s, until its target called MPI "
+                f"again after {self.busy_s:g} s of computing")
+
+
+def find_loaded_libmpi(maps_text: str) -> str | None:
+    """The path of the MPI library mapped into a process.
+
+    Args:
+        maps_text: the text of ``/proc/<pid>/maps``.
+
+    Returns:
+        The first mapped file named like an MPI library (``libmpi.so.40``, ``libmpich.so.12``,
+        ``libmpi_cray.so.12``, ...), or None if there is none.
+    """
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and _LIBMPI_NAME.search(fields[5].strip()):
+            return fields[5].strip()
+    return None
+
+
+def cuda_aware(libmpi: str | None = None) -> bool | None:
+    """Whether the MPI library accepts CUDA device pointers, from ``MPIX_Query_cuda_support()``.
+
+    mpi4py has no wrapper for it and the symbol is not global (``ctypes.CDLL(None)`` misses it),
+    so the library is opened by path.
+
+    Args:
+        libmpi: path of the MPI library; default: the one this process has loaded, which means
+            mpi4py's ``MPI`` module must have been imported first.
+
+    Returns:
+        True or False as the library answers; None when there is no library or no such symbol.
+    """
+    if libmpi is None:
+        libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
+    if libmpi is None:
+        return None
+    try:
+        query = getattr(ctypes.CDLL(libmpi), "MPIX_Query_cuda_support", None)
+    except OSError:
+        return None
+    if query is None:
+        return None
+    query.restype, query.argtypes = ctypes.c_int, []
+    return bool(query())
+
+
+def launcher_world_size(environ: Mapping[str, str]) -> int | None:
+    """How many processes the launcher says it started, from the variables it sets.
+
+    A world size that differs from this means mpirun and mpi4py belong to different MPI
+    libraries: every process then initialises alone, as rank 0 of a world of one.
+
+    Args:
+        environ: the process environment.
+
+    Returns:
+        ``OMPI_COMM_WORLD_SIZE`` (Open MPI) or ``PMI_SIZE`` (MPICH, Intel MPI, srun with PMI2),
+        or None when no launcher set either.
+    """
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def rma_passive_progress(comm: Any, busy_s: float = 1.0, nbytes: int = 1 << 20) -> ProbeResult:
+    """Does a passive-target Get complete while the target computes without calling MPI?
+
+    Collective over ``comm``. Rank 0 exposes ``nbytes`` through ``MPI.Win.Create`` over a numpy
+    buffer (as parameter servers do), writes a "busy" mark into it, computes in pure Python for
+    ``busy_s`` seconds, writes "done", and only then calls MPI again. Rank 1 reads the buffer
+    with ``Lock(SHARED)`` / ``Get`` / ``Unlock`` until it sees a mark. Reading "busy" proves that
+    the Get completed without the target's help; reading "done" means the library waited for the
+    target to enter MPI (MPICH without an async progress thread, Open MPI's osc/pt2pt). Other
+    ranks wait in a barrier.
+
+    Args:
+        comm: an ``mpi4py.MPI.Comm``; a size below 2 returns an untested result.
+        busy_s: how long rank 0 computes.
+        nbytes: bytes exposed and read by each Get (a multiple of 8).
+
+    Returns:
+        The result decided on rank 1, broadcast to every rank.
+    """
+    if comm.Get_size() < 2:
+        return ProbeResult(None, busy_s=busy_s, nbytes=nbytes, detail="needs 2 ranks")
+    import numpy as np
+    from mpi4py import MPI
+
+    buf = np.zeros(nbytes // 8, dtype=np.int64)
+    try:
+        win = MPI.Win.Create(buf if comm.Get_rank() == 0 else None, comm=comm)
+    except MPI.Exception as exc:
+        return ProbeResult(None, busy_s=busy_s, nbytes=nbytes,
+                           detail=f"MPI.Win.Create failed: {exc.Get_error_string()}")
+    result = None
+    try:
+        comm.Barrier()
+        if comm.Get_rank() == 0:
+            buf[0] = _BUSY
+            _compute_without_mpi(busy_s)
+            buf[0] = _DONE
+        elif comm.Get_rank() == 1:
+            result = _read_until_marked(win, buf, busy_s)
+        comm.Barrier()
+        return comm.bcast(result, root=1)
+    finally:
+        win.Free()
+
+
+def _compute_without_mpi(seconds: float) -> None:
+    """Keep this rank busy in the interpreter, never entering the MPI library."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(i * i for i in range(1000))
+
+
+def _read_until_marked(win: Any, out: Any, busy_s: float) -> ProbeResult:
+    """Get rank 0's buffer until it carries a mark; the first marked read decides."""
+    from mpi4py import MPI
+
+    while True:
+        start = time.perf_counter()
+        win.Lock(0, MPI.LOCK_SHARED)
+        win.Get(out, 0)
+        win.Unlock(0)
+        latency = time.perf_counter() - start
+        if out[0] != _IDLE:
+            return ProbeResult(bool(out[0] == _BUSY), latency, busy_s, out.nbytes)
+        time.sleep(0.005)  # rank 0 has not started computing yet
+
+
+def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, list[str]]:
+    """Run the RMA probe under ``mpirun -n 2`` from a process that is alone in its world.
+
+    Returns:
+        The probe result and the first line of ``mpirun --version`` (empty if none ran).
+    """
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return ProbeResult(None, busy_s=busy_s,
+                           detail="no mpirun on PATH (run under mpirun -n 2)"), []
+    version = _first_line(_run_quietly([mpirun, "--version"], dict(os.environ), 30).stdout)
+    # An explicit copy of os.environ: after a singleton MPI_Init, Open MPI has added variables
+    # to the C environment that make a child mpirun fail silently.
+    env = dict(os.environ)
+    if "Open MPI" in version:
+        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")  # Open MPI 4
+        env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")  # Open MPI 5
+        if os.geteuid() == 0:
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd = [mpirun, "-n", "2", sys.executable, "-m", "mpips.doctor", "--rma-probe",
+           "--busy", str(busy_s)]
+    proc = _run_quietly(cmd, env, timeout=60 + 4 * busy_s)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return ProbeResult(**json.loads(lines[-1])), [version]
+    why = _first_line(proc.stderr) or f"exit status {proc.returncode}"
+    return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` failed: {why}"), [version]
+
+
+def _run_quietly(cmd: list[str], env: dict[str, str], timeout: float
+                 ) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; kill the whole group if it outlives ``timeout``."""
+    with subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err = f"timed out after {timeout:g} s\n{err}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
+    """The MPI checks; collective over ``comm``."""
+    vendor = MPI.get_vendor()[0]
+    library = MPI.Get_library_version().strip("\0 \n")
+    thread_names = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+                    MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+    findings = [
+        Finding("MPI library", library.splitlines()[0]),
+        Finding("MPI standard", "{}.{}".format(*MPI.Get_version())),
+        Finding("thread level", f"MPI_THREAD_{thread_names[MPI.Query_thread()].upper()} provided"),
+        _world_finding(MPI, comm),
+    ]
+    if comm.Get_size() > 1:
+        probe, mpirun_version = rma_passive_progress(comm, busy_s), []
+    else:
+        probe, mpirun_version = _probe_with_mpirun(busy_s)
+        findings.append(_single_rank_window_finding(MPI, vendor))
+    findings.append(_rma_finding(probe, vendor, mpirun_version))
+    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
+    aware = cuda_aware(libmpi) if libmpi else None
+    answer = {True: "yes", False: "no", None: "unknown"}[aware]
+    source = "no MPIX_Query_cuda_support" if aware is None else "MPIX_Query_cuda_support"
+    findings.append(Finding("CUDA-aware MPI", f"{answer} ({source} in {libmpi or 'no libmpi'})"))
+    return findings
+
+
+def _world_finding(MPI: Any, comm: Any) -> Finding:
+    """Ranks, hosts and cores; warns when ranks outnumber cores or mpirun is another MPI's."""
+    size = comm.Get_size()
+    hosts = comm.allgather((MPI.Get_processor_name(), os.cpu_count() or 1))
+    expected = launcher_world_size(os.environ)
+    if expected is not None and expected != size:
+        return Finding("world", f"{size} rank(s), but the launcher started {expected}", FAIL, (
+            "mpirun and mpi4py use different MPI libraries: use the mpirun that belongs to the "
+            "library above (`module load` it, or put its bin/ first on PATH), or rebuild "
+            "mpi4py against this mpirun's MPI with `bash jobs/setup.sh`",))
+    ranks = collections.Counter(name for name, _ in hosts)
+    cores = dict(hosts)
+    shown = ", ".join(f"{name} ({count})" for name, count in list(ranks.items())[:8])
+    more = f", ... {len(ranks) - 8} more" if len(ranks) > 8 else ""
+    value = f"{size} rank(s) on {len(ranks)} host(s): {shown}{more}"
+    crowded = [name for name, count in ranks.items() if count > cores[name]]
+    if crowded:
+        name = crowded[0]
+        return Finding("world", value, WARN, (
+            f"{ranks[name]} ranks share {cores[name]} cores on {name}: fine for tests, slow for "
+            "training; Open MPI needs oversubscription allowed (`source jobs/env.sh` does it)",))
+    return Finding("world", value)
+
+
+def _single_rank_window_finding(MPI: Any, vendor: str) -> Finding:
+    """Can this 1-rank world create a window over its own memory, as a server would?"""
+    import numpy as np
+
+    try:
+        MPI.Win.Create(np.zeros(8), comm=MPI.COMM_SELF).Free()
+    except MPI.Exception as exc:
+        advice = ("run mpips with at least 2 ranks (its roles need them anyway)",)
+        if vendor == "Open MPI":
+            advice += ("Open MPI's osc/rdma needs a shared-memory peer and Debian disables "
+                       "osc/pt2pt: OMPI_MCA_osc=sm,rdma,pt2pt with "
+                       "MPI4PY_RC_THREAD_LEVEL=serialized makes 1-rank windows work",)
+        return Finding("1-rank window", f"MPI.Win.Create fails: {exc.Get_error_string()}",
+                       WARN, advice)
+    return Finding("1-rank window", "MPI.Win.Create works")
+
+
+def _rma_finding(probe: ProbeResult, vendor: str, mpirun_version: list[str]) -> Finding:
+    where = " (under mpirun -n 2)" if mpirun_version else ""
+    if probe.passive:
+        return Finding("passive RMA", probe.describe() + where)
+    if probe.passive is None:
+        advice = ()
+        if "mpirun" in probe.detail and os.geteuid() == 0 and mpirun_version \
+                and "Open MPI" in mpirun_version[0]:
+            advice = ("Open MPI refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT=1 and "
+                      "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1: `source jobs/env.sh` sets them",)
+        return Finding("passive RMA", probe.describe() + where, WARN, advice)
+    advice = ["parameter pulls will wait for a busy server to call MPI; mpips falls back to "
+              "message-based pulls"]
+    if "MPICH" in vendor and os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") != "1":
+        advice.append("MPICH: set MPIR_CVAR_ASYNC_PROGRESS=1 for a progress thread (needs "
+                      "MPI_THREAD_MULTIPLE, the mpi4py default)")
+    return Finding("passive RMA", probe.describe() + where, WARN, tuple(advice))
+
+
+def _package_findings() -> list[Finding]:
+    """h5py, torch, numpy and thread settings of this process."""
+    findings = []
+    try:
+        import h5py
+    except ImportError as exc:
+        findings.append(Finding("h5py", f"cannot import: {exc}", FAIL, (SETUP_ADVICE,)))
+    else:
+        mpi_io = h5py.get_config().mpi
+        findings.append(Finding(
+            "h5py", f"{h5py.__version__}, HDF5 {h5py.version.hdf5_version}, "
+                    f"MPI-IO {'yes' if mpi_io else 'no'}",
+            OK if mpi_io else WARN,
+            () if mpi_io else ("h5py was built without MPI-IO, so ranks cannot share one HDF5 "
+                               "file through MPI-IO: re-run `bash jobs/setup.sh`, which builds "
+                               "it against parallel HDF5",)))
+    try:
+        import torch
+    except ImportError as exc:
+        findings.append(Finding("torch", f"cannot import: {exc}", FAIL, (SETUP_ADVICE,)))
+        threads = None
+    else:
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            gpu = f"CUDA {torch.version.cuda}, {count} device(s): {torch.cuda.get_device_name(0)}"
+        else:
+            gpu = "CUDA not available"
+        findings.append(Finding("torch", f"{torch.__version__}, {gpu}"))
+        threads = torch.get_num_threads()
+    try:
+        import numpy
+    except ImportError as exc:
+        findings.append(Finding("numpy", f"cannot import: {exc}", FAIL, (SETUP_ADVICE,)))
+    else:
+        findings.append(Finding("numpy", numpy.__version__))
+    findings.append(_threads_finding(threads))
+    return findings
+
+
+def _threads_finding(torch_threads: int | None) -> Finding:
+    omp = os.environ.get("OMP_NUM_THREADS")
+    value = f"OMP_NUM_THREADS={omp if omp is not None else '(unset)'}"
+    if torch_threads is not None:
+        value += f", torch uses {torch_threads} thread(s)"
+    value += f", {os.cpu_count()} core(s) on this host"
+    if omp is None:
+        return Finding("threads", value, WARN, (
+            "every rank starts one torch thread per core; with several ranks per node set "
+            "OMP_NUM_THREADS (cores / ranks per node; `source jobs/env.sh` sets 1)",))
+    return Finding("threads", value)
+
+
+def _report(findings: list[Finding]) -> str:
+    width = max(len(f.label) for f in findings)
+    marks = {OK: "  ", WARN: "! ", FAIL: "X "}
+    lines = ["mpips doctor"]
+    lines += [f"{marks[f.status]}{f.label:<{width}}  {f.value}" for f in findings]
+    advice = [(f.label, a) for f in findings for a in f.advice]
+    if advice:
+        lines.append("advice:")
+        lines += [f"  - {label}: {text}" for label, text in advice]
+    failed = [f.label for f in findings if f.status == FAIL]
+    lines.append(f"result: {'FAIL (' + ', '.join(failed) + ')' if failed else 'OK'}")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mpips.doctor", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--busy", type=float, default=1.0, metavar="SECONDS",
+                        help="how long the RMA probe's target computes without MPI (default 1)")
+    parser.add_argument("--rma-probe", action="store_true",
+                        help="run only the passive RMA probe (2+ ranks); rank 0 prints it as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every check, print the report on rank 0, and return the exit status."""
+    args = _parse_args(argv)
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:
+        findings = [Finding("mpi4py", f"cannot import: {exc}", FAIL, (SETUP_ADVICE,))]
+        print(_report(findings + _package_findings()), flush=True)
+        return 1
+    comm = MPI.COMM_WORLD
+    if args.rma_probe:
+        probe = rma_passive_progress(comm, args.busy)
+        if comm.Get_rank() == 0:
+            print(json.dumps(asdict(probe)), flush=True)
+        return 0 if probe.passive is not None else 1
+    findings = _mpi_findings(MPI, comm, args.busy) + _package_findings()
+    status = 1 if any(f.status == FAIL for f in findings) else 0
+    if comm.Get_rank() == 0:
+        print(_report(findings), flush=True)
+    return comm.allreduce(status, op=MPI.MAX)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""mpips.doctor: the pure helpers, the RMA probe on every rank, and the command end to end."""
+
+from __future__ import annotations
+
+import ctypes.util
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import mpi_env, run_mpi
+
+from mpips.doctor import (
+    ProbeResult,
+    cuda_aware,
+    find_loaded_libmpi,
+    launcher_world_size,
+    rma_passive_progress,
+)
+
+MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 08:01 1234 /usr/bin/python3.11
+7f1c2a000000-7f1c2a100000 r-xp 00000000 08:01 2345 /usr/lib/x86_64-linux-gnu/libmpi_cxx.so.40.30.1
+7f1c2b000000-7f1c2b200000 r-xp 00000000 08:01 3456 /usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4
+7f1c2c000000-7f1c2c021000 rw-p 00000000 00:00 0
+7f1c2d000000-7f1c2d100000 r-xp 00000000 08:01 4567 {path}
+"""
+
+
+def test_find_loaded_libmpi_takes_the_mpi_library_not_its_bindings():
+    assert find_loaded_libmpi(MAPS.format(path="/lib/libc.so.6")) == (
+        "/usr/lib/x86_64-linux-gnu/libmpi.so.40.30.4")
+
+
+@pytest.mark.parametrize("path", [
+    "/opt/cray/pe/lib64/libmpi_cray.so.12",
+    "/usr/lib/x86_64-linux-gnu/libmpich.so.12.3.0",
+    "/opt/intel/oneapi/mpi/2021.9.0/lib/release/libmpi.so.12",
+    "/opt/my mpi/lib/libmpi.so",
+])
+def test_find_loaded_libmpi_knows_other_vendors(path):
+    maps = "\n".join(line for line in MAPS.format(path=path).splitlines()
+                     if "libmpi.so.40" not in line)
+    assert find_loaded_libmpi(maps) == path
+
+
+def test_find_loaded_libmpi_without_mpi():
+    assert find_loaded_libmpi("") is None
+    assert find_loaded_libmpi("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libmpi_usempif08.so.40\n") is None
+
+
+def test_cuda_aware_is_unknown_without_the_symbol_or_the_library():
+    assert cuda_aware(ctypes.util.find_library("c")) is None
+    assert cuda_aware("/nonexistent/libmpi.so.40") is None
+
+
+def test_launcher_world_size():
+    assert launcher_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4
+    assert launcher_world_size({"PMI_SIZE": "6", "PMI_RANK": "2"}) == 6
+    assert launcher_world_size({"HOME": "/root"}) is None
+
+
+def test_probe_result_describes_itself():
+    assert ProbeResult(True, 0.0005, 1.0, 1 << 20).describe().startswith(
+        "yes: a 1 MiB Get took 0.50 ms")
+    assert ProbeResult(False, 0.98, 1.0, 4096).describe().startswith(
+        "no: a 4096 B Get waited 0.98 s")
+    assert ProbeResult(None, detail="needs 2 ranks").describe() == "not tested: needs 2 ranks"
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2, 4))
+def test_rma_probe_agrees_on_every_rank():
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    result = rma_passive_progress(comm, busy_s=0.5, nbytes=1 << 16)
+    assert comm.allgather(result) == [result] * comm.Get_size()
+    assert result.passive is not None, result.detail
+    assert result.nbytes == 1 << 16 and result.busy_s == 0.5
+    if MPI.get_vendor()[0] == "Open MPI":
+        # Open MPI's osc/rdma reads the target's memory directly over shared memory.
+        assert result.passive, result.describe()
+        assert result.latency_s < 0.1, result.describe()
+
+
+def _doctor(*launcher: str) -> subprocess.CompletedProcess[str]:
+    if launcher:
+        return run_mpi(int(launcher[0]), ["-m", "mpips.doctor", "--busy", "0.5"], timeout=120)
+    return subprocess.run([sys.executable, "-m", "mpips.doctor", "--busy", "0.5"], env=mpi_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("launcher", [(), ("2",)], ids=["alone", "mpirun-2"])
+def test_doctor_reports_this_machine(launcher):
+    result = _doctor(*launcher)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert out.count("mpips doctor") == 1, out  # rank 0 only
+    for label in ("MPI library", "MPI standard", "thread level", "world", "passive RMA",
+                  "CUDA-aware MPI", "h5py", "torch", "numpy", "threads"):
+        assert f"  {label}" in out, out
+    assert "MPI-IO yes" in out, out
+    assert f"{2 if launcher else 1} rank(s)" in out, out
+    assert out.rstrip().endswith("result: OK"), out
+    if "Open MPI" in out.split("MPI library", 1)[1].splitlines()[0]:
+        assert re.search(r"passive RMA +yes:", out), out
+
+
+def test_doctor_fails_with_advice_when_a_package_is_missing():
+    hide = ("import sys; sys.modules['h5py'] = None; from mpips.doctor import main; "
+            "sys.exit(main(['--busy', '0.2']))")
+    result = subprocess.run([sys.executable, "-c", hide], env=mpi_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "X h5py" in result.stdout and "jobs/setup.sh" in result.stdout, result.stdout
+    assert "result: FAIL (h5py)" in result.stdout, result.stdout

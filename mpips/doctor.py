@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import json
 import os
@@ -34,10 +35,12 @@ __all__ = [
     "Finding",
     "ProbeResult",
     "cuda_aware",
+    "end_session",
     "find_loaded_libmpi",
     "launcher_world_size",
     "main",
     "rma_passive_progress",
+    "run_bounded",
 ]
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -232,7 +235,7 @@ def _read_until_marked(win: Any, out: Any, busy_s: float) -> ProbeResult:
         time.sleep(0.005)  # rank 0 has not started computing yet
 
 
-def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, list[str]]:
+def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, str]:
     """Run the RMA probe under ``mpirun -n 2`` from a process that is alone in its world.
 
     Returns:
@@ -241,11 +244,12 @@ def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, list[str]]:
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         return ProbeResult(None, busy_s=busy_s,
-                           detail="no mpirun on PATH (run under mpirun -n 2)"), []
-    version = _first_line(_run_quietly([mpirun, "--version"], dict(os.environ), 30).stdout)
-    # An explicit copy of os.environ: after a singleton MPI_Init, Open MPI has added variables
-    # to the C environment that make a child mpirun fail silently.
+                           detail="no mpirun on PATH (run under mpirun -n 2)"), ""
     env = dict(os.environ)
+    try:
+        version = _first_line(run_bounded([mpirun, "--version"], env, 30).stdout)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(None, busy_s=busy_s, detail="`mpirun --version` hung"), ""
     if "Open MPI" in version:
         env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")  # Open MPI 4
         env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")  # Open MPI 5
@@ -254,26 +258,78 @@ def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, list[str]]:
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     cmd = [mpirun, "-n", "2", sys.executable, "-m", "mpips.doctor", "--rma-probe",
            "--busy", str(busy_s)]
-    proc = _run_quietly(cmd, env, timeout=60 + 4 * busy_s)
+    try:
+        proc = run_bounded(cmd, env, timeout=60 + 4 * busy_s)
+    except subprocess.TimeoutExpired as exc:
+        return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` timed out after "
+                                                       f"{exc.timeout:g} s"), version
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
-        return ProbeResult(**json.loads(lines[-1])), [version]
+        return ProbeResult(**json.loads(lines[-1])), version
     why = _first_line(proc.stderr) or f"exit status {proc.returncode}"
-    return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` failed: {why}"), [version]
+    return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` failed: {why}"), version
 
 
-def _run_quietly(cmd: list[str], env: dict[str, str], timeout: float
-                 ) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group; kill the whole group if it outlives ``timeout``."""
-    with subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+def run_bounded(cmd: list[str], env: Mapping[str, str], timeout: float,
+                cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (typically an mpirun) with text output captured, never past ``timeout``.
+
+    Args:
+        cmd: the command line.
+        env: its whole environment. Pass one explicitly: after a singleton ``MPI_Init`` in this
+            process, Open MPI has added variables to the C environment that a child inherits
+            by default and that make a child mpirun fail silently.
+        timeout: seconds; then the command and everything it started are ended.
+        cwd: working directory, default this process's.
+
+    Returns:
+        The finished process.
+
+    Raises:
+        subprocess.TimeoutExpired: on timeout, with the output so far in ``output``/``stderr``.
+    """
+    with subprocess.Popen(cmd, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            end_session(proc)
             out, err = proc.communicate()
-            err = f"timed out after {timeout:g} s\n{err}"
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def end_session(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End a process started with ``start_new_session=True`` and everything it started.
+
+    SIGTERM first: mpirun forwards it to its ranks and reaps them. Open MPI puts each rank in
+    its own process group, so a group kill would miss them, but they stay in the session
+    mpirun leads; whatever is left of that session after ``grace_s`` gets SIGKILL (Linux).
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for pid in _session_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Pids of the processes in session ``sid``, from /proc (empty where there is none)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # After the parenthesised command name: state ppid pgrp session ...
+        if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
+            members.append(int(entry.name))
+    return members
 
 
 def _first_line(text: str) -> str:
@@ -293,7 +349,7 @@ def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
         _world_finding(MPI, comm),
     ]
     if comm.Get_size() > 1:
-        probe, mpirun_version = rma_passive_progress(comm, busy_s), []
+        probe, mpirun_version = rma_passive_progress(comm, busy_s), None
     else:
         probe, mpirun_version = _probe_with_mpirun(busy_s)
         findings.append(_single_rank_window_finding(MPI, vendor))
@@ -347,23 +403,24 @@ def _single_rank_window_finding(MPI: Any, vendor: str) -> Finding:
     return Finding("1-rank window", "MPI.Win.Create works")
 
 
-def _rma_finding(probe: ProbeResult, vendor: str, mpirun_version: list[str]) -> Finding:
-    where = " (under mpirun -n 2)" if mpirun_version else ""
+def _rma_finding(probe: ProbeResult, vendor: str, mpirun_version: str | None) -> Finding:
+    """The probe's line; ``mpirun_version`` is None when it ran in this job's own world."""
+    value = probe.describe() + ("" if mpirun_version is None else " (under mpirun -n 2)")
     if probe.passive:
-        return Finding("passive RMA", probe.describe() + where)
+        return Finding("passive RMA", value)
     if probe.passive is None:
         advice = ()
-        if "mpirun" in probe.detail and os.geteuid() == 0 and mpirun_version \
-                and "Open MPI" in mpirun_version[0]:
+        if "Open MPI" in (mpirun_version or "") and os.geteuid() == 0 \
+                and "failed" in probe.detail:
             advice = ("Open MPI refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT=1 and "
                       "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1: `source jobs/env.sh` sets them",)
-        return Finding("passive RMA", probe.describe() + where, WARN, advice)
-    advice = ["parameter pulls will wait for a busy server to call MPI; mpips falls back to "
-              "message-based pulls"]
+        return Finding("passive RMA", value, WARN, advice)
+    advice = ["parameter pulls would wait for a busy server to call MPI; mpips falls back to "
+              "message-based pulls (--pull auto)"]
     if "MPICH" in vendor and os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") != "1":
-        advice.append("MPICH: set MPIR_CVAR_ASYNC_PROGRESS=1 for a progress thread (needs "
-                      "MPI_THREAD_MULTIPLE, the mpi4py default)")
-    return Finding("passive RMA", probe.describe() + where, WARN, tuple(advice))
+        advice.append("MPICH: MPIR_CVAR_ASYNC_PROGRESS=1 starts a progress thread per rank "
+                      "(needs MPI_THREAD_MULTIPLE, the mpi4py default) and makes pulls one-sided")
+    return Finding("passive RMA", value, WARN, tuple(advice))
 
 
 def _package_findings() -> list[Finding]:

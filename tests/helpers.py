@@ -2,16 +2,21 @@
 
 Use these from plain (not ``mpi``-marked) tests; pytest puts ``tests/`` on ``sys.path``::
 
-    from helpers import run_mpi, run_train
+    from helpers import mpi_job, run_mpi, run_train
 
     def test_default_job_trains(tmp_path):
         result = run_train(4, "--steps", "20", timeout=120, cwd=tmp_path, check=True)
-        assert "loss" in result.stdout
+        assert "held-out accuracy" in result.stdout
+
+    def test_sigusr1_checkpoints(tmp_path):            # to read output while it runs
+        with mpi_job(3, ["-m", "mpips.train", ...]) as proc:
+            for line in proc.stdout: ...
+            proc.send_signal(signal.SIGUSR1)
 
 The environment is this process's with ``jobs/env.sh`` applied (root, oversubscription and
 yield-when-idle for Open MPI; ``OMP_NUM_THREADS=1``), so tests launch what ``jobs/run.sh``
-launches. On timeout the whole job is killed, ranks included, and :class:`MpiRunTimeout`
-reports the command with the tail of its output.
+launches. A job that outlives its timeout, or its ``with`` block, is ended with every rank it
+started (they are not in mpirun's process group, so ``os.killpg`` alone would miss them).
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-__all__ = ["REPO", "MpiRunTimeout", "mpi_env", "run_mpi", "run_train"]
+from mpips.doctor import end_session, run_bounded
+
+__all__ = ["REPO", "MpiRunTimeout", "mpi_env", "mpi_job", "run_mpi", "run_train"]
 
 REPO = Path(__file__).resolve().parent.parent
 TAIL_LINES = 40
@@ -40,10 +46,6 @@ class MpiRunTimeout(AssertionError):
 
 def mpi_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
     """This process's environment with ``jobs/env.sh`` applied, then ``overrides``.
-
-    An explicit copy of ``os.environ`` is needed even without overrides: after a singleton
-    ``MPI_Init`` in this process, Open MPI has added variables to the C-level environment that
-    make a child mpirun fail silently.
 
     Args:
         overrides: variables to set; a value of None removes the variable.
@@ -58,6 +60,18 @@ def mpi_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]
         else:
             env[name] = value
     return env
+
+
+def mpi_command(nprocs: int, args: list[str]) -> list[str]:
+    """``mpirun -n nprocs <this python> *args``, terminated if this test process dies first.
+
+    pytest-timeout's and faulthandler's exits skip all cleanup here; ``setpriv --pdeathsig``
+    (util-linux >= 2.33) then still sends mpirun SIGTERM, and mpirun ends its ranks.
+    """
+    if any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        pytest.skip("starts its own mpirun; run it with plain pytest, not under mpirun")
+    cmd = ["mpirun", "-n", str(nprocs), sys.executable, *args]
+    return ["setpriv", "--pdeathsig", "TERM", *cmd] if _setpriv_has_pdeathsig() else cmd
 
 
 def run_mpi(nprocs: int, args: list[str], timeout: float = 120,
@@ -76,23 +90,15 @@ def run_mpi(nprocs: int, args: list[str], timeout: float = 120,
     Returns:
         The finished process, with ``stdout`` and ``stderr``.
     """
-    if any(name in os.environ for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
-        pytest.skip("starts its own mpirun; run it with plain pytest, not under mpirun")
-    cmd = ["mpirun", "-n", str(nprocs), sys.executable, *args]
-    with subprocess.Popen(_with_parent_death_signal(cmd), env=mpi_env(env), cwd=cwd,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _end_session(proc)
-            stdout, stderr = proc.communicate()
-            raise MpiRunTimeout(_describe(f"timed out after {timeout:g} s and was killed",
-                                          cmd, stdout, stderr)) from None
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    cmd = mpi_command(nprocs, args)
+    try:
+        result = run_bounded(cmd, mpi_env(env), timeout, cwd)
+    except subprocess.TimeoutExpired as exc:
+        raise MpiRunTimeout(_describe(f"timed out after {timeout:g} s and was killed", cmd,
+                                      exc.output or "", exc.stderr or "")) from None
     if check and result.returncode != 0:
-        raise AssertionError(_describe(f"exited with status {result.returncode}",
-                                       cmd, stdout, stderr))
+        raise AssertionError(_describe(f"exited with status {result.returncode}", cmd,
+                                       result.stdout, result.stderr))
     return result
 
 
@@ -104,52 +110,31 @@ def run_train(nprocs: int, *flags: str, timeout: float = 300,
                    check=check)
 
 
+@contextlib.contextmanager
+def mpi_job(nprocs: int, args: list[str], env: Mapping[str, str | None] | None = None,
+            cwd: str | Path | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Start ``mpirun -n nprocs <this python> *args`` to interact with while it runs.
+
+    Yields the process with stdout (stderr merged into it) as a text pipe. Bound every wait
+    on it (``communicate(timeout=...)``, a deadline while reading lines): leaving the block
+    ends the job, ranks included, if it is still running.
+    """
+    with subprocess.Popen(mpi_command(nprocs, args), env=mpi_env(env), cwd=cwd,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:
+        try:
+            yield proc
+        finally:
+            end_session(proc)
+
+
 @functools.cache
 def _setpriv_has_pdeathsig() -> bool:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return False
-    usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True).stdout
-    return "--pdeathsig" in usage
-
-
-def _with_parent_death_signal(cmd: list[str]) -> list[str]:
-    """Have mpirun terminated (and so end its ranks) if this test process dies first, e.g. at
-    pytest-timeout's or faulthandler's exit, which skip every cleanup here."""
-    return ["setpriv", "--pdeathsig", "TERM", *cmd] if _setpriv_has_pdeathsig() else cmd
-
-
-def _end_session(proc: subprocess.Popen) -> None:
-    """Stop mpirun and everything it started.
-
-    SIGTERM first: mpirun forwards it and reaps its ranks. Open MPI puts each rank in its own
-    process group, so a group kill would miss them; they do stay in the session mpirun leads
-    (``start_new_session``), and whatever remains of it after 5 s gets SIGKILL.
-    """
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    for pid in _session_members(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _session_members(sid: int) -> list[int]:
-    """Pids of the processes in session ``sid`` (Linux /proc)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state ppid pgrp session ...
-        if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
-            members.append(int(entry.name))
-    return members
+    usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=30)
+    return "--pdeathsig" in usage.stdout
 
 
 def _describe(what: str, cmd: list[str], stdout: str, stderr: str) -> str:

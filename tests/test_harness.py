@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
-from helpers import run_mpi
+from helpers import MpiRunTimeout, run_mpi
 
 DELIBERATE = os.environ.get("MPIPS_DELIBERATE_FAILURE") == "1"
 deliberate = pytest.mark.skipif(not DELIBERATE, reason="set MPIPS_DELIBERATE_FAILURE=1")
@@ -114,3 +115,30 @@ def test_exact_size_selects_each_test_at_its_sizes_only(nprocs, expected):
                      env={"MPIPS_EXACT_SIZE": "1"}, check=True)
     collected = {line.split("::")[-1] for line in result.stdout.splitlines() if "::" in line}
     assert collected == expected, result.stdout
+
+
+def test_run_mpi_kills_every_rank_on_timeout():
+    """Even ranks that ignore SIGTERM: they are in their own process groups, not mpirun's."""
+    marker = f"mpips-harness-{os.getpid()}-{time.monotonic_ns()}"
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"time.sleep(600)  # {marker}")
+    start = time.monotonic()
+    with pytest.raises(MpiRunTimeout, match="timed out after 3 s and was killed"):
+        run_mpi(2, ["-c", code], timeout=3)
+    assert time.monotonic() - start < ABORT_WITHIN_S
+    deadline = time.monotonic() + 5
+    while _command_lines_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _command_lines_with(marker) == []
+
+
+def _command_lines_with(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found

@@ -23,6 +23,7 @@ TINY = [
     "--models", "mlp,gpt", "--workers", "1,2", "--steps", "8", "--warmup-steps", "2",
     "--train-reps", "1", "--batch-size", "4", "--hidden", "32",
     "--gpt-layers", "1", "--gpt-width", "16", "--gpt-context", "8",
+    "--data-args", "--size-mb 2 --batch-size 16",
 ]
 
 
@@ -88,6 +89,15 @@ def test_train_rows_compare_every_system_at_equal_workers(bench_all):
         if r["workers"] == 1:
             assert r["efficiency"] == 1.0
     assert "x DDP" in stdout and "efficiency" in stdout
+
+
+def test_data_benchmark_is_part_of_all(bench_all):
+    doc, _ = bench_all
+    data = doc["data"]
+    if "skipped" in data:
+        pytest.skip(data["skipped"])
+    for key in ("raw_samples_per_s", "server_samples_per_s", "worker_samples_per_s"):
+        assert positive(data[key]), (key, data)
 
 
 def test_rma_on_one_rank_says_how_many_it_needs():

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     rma_bench.add_arguments(every, sizes="1M,10M,100M")
     apply_bench.add_arguments(every, params="4M")
     train_bench.add_arguments(every, steps=30, train_reps=1)
-    every.add_argument("--data-args", default="",
+    every.add_argument("--data-args", default="--size-mb 32",
                        help="arguments for the data benchmark, as one string")
     return parser
 

@@ -86,7 +86,8 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
     step = [0]
 
     def one_push() -> None:
-        header = PushHeader(step[0], 0, Codec.RAW32, 1, step[0], payload.nbytes, 1.0, 0.0)
+        header = PushHeader(step=step[0], worker=0, codec=Codec.RAW32, samples=1,
+                            clock_seen=step[0], length=payload.nbytes, grad_norm=1.0, loss=0.0)
         grad = server._decode(header, payload)  # noqa: SLF001 - timing the server's own path
         server._async_apply(0, header, grad, clock=step[0] + 1)  # noqa: SLF001
         step[0] += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -156,17 +157,23 @@ def _run_ddp(cfg: Config, sub: MPI.Comm, data) -> list[list[tuple]] | None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=sub.Get_rank(),
         world_size=sub.Get_size(), timeout=timedelta(seconds=300),
     )
+    model = DistributedDataParallel(build_model(cfg.model, data.spec, cfg.train.seed))
+    opt = build_optimizer(list(model.parameters()), cfg.optim)
+
+    def step(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=False)
+        loss.backward()  # DDP averages the gradients across workers (bucketed, overlapped)
+        opt.step()
+
     try:
-        model = DistributedDataParallel(build_model(cfg.model, data.spec, cfg.train.seed))
-        opt = build_optimizer(list(model.parameters()), cfg.optim)
-
-        def step(loss: torch.Tensor) -> None:
-            opt.zero_grad(set_to_none=False)
-            loss.backward()  # DDP averages the gradients across workers (bucketed, overlapped)
-            opt.step()
-
         return _baseline_loop(cfg, sub, data, model, step)
     finally:
+        # The DDP reducer must die before the process group, here and now: if it is collected
+        # later it may hold the last reference to the group, whose destructor then joins a gloo
+        # thread that waits for the GIL the destructor holds (a deadlock seen with torch 2.13).
+        step = opt = model = None  # noqa: F841 - drop the references, see above
+        gc.collect()
+        sub.Barrier()
         dist.destroy_process_group()
 
 

@@ -170,7 +170,7 @@ def machine_facts(comm) -> dict[str, Any]:
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu": _cpu_model(),
         "memory_gb": _memory_gb(),
-        "mpi_library": MPI.Get_library_version().strip().splitlines()[0],
+        "mpi_library": MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0],
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "mpi_env": ompi,
         "mpi4py": mpi4py.__version__,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import io
 import json
 import logging
@@ -111,7 +112,7 @@ def _run_mpips(cfg: Config, sub: MPI.Comm, data, metrics: str) -> list[list[tupl
     if sub.Get_rank() != 0:
         return None
     workers = sub.Get_size() - 1
-    plan = EpochPlan(len(data.train), workers, cfg.data.batch_size, cfg.train.seed)
+    plan = _epoch_plan(data, workers, cfg)
     records: list[list[tuple]] = [[] for _ in range(workers)]
     with open(metrics) as f:
         for line in f:
@@ -125,6 +126,20 @@ def _run_mpips(cfg: Config, sub: MPI.Comm, data, metrics: str) -> list[list[tupl
     return records
 
 
+def _epoch_plan(data, workers: int, cfg: Config) -> EpochPlan:
+    """The sample order mpips.train uses for this dataset (partition-aware where it has one)."""
+    if hasattr(data, "plan"):
+        return data.plan(workers, cfg.data.batch_size, cfg.train.seed)
+    return EpochPlan(len(data.train), workers, cfg.data.batch_size, cfg.train.seed)
+
+
+def _open(name: str, context: int, comm: MPI.Comm):
+    """The dataset as mpips.train opens it (collectively where open_dataset takes a comm)."""
+    if "comm" in inspect.signature(open_dataset).parameters:
+        return open_dataset(name, None, context=context, comm=comm)
+    return open_dataset(name, None, context=context)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -134,7 +149,7 @@ def _free_port() -> int:
 def _baseline_loop(cfg: Config, sub: MPI.Comm, data, model, step_fn) -> list[list[tuple]] | None:
     """Shared loop of the baselines: this worker's batches, ``step_fn(loss)`` after backward."""
     w, workers = sub.Get_rank(), sub.Get_size()
-    plan = EpochPlan(len(data.train), workers, cfg.data.batch_size, cfg.train.seed)
+    plan = _epoch_plan(data, workers, cfg)
     source = LocalSource(data.train, plan, w)
     mine = []
     for step in range(cfg.train.steps):
@@ -252,7 +267,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     try:
         for model in models:
             target = args.target_loss if args.target_loss is not None else TARGET[model]
-            data = open_dataset(DATASET[model], None, context=args.gpt_context)
+            data = _open(DATASET[model], args.gpt_context, comm)
             spec_cfg = _config(args, model, "bsp", None).model
             params = sum(p.numel() for p in build_model(spec_cfg, data.spec, 0).parameters())
             for workers in counts:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 __all__ = [
     "CheckpointConfig",
@@ -88,7 +89,11 @@ class OptimConfig:
     step_size: int = _opt(100, "step schedule: multiply lr by --gamma every this many steps")
     gamma: float = _opt(0.1, "step schedule factor")
     clip_grad_norm: float = _opt(0.0, "clip the global gradient norm (across all servers) to this; 0 = off")
-    asp_scale: float | None = _opt(None, "asp/ssp: scale of each applied gradient (default 1/workers)")
+    asp_scale: float | None = _opt(None, "asp/ssp: learning-rate scale of each applied gradient (default 1/workers)")
+    staleness_lr: bool = _opt(
+        True, "asp/ssp: divide a gradient's learning rate by its staleness, the updates applied since"
+        " its worker pulled, in steps (staleness-aware async SGD, Zhang et al. 2016)"
+    )
     max_bad_grads: int = _opt(10, "abort after this many dropped NaN/Inf gradients; 0 = never")
 
 
@@ -121,7 +126,12 @@ class CheckpointConfig:
 
     checkpoint_dir: str | None = _opt(None, "directory for checkpoints")
     checkpoint_every: int = _opt(0, "checkpoint every N steps (0 = off)")
-    resume: str | None = _opt(None, "resume from this checkpoint, or 'latest' in --checkpoint-dir")
+    checkpoint_interval: float = _opt(0.0, "also checkpoint when this many seconds have passed since the last one (0 = off)")
+    keep: int = _opt(3, "keep the newest K complete checkpoints in --checkpoint-dir")
+    resume: str | None = _opt(
+        None, "resume from this checkpoint file; alone: the newest complete one in --checkpoint-dir"
+        " (none yet: start from step 0)", const="latest",
+    )
 
 
 @dataclass(kw_only=True)
@@ -153,6 +163,12 @@ class Config:
             (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
             (self.train.threads >= 1, "--threads must be at least 1"),
             (self.train.stall_timeout > 0, "--stall-timeout must be positive"),
+            (self.checkpoint.checkpoint_every >= 0, "--checkpoint-every must be 0 or more"),
+            (self.checkpoint.checkpoint_interval >= 0, "--checkpoint-interval must be 0 or more"),
+            (self.checkpoint.keep >= 1, "--keep must be at least 1"),
+            (self.checkpoint.checkpoint_dir is not None or not (
+                self.checkpoint.checkpoint_every or self.checkpoint.checkpoint_interval),
+             "--checkpoint-every / --checkpoint-interval need --checkpoint-dir"),
             (self.data.replicas <= max(1, self.roles.data_servers), "--replicas cannot exceed --data-servers"),
         ]
         for ok, message in checks:
@@ -212,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
             groups[concern].add_argument(
                 flag, type=conv, choices=choices, default=argparse.SUPPRESS,
                 help=f"{f.metadata['help']} (default: {default})",
+                **({"nargs": "?", "const": f.metadata["const"]} if "const" in f.metadata else {}),
             )
     return parser
 

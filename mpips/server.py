@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpips import faults
 from mpips.config import OptimConfig
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor
 from mpips.transport import (
@@ -29,6 +31,9 @@ from mpips.transport import (
     Slot,
     StallError,
 )
+
+if TYPE_CHECKING:
+    from mpips.checkpoint import Checkpointing
 
 __all__ = ["ParameterServer", "ServerStats"]
 
@@ -65,11 +70,13 @@ class ParameterServer:
     def __init__(
         self, *, comm: MPI.Comm, servers: MPI.Comm, index: int, workers: list[int], init: np.ndarray,
         optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str, stall_timeout: float,
+        first_step: int = 0, checkpoints: Checkpointing | None = None,
     ):
         self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
         self.init, self.cfg, self.sync = init, optim, sync
         self.total_steps, self.batch_size, self.pull_mode = total_steps, batch_size, pull
         self.stall_timeout = stall_timeout
+        self.first_step, self.checkpoints = first_step, checkpoints  # resume; bsp checkpoints
         self.stats = ServerStats()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -80,6 +87,8 @@ class ParameterServer:
         self.optimizer = build_optimizer([self.param], self.cfg)
         self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n)
         self.pull_server = PullServer(self.comm, self.window) if self.pull_mode == "message" else None
+        self.window.status[Slot.CLOCK] = self.first_step  # resume: continue where it stopped
+        self.window.publish()
         mib = 4 * n / 2**20
         log.info(
             "server %d: %s elements (%.2f MiB) + %s state ~%.2f MiB; %s pulls",
@@ -93,7 +102,9 @@ class ParameterServer:
         active = set(range(workers))
         clocks = [0] * workers  # steps completed per worker (asp/ssp)
         acc = torch.zeros_like(self.param) if self.sync == "bsp" else None
-        bsp_seen: dict[int, int] = {}  # worker -> samples, for the bsp step in progress
+        # bsp: worker -> (samples, gradient), for the step in progress; each gradient stays in its
+        # receive buffer until the step is applied, then all are summed in worker order
+        bsp_seen: dict[int, tuple[int, torch.Tensor]] = {}
         backoff, last_progress = Backoff(), time.monotonic()
         while active:
             ready = self.receiver.poll()
@@ -104,13 +115,14 @@ class ParameterServer:
                 if header.codec == Codec.STOP:
                     active.discard(w)
                     continue
-                grad = self._decode(header, payload)
-                self.receiver.repost(w)
+                faults.at("push", header.step)
+                grad = self._decode(header, payload)  # a view of the receive buffer
                 if self.sync == "bsp":
                     self._bsp_accumulate(w, header, grad, acc, bsp_seen, workers)
                 else:
                     clocks[w] = header.step + 1
                     self._async_apply(w, header, grad, min(clocks))
+                    self.receiver.repost(w)
             if self.pull_server is not None:
                 moved |= self.pull_server.poll()
             if moved:
@@ -129,6 +141,7 @@ class ParameterServer:
 
     def finish(self, lead: int) -> None:
         """Collective: send the final shard to ``lead`` (a rank in comm), free the window."""
+        faults.at("shutdown")
         if self.pull_server is not None:
             self.pull_server.close()
         self.comm.Gatherv(self.window.params, None, root=lead)
@@ -152,12 +165,12 @@ class ParameterServer:
                 f"server {self.index}: worker {header.worker} pushed step {header.step},"
                 f" outside 0..{self.total_steps - 1}"
             )
-        # a copy: the receive buffer is reposted before the gradient is used
-        return torch.from_numpy(payload.view(np.float32).copy())
+        return torch.from_numpy(payload.view(np.float32))
 
     def _is_bad(self, header: PushHeader, grad: torch.Tensor) -> bool:
         """Non-finite gradients are dropped, counted and logged, never applied."""
-        if np.isfinite(header.grad_norm) and bool(torch.isfinite(grad).all()):
+        # numpy's isfinite: ~25x faster than torch's on one thread (measured, 4 M floats)
+        if np.isfinite(header.grad_norm) and bool(np.isfinite(grad.numpy()).all()):
             return False
         self.stats.dropped += 1
         self.window.status[Slot.DROPPED] = self.stats.dropped
@@ -175,7 +188,7 @@ class ParameterServer:
 
     def _bsp_accumulate(
         self, w: int, header: PushHeader, grad: torch.Tensor, acc: torch.Tensor,
-        seen: dict[int, int], workers: int,
+        seen: dict[int, tuple[int, torch.Tensor]], workers: int,
     ) -> None:
         step = int(self.window.status[Slot.CLOCK])
         if header.step != step or w in seen:
@@ -183,51 +196,65 @@ class ParameterServer:
                 f"server {self.index}: bsp step {step} got a push for step {header.step}"
                 f" from worker {w}" + (" twice" if w in seen else "")
             )
-        seen[w] = 0 if self._is_bad(header, grad) else header.samples
-        if seen[w]:
-            acc.add_(grad, alpha=float(header.samples))
+        seen[w] = (0 if self._is_bad(header, grad) else header.samples, grad)
         if len(seen) < workers:
             return
-        samples = sum(seen.values())
+        # worker order, not arrival order: the same sum, bit for bit, on every run (resume)
+        for v in range(workers):
+            n, g = seen[v]
+            if n:
+                acc.add_(g, alpha=float(n))
+            self.receiver.repost(v)
+        samples = sum(n for n, _ in seen.values())
         seen.clear()
         norm = None
         if samples:
             acc.div_(samples)
         if self.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
             norm = self.servers.allreduce(float(acc.double().square().sum())) ** 0.5
+        mark = self.checkpoints.schedule(self.window, self.servers, step + 1) if self.checkpoints else 0
         self._apply(acc if samples else None, step, norm=norm, clock=step + 1)
+        if mark:  # every worker joins once it sees clock step + 1 and this mark
+            self.checkpoints.save_server(self, mark)
         acc.zero_()
 
     def _async_apply(self, w: int, header: PushHeader, grad: torch.Tensor, clock: int) -> None:
         use = not self._is_bad(header, grad) and header.samples > 0
         if use:
-            scale = self.cfg.asp_scale if self.cfg.asp_scale is not None else 1.0 / len(self.workers)
-            grad.mul_(scale * header.samples / self.batch_size)
+            grad.mul_(header.samples / self.batch_size)  # a short last batch counts for less
             staleness = max(0, header.step - header.clock_seen)
             self.stats.staleness.append(staleness)
             self.stats.max_staleness = max(self.stats.max_staleness, staleness)
             self.window.status[Slot.MAX_STALENESS] = self.stats.max_staleness
         # clipping uses the worker's own whole-gradient norm: servers see only their slice
         step = self.stats.applied // len(self.workers)
-        self._apply(grad if use else None, step, norm=header.grad_norm, clock=clock)
+        # Each gradient is one worker's share of a step: scale the step, not the gradient, since
+        # Adam-type updates are invariant to gradient scale (scaling it would be a no-op there).
+        scale = self.cfg.asp_scale if self.cfg.asp_scale is not None else 1.0 / len(self.workers)
+        if use and self.cfg.staleness_lr:
+            # staleness in steps: updates applied here since the worker pulled, per worker
+            behind = (self.stats.applied - header.applied_seen) / len(self.workers)
+            scale /= max(1.0, behind)
+        self._apply(grad if use else None, step, norm=header.grad_norm, clock=clock, lr_scale=scale)
 
-    def _apply(self, grad: torch.Tensor | None, step: int, norm: float | None, clock: int) -> None:
-        """Apply ``grad`` (None: only advance the clock) in one exclusive window epoch."""
+    def _apply(
+        self, grad: torch.Tensor | None, step: int, norm: float | None, clock: int, lr_scale: float = 1.0
+    ) -> None:
+        """Apply ``grad`` (None: only advance the clock) and publish the result as one version."""
         if grad is not None:
             if self.cfg.clip_grad_norm and norm is not None:
                 coef = self.cfg.clip_grad_norm / (norm + 1e-6)
                 if coef < 1.0:
                     grad.mul_(coef)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr * lr_factor(step, self.cfg, self.total_steps)
+                group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
             self.param.grad = grad
         if self.pull_server is not None:
             self.pull_server.flush()  # replies in flight read the memory we are about to change
-        with self.window.exclusive():
-            if grad is not None:
-                self.optimizer.step()
-                self.stats.applied += 1
-                self.window.status[Slot.VERSION] += 1
-                self.window.status[Slot.APPLIED] = self.stats.applied
-            self.window.status[Slot.CLOCK] = clock
+        if grad is not None:
+            self.optimizer.step()
+            self.stats.applied += 1
+            self.window.status[Slot.APPLIED] = self.stats.applied
+        self.window.status[Slot.CLOCK] = clock
+        self.window.publish()
         self.param.grad = None

@@ -17,18 +17,20 @@ import os
 import sys
 import traceback
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
+from mpips import faults
+from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption
 from mpips.config import Config, ConfigError, parse_args
-from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
+from mpips.watchdog import Watchdog
 from mpips.worker import FlatModel, Worker, evaluate
 
 __all__ = ["main", "run"]
@@ -54,16 +56,24 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
 
     ``who`` receives this rank's role as soon as it is known, for the failure message.
     """
+    preemption = Preemption.for_config(cfg)  # first: SIGTERM/SIGUSR1 now mean "checkpoint and stop"
+    dog = Watchdog(comm, cfg.train.stall_timeout, who if who is not None else {})
     rank = comm.Get_rank()
-    hosts = comm.allgather(MPI.Get_processor_name())
+    with dog.blocking("start-up: the host names of all ranks (allgather over the world)"):
+        hosts = comm.allgather(MPI.Get_processor_name())
     layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts)
     role = layout.role_of(rank)
     if who is not None:
         who["role"] = f"{role.value} {layout.index_of(rank)}"
     _setup_logging(rank, role, layout)
+    faults.at("start-up")
     torch.set_num_threads(cfg.train.threads)
-    data = open_dataset(cfg.data.dataset, cfg.data.data, context=cfg.model.gpt_context)
-    epoch_plan = EpochPlan(len(data.train), len(layout.workers), cfg.data.batch_size, cfg.train.seed)
+    with dog.blocking("start-up: opening the dataset (collective over the world)"):
+        data = open_dataset(
+            cfg.data.dataset, cfg.data.data, context=cfg.model.gpt_context, comm=comm, data_dir=cfg.data.data_dir,
+            data_servers=len(layout.data_servers), replicas=cfg.data.replicas, cache_mb=cfg.data.cache_mb,
+        )
+    epoch_plan = data.plan(len(layout.workers), cfg.data.batch_size, cfg.train.seed)
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
     model = build_model(cfg.model, data.spec, cfg.train.seed) if role != Role.DATA else None
@@ -76,16 +86,27 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
             f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
             f" {steps} steps; sync {cfg.train.sync}; pulls by {pull}", flush=True,
         )
+        if layout.data_servers:
+            from mpips.data.assign import DataAssignment
+
+            sizes, d, w = data.partitions.sizes, len(layout.data_servers), len(layout.workers)
+            print(DataAssignment.build(sizes, d, w, cfg.data.replicas).describe(layout.data_servers), flush=True)
     if cfg.train.dry_run:
         return 0
 
-    comms = RoleComms.split(comm, layout)
-    ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    with dog.blocking("start-up: every rank to choose the checkpoint and split the communicators"):
+        counts = {"servers": len(layout.servers), "data_servers": len(layout.data_servers),
+                  "workers": len(layout.workers)}
+        tensors = [[t.name, list(t.shape)] for t in plan.tensors] if plan is not None else None
+        ckpt = Checkpointing.setup(cfg, comm, counts, tensors, steps, preemption)
+        comms = RoleComms.split(comm, layout)
+        ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    ckpt.bind(ps_comm)
     try:
         if role == Role.SERVER:
-            _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull)
+            _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog)
         elif role == Role.WORKER:
-            _run_worker(cfg, layout, ps_comm, plan, model, data, epoch_plan, steps, pull)
+            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog)
         else:
             from mpips.dataserver import run_data_server
 
@@ -93,7 +114,8 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
     finally:
         comms.free()
         ps_comm.Free()
-    return 0
+        dog.close()
+    return REQUEUE_STATUS if ckpt.preempted else 0
 
 
 def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
@@ -102,36 +124,45 @@ def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
     return members.index(world_rank)
 
 
-def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull) -> None:
+def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog) -> None:
     index = layout.index_of(comms.world.Get_rank())
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
     lo, hi = plan.shard_range(index)
+    ckpt.bind(ps_comm, shard_lo=lo)
+    resumed = ckpt.server_init(lo, hi)  # any --servers: the flat vector is re-cut here
     server = ParameterServer(
         comm=ps_comm, servers=comms.role, index=index,
-        workers=[_ps_rank(layout, r) for r in layout.workers], init=flat[lo:hi].copy(),
+        workers=[_ps_rank(layout, r) for r in layout.workers],
+        init=flat[lo:hi].copy() if resumed is None else resumed,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout,
+        pull=pull, stall_timeout=cfg.train.stall_timeout, first_step=ckpt.first_step, checkpoints=ckpt,
     )
-    server.start()
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+        server.start()
+    ckpt.restore_optimizer(server.optimizer, server.param, lo, hi)
     server.serve()
-    server.finish(lead=_ps_rank(layout, layout.lead_worker))
+    with dog.blocking("shutdown: the final shard gather to the lead worker and the window free"
+                      " (collective over servers and workers)"):
+        server.finish(lead=_ps_rank(layout, layout.lead_worker))
 
 
-def _run_worker(cfg, layout, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull) -> None:
-    rank = MPI.COMM_WORLD.Get_rank()
+def _run_worker(cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog) -> None:
+    world = comms.world
+    rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker
-    device = _device(cfg.train.device)
+    device = _device(cfg.train.device, layout.local_rank(rank))
     flat = FlatModel(model, plan, device)
     if layout.data_servers:
         from mpips.dataserver import RemoteSource
 
-        source = RemoteSource(cfg, layout, index, epoch_plan)
+        source = RemoteSource.for_job(world, cfg, layout, index, epoch_plan, data, steps)
     else:
         source = LocalSource(data.train, epoch_plan, index)
     metrics = MetricsLog(cfg.train.metrics, rank=rank)
     progress = Progress(steps, cfg.train.log_every, enabled=lead)
 
     def on_eval(step: int) -> None:
+        faults.at("evaluation", step)
         loss, acc = evaluate(flat.model, data.val_x, data.val_y, device)
         metrics.event("eval", step, loss=loss, accuracy=acc)
         print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
@@ -142,12 +173,20 @@ def _run_worker(cfg, layout, ps_comm, plan, model, data: DatasetHandle, epoch_pl
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress,
         eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
+        first_step=ckpt.first_step, checkpoints=ckpt,
     )
-    worker.start()
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+        worker.start()
+    ckpt.restore_worker(index)
     stats = worker.run()
     progress.close()
-    final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
-    if lead:
+    with dog.blocking("shutdown: the final parameters from every server and the window free"
+                      " (collective over servers and workers)"):
+        final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
+    if lead and stats.preempted:
+        print(f"preempted: checkpoint {ckpt.last_path} written; exiting with status {REQUEUE_STATUS}"
+              " (requeue and run again with --resume)", flush=True)
+    elif lead:
         _report(cfg, flat, final, worker, data, device, stats, metrics, steps)
     metrics.close()
 
@@ -184,14 +223,14 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps) -> No
         print(f"saved model state_dict to {cfg.train.save}", flush=True)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int) -> torch.device:
+    """The worker's device: with cuda, one GPU per rank of a node, round-robin."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda, but torch sees no CUDA device")
-        local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        return torch.device("cuda", local % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -214,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     who = {"role": "role not yet assigned"}
     try:
         return run(cfg, comm, who)
-    except (LayoutError, ConfigError) as exc:  # the same on every rank: say it once, exit cleanly
+    except (LayoutError, ConfigError, DatasetError) as exc:  # the same on every rank: say it once
         if rank == 0:
-            print(f"mpips: bad configuration: {exc}", file=sys.stderr, flush=True)
+            what = "dataset" if isinstance(exc, DatasetError) else "configuration"
+            print(f"mpips: bad {what}: {exc}", file=sys.stderr, flush=True)
         return 2
     except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
         _abort(comm, exc, who["role"])

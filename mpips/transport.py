@@ -14,12 +14,13 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 from mpi4py import MPI
+
+from mpips import faults
 
 __all__ = [
     "HEADER_BYTES",
@@ -47,6 +48,8 @@ class Tag(IntEnum):
     PUSH = 11
     PULL_REQUEST = 12
     PULL_REPLY = 13
+    DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
+    DATA = 22  # data server -> worker: the samples
 
 
 class Codec(IntEnum):
@@ -63,6 +66,8 @@ class Slot(IntEnum):
     DROPPED = 3  # gradients dropped (NaN/Inf)
     QUEUE = 4  # pushes that were waiting at the server's last poll
     MAX_STALENESS = 5  # largest staleness of an applied gradient
+    CHECKPOINT = 6  # bsp: boundary k that is a checkpoint (-k: then stop, preemption); 0 = none
+    REQUEST = 7  # preemption doorbell: a worker that got SIGTERM/SIGUSR1 raises it (raise_flag)
 
 
 class MalformedMessage(ValueError):
@@ -87,12 +92,17 @@ class Backoff:
         self.delay = min(self.high, self.delay * 2)
 
 
-def wait_for(ready: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll ``ready()`` with backoff until it is true; StallError after ``timeout`` seconds."""
+def wait_for(ready: Callable[[], bool], what: str | Callable[[], str], timeout: float) -> None:
+    """Poll ``ready()`` with backoff until it is true; StallError after ``timeout`` seconds.
+
+    ``what`` (or what it returns, called at the timeout) names the peers, window or tag waited for.
+    """
     backoff, start = Backoff(), time.monotonic()
     while not ready():
         if time.monotonic() - start > timeout:
-            raise StallError(f"no progress for {timeout:.0f} s while waiting for {what}")
+            since = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - start)))
+            raise StallError(f"no progress for {timeout:.0f} s while waiting for"
+                             f" {what() if callable(what) else what}, since {since}")
         backoff.wait()
 
 
@@ -108,13 +118,14 @@ class PushHeader:
     length: int  # payload bytes
     grad_norm: float  # L2 norm of the worker's whole gradient (all servers' slices)
     loss: float
+    applied_seen: int = 0  # gradients this server had applied when the worker pulled
 
-    _FORMAT = struct.Struct("<IHHqiiqqdd")
+    _FORMAT = struct.Struct("<IHHqiiqqddq")  # 64 bytes: HEADER_BYTES
 
     def pack_into(self, buf: np.ndarray) -> None:
         self._FORMAT.pack_into(
             buf, 0, MAGIC, PROTOCOL, self.codec, self.step, self.worker, self.samples,
-            self.clock_seen, self.length, self.grad_norm, self.loss,
+            self.clock_seen, self.length, self.grad_norm, self.loss, self.applied_seen,
         )
 
     @classmethod
@@ -122,7 +133,7 @@ class PushHeader:
         """Parse and validate a received message of ``nbytes`` from worker ``worker``."""
         if nbytes < HEADER_BYTES:
             raise MalformedMessage(f"push from worker {worker}: {nbytes} bytes, shorter than a header")
-        magic, proto, codec, step, w, samples, clock, length, norm, loss = cls._FORMAT.unpack_from(buf, 0)
+        magic, proto, codec, step, w, samples, clock, length, norm, loss, applied = cls._FORMAT.unpack_from(buf, 0)
         problems = []
         if magic != MAGIC:
             problems.append(f"bad magic {magic:#x}")
@@ -132,81 +143,131 @@ class PushHeader:
             problems.append(f"unknown codec {codec}")
         if w != worker:
             problems.append(f"claims worker {w}")
-        if step < 0 or samples < 0 or clock < -1:
-            problems.append(f"negative step/samples/clock ({step}/{samples}/{clock})")
+        if step < 0 or samples < 0 or clock < -1 or applied < 0:
+            problems.append(f"negative step/samples/clock/applied ({step}/{samples}/{clock}/{applied})")
         if length != nbytes - HEADER_BYTES or length > max_payload:
             problems.append(f"payload length {length} (received {nbytes - HEADER_BYTES}, max {max_payload})")
         if problems:
             raise MalformedMessage(f"malformed push from worker {worker}: " + "; ".join(problems))
-        return cls(step, w, codec, samples, clock, length, norm, loss)
+        return cls(step, w, codec, samples, clock, length, norm, loss, applied)
 
 
 class ParameterWindow:
-    """One RMA window over the parameter-server communicator (servers + workers).
+    """A server's shard, published to workers through two RMA windows (a versioned double buffer).
 
-    A server exposes ``[status block | float32 shard]``; workers expose nothing. Creation and
-    ``free()`` are collective over ``comm``. Servers change their block only inside
-    ``exclusive()``, and workers read inside shared lock epochs, so a pull never sees a
-    half-applied update.
+    A server optimizes a private copy (``params``, with its private ``status`` block) and
+    ``publish()`` copies both into whichever of its two exposed buffers holds the older version,
+    under an exclusive lock on that buffer alone. Workers read the newer buffer under a shared
+    lock, so a pull always sees one whole version, and a server update never waits on the pulls
+    of the current version: only on a pull still reading the version before it. (With a single
+    locked buffer, workers pulling back to back starved the server's exclusive lock forever:
+    measured with Open MPI 4.1 osc/rdma.)
+
+    Each rank also exposes a small doorbell block that peers raise atomically (``raise_flag``)
+    and the owner reads (``flag``). Workers expose nothing else. Creation and ``free()`` are
+    collective over ``comm``.
     """
 
     def __init__(self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None):
         self.comm = comm
-        nbytes = HEADER_BYTES + 4 * shard_elements if shard_elements else 0
-        # Win.Create over our own buffer: passive Get measured ~3x faster than Win.Allocate here.
-        self.memory = np.zeros(max(nbytes, HEADER_BYTES), dtype=np.uint8)
-        self.status = self.memory[:HEADER_BYTES].view(np.int64)
-        self.params = self.memory[HEADER_BYTES:nbytes].view(np.float32)
+        n = shard_elements
+        self.params = np.zeros(n, dtype=np.float32)  # server's working copy
+        self.status = np.zeros(HEADER_BYTES // 8, dtype=np.int64)  # server's working status
         if init is not None:
             self.params[:] = init  # before creation: no pull can see uninitialised memory
-        self._win: MPI.Win | None = MPI.Win.Create(
-            self.memory[:nbytes] if nbytes else None, 1, comm=comm
-        )
+        nbytes = HEADER_BYTES + 4 * n if n else 0
+        # Win.Create over our own buffers: passive Get measured ~3x faster than Win.Allocate here.
+        self._memory = [np.zeros(max(nbytes, HEADER_BYTES), dtype=np.uint8) for _ in range(2)]
+        for i, mem in enumerate(self._memory):
+            mem[HEADER_BYTES:nbytes].view(np.float32)[:] = self.params
+            mem[:HEADER_BYTES].view(np.int64)[Slot.VERSION] = -i  # buffer 0 is current
+        self._bell_memory = np.zeros(HEADER_BYTES // 8, dtype=np.int64)
+        self._wins: list[MPI.Win] | None = [
+            MPI.Win.Create(mem[:nbytes] if nbytes else None, 1, comm=comm) for mem in self._memory
+        ] + [MPI.Win.Create(self._bell_memory, 8, comm=comm)]
 
     @property
-    def win(self) -> MPI.Win:
-        if self._win is None:
+    def wins(self) -> list[MPI.Win]:
+        if self._wins is None:
             raise RuntimeError("parameter window used after free()")
-        return self._win
+        return self._wins
 
-    @contextmanager
-    def exclusive(self):
-        """Exclusive epoch on this rank's own block: local updates appear atomically to pulls."""
-        me = self.comm.Get_rank()
-        self.win.Lock(me, MPI.LOCK_EXCLUSIVE)
+    def _current(self) -> int:
+        v = [int(m[:HEADER_BYTES].view(np.int64)[Slot.VERSION]) for m in self._memory]
+        return 0 if v[0] >= v[1] else 1
+
+    def published(self) -> np.ndarray:
+        """Server: the bytes of the current version (status block + shard)."""
+        return self._memory[self._current()]
+
+    def publish(self) -> None:
+        """Server: make ``params`` and ``status`` the next version, atomically for readers."""
+        me, cur = self.comm.Get_rank(), self._current()
+        stale = 1 - cur
+        mem = self._memory[stale]
+        self.status[Slot.VERSION] = int(self._memory[cur][:HEADER_BYTES].view(np.int64)[Slot.VERSION]) + 1
+        win = self.wins[stale]
+        win.Lock(me, MPI.LOCK_EXCLUSIVE)
         try:
-            yield
+            mem[HEADER_BYTES:].view(np.float32)[:] = self.params
+            mem[:HEADER_BYTES].view(np.int64)[:] = self.status
         finally:
-            self.win.Unlock(me)
+            win.Unlock(me)
 
-    def read_status(self, targets: list[int], out: np.ndarray) -> None:
-        """Get the status blocks of ``targets`` (ranks in comm) into ``out[i]`` (int64 x 8)."""
-        win = self.win
-        for t in targets:
-            win.Lock(t, MPI.LOCK_SHARED)
-        reqs = [win.Rget(out[i], t, (0, HEADER_BYTES, MPI.BYTE)) for i, t in enumerate(targets)]
-        MPI.Request.Waitall(reqs)
-        for t in targets:
-            win.Unlock(t)
+    def _lock_all(self, targets: list[int], which: list[int]) -> None:
+        for t, b in zip(targets, which, strict=False):
+            self.wins[b].Lock(t, MPI.LOCK_SHARED)
+
+    def _unlock_all(self, targets: list[int], which: list[int]) -> None:
+        for t, b in zip(targets, which, strict=False):
+            self.wins[b].Unlock(t)
+
+    def read_status(self, targets: list[int], out: np.ndarray) -> list[int]:
+        """Worker: the newest status block of each target into ``out[i]``; returns buffer indices."""
+        both = np.empty((len(targets), 2, HEADER_BYTES // 8), dtype=np.int64)
+        for b in (0, 1):
+            self._lock_all(targets, [b] * len(targets))
+            reqs = [self.wins[b].Rget(both[i, b], t, (0, HEADER_BYTES, MPI.BYTE)) for i, t in enumerate(targets)]
+            MPI.Request.Waitall(reqs)
+            self._unlock_all(targets, [b] * len(targets))
+        newest = [int(np.argmax(both[i, :, Slot.VERSION])) for i in range(len(targets))]
+        for i, b in enumerate(newest):
+            out[i] = both[i, b]
+        return newest
 
     def pull(self, targets: list[int], status: np.ndarray, shards: list[np.ndarray]) -> None:
-        """Get status block and shard of every target in one shared epoch per target."""
-        win = self.win
-        for t in targets:
-            win.Lock(t, MPI.LOCK_SHARED)
+        """Worker: status block and shard of the newest version of every target, whole."""
+        which = self.read_status(targets, status)
+        self._lock_all(targets, which)
         reqs = []
-        for i, t in enumerate(targets):
-            reqs.append(win.Rget(status[i], t, (0, HEADER_BYTES, MPI.BYTE)))
-            reqs.append(win.Rget(shards[i], t, (HEADER_BYTES, 4 * shards[i].size, MPI.BYTE)))
+        for i, (t, b) in enumerate(zip(targets, which, strict=False)):
+            reqs.append(self.wins[b].Rget(status[i], t, (0, HEADER_BYTES, MPI.BYTE)))
+            reqs.append(self.wins[b].Rget(shards[i], t, (HEADER_BYTES, 4 * shards[i].size, MPI.BYTE)))
         MPI.Request.Waitall(reqs)
-        for t in targets:
-            win.Unlock(t)
+        self._unlock_all(targets, which)
+
+    def raise_flag(self, target: int, slot: int, value: int) -> None:
+        """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX)."""
+        win = self.wins[2]
+        win.Lock(target, MPI.LOCK_SHARED)
+        # origin and target must name the same datatype: numpy's int64 maps to MPI_LONG (ERR_ARG)
+        win.Accumulate([np.array([value], dtype=np.int64), MPI.INT64_T], target, (slot, 1, MPI.INT64_T), op=MPI.MAX)
+        win.Unlock(target)
+
+    def flag(self, slot: int) -> int:
+        """This rank's doorbell ``slot``, read atomically."""
+        win, me, out = self.wins[2], self.comm.Get_rank(), np.zeros(1, dtype=np.int64)
+        win.Lock(me, MPI.LOCK_SHARED)
+        win.Get_accumulate(np.zeros(1, dtype=np.int64), out, me, (slot, 1, MPI.INT64_T), op=MPI.NO_OP)
+        win.Unlock(me)
+        return int(out[0])
 
     def free(self) -> None:
         """Collective; idempotent."""
-        if self._win is not None:
-            self._win.Free()
-            self._win = None
+        if self._wins is not None:
+            for win in self._wins:
+                win.Free()
+            self._wins = None
 
 
 class Pusher:
@@ -235,6 +296,7 @@ class Pusher:
         """Send ``header`` and ``payload`` (bytes-compatible array) to server index ``s``."""
         buf = self._free_slot(s)
         header.pack_into(buf)
+        faults.at("push", header.step, message=buf)
         n = HEADER_BYTES + header.length
         if header.length:
             buf[HEADER_BYTES:n] = np.frombuffer(payload, dtype=np.uint8)
@@ -276,7 +338,7 @@ class PushReceiver:
         statuses: list[MPI.Status] = []
         done = MPI.Request.Testsome(self.requests, statuses)
         out = []
-        for w, st in zip(done or [], statuses):
+        for w, st in zip(done or [], statuses, strict=False):
             nbytes = st.Get_count(MPI.BYTE)
             self.bytes_received += nbytes
             header = PushHeader.decode(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload)
@@ -294,8 +356,8 @@ class PullServer:
     """Server side of message-based pulls, for MPI libraries without passive-target progress.
 
     A worker sends the clock it needs; the reply (status block + shard) goes out once this
-    server's clock reaches it. Replies are sent from the window memory, so the server must call
-    ``flush()`` before it changes that memory again.
+    server's clock reaches it. Replies are sent from the published buffer, so the server must
+    call ``flush()`` before it publishes again.
     """
 
     def __init__(self, comm: MPI.Comm, window: ParameterWindow):
@@ -312,11 +374,12 @@ class PullServer:
             self.waiting.append((status.Get_source(), int(self.request_buf[0])))
             self.request = self.comm.Irecv(self.request_buf, source=MPI.ANY_SOURCE, tag=Tag.PULL_REQUEST)
             moved = True
-        clock = int(self.window.status[Slot.CLOCK])
+        current = self.window.published()
+        clock = int(current[:HEADER_BYTES].view(np.int64)[Slot.CLOCK])
         still = []
         for source, need in self.waiting:
             if clock >= need:
-                self.sending.append(self.comm.Isend(self.window.memory, dest=source, tag=Tag.PULL_REPLY))
+                self.sending.append(self.comm.Isend(current, dest=source, tag=Tag.PULL_REPLY))
                 moved = True
             else:
                 still.append((source, need))
@@ -344,7 +407,7 @@ class MessagePuller:
 
     def pull(self, need: int, status: np.ndarray, shards: list[np.ndarray]) -> None:
         self.need[0] = need
-        reqs = [self.comm.Irecv(b, source=s, tag=Tag.PULL_REPLY) for b, s in zip(self.buffers, self.servers)]
+        reqs = [self.comm.Irecv(b, source=s, tag=Tag.PULL_REPLY) for b, s in zip(self.buffers, self.servers, strict=False)]
         sends = [self.comm.Isend(self.need, dest=s, tag=Tag.PULL_REQUEST) for s in self.servers]
         wait_for(lambda: MPI.Request.Testall(reqs + sends), f"servers to reach clock {need}", self.timeout)
         for i, b in enumerate(self.buffers):

@@ -15,12 +15,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpips import faults
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.models import loss_and_correct
@@ -35,6 +37,9 @@ from mpips.transport import (
     Slot,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    from mpips.checkpoint import Checkpointing
 
 __all__ = ["FlatModel", "Worker", "evaluate"]
 
@@ -102,6 +107,7 @@ class WorkerStats:
     bytes_pushed: int = 0
     max_staleness: int = 0
     last_loss: float = float("nan")
+    preempted: bool = False  # stopped early after a preemption checkpoint
 
 
 class Worker:
@@ -124,6 +130,7 @@ class Worker:
         epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
         max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
         eval_every: int = 0, on_eval: Callable[[int], None] | None = None, first_step: int = 0,
+        checkpoints: Checkpointing | None = None,
     ):
         self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
         self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
@@ -131,6 +138,8 @@ class Worker:
         self.max_inflight, self.stall_timeout = max_inflight, stall_timeout
         self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
         self.stats = WorkerStats()
+        self.checkpoints = checkpoints  # bsp checkpoints and preemption (mpips.checkpoint)
+        self.data_wait = 0.0
         self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,11 +160,17 @@ class Worker:
         start = time.perf_counter()
         for step in range(self.first_step, self.total_steps):
             t0 = time.perf_counter()
+            faults.at("pull", step)
             clock = self.pull(self._need(step))
+            if self.checkpoints is not None and self.checkpoints.at_boundary(self, step):
+                self.stats.preempted = True  # checkpointed at this boundary; the job stops here
+                break
             staleness = step - clock
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
+            faults.at("data", step)
             batch = self.source.batch(epoch, in_epoch)
+            self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
             flat.grads.zero_()
             loss = torch.zeros(())
             if len(batch):
@@ -176,6 +191,7 @@ class Worker:
 
     def finish(self, lead: int) -> np.ndarray | None:
         """Collective: stop the servers; the lead worker (rank ``lead``) gets the final parameters."""
+        faults.at("shutdown")
         for s in range(len(self.servers)):
             self.pusher.push(s, PushHeader(0, self.index, Codec.STOP, 0, 0, 0, 0.0, 0.0), None)
         self.pusher.drain()
@@ -220,16 +236,26 @@ class Worker:
                 return int(self.status[:, Slot.CLOCK].min()) >= need
 
             if need >= 0:
-                wait_for(ready, f"the servers to reach clock {need}", self.stall_timeout)
+                wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
             self.window.pull(targets, self.status, self.shards)
         self.stats.bytes_pulled += 4 * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 
+    def _lagging(self, need: int) -> str:
+        """Which servers a pull waits for, for the stall message."""
+        late = [(s, int(c)) for s, c in enumerate(self.status[:, Slot.CLOCK]) if c < need]
+        return (f"the servers to reach clock {need} (window status block): "
+                + ", ".join(f"server {s} (rank {self.servers[s]} of the parameter-server communicator)"
+                            f" at clock {c}" for s, c in late))
+
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
         for s in range(len(self.servers)):
             payload = self.flat.shard(s, grad=True)
-            header = PushHeader(step, self.index, Codec.RAW32, samples, clock, payload.nbytes, grad_norm, loss)
+            header = PushHeader(
+                step, self.index, Codec.RAW32, samples, clock, payload.nbytes, grad_norm, loss,
+                applied_seen=int(self.status[s, Slot.APPLIED]),
+            )
             self.pusher.push(s, header, payload)
 
     def _account(self, step, samples, loss, staleness, t_pull, t_compute, t_push, start) -> None:
@@ -247,6 +273,6 @@ class Worker:
         self.metrics.event(
             "step", step + 1, worker=self.index, loss=loss, samples_per_s=rate,
             bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, staleness=staleness,
-            server_queue=int(self.status[:, Slot.QUEUE].max()),
+            server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait,
         )
         self.progress.update(step, loss=loss, **{"samples/s": rate * self.epoch_plan.workers})

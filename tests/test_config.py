@@ -65,3 +65,16 @@ def test_yaml_is_parsed_safely(tmp_path):
 def test_replicas_cannot_exceed_data_servers():
     with pytest.raises(ConfigError, match="--replicas"):
         parse_args(["--data-servers", "1", "--replicas", "2"])
+
+
+def test_readme_documents_every_flag():
+    import re
+    from pathlib import Path
+
+    from mpips.config import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(--[a-z-]+)`", readme, re.M))
+    flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    flags -= {"--help", "--config"} | {f for f in flags if f.startswith("--no-")}
+    assert flags <= documented, f"flags missing from README's table: {sorted(flags - documented)}"

@@ -106,8 +106,9 @@ CASES = [
         3,
         "rank=2,phase=shutdown,kind=hang",
         SMALL,
+        # the workers' watchdogs, or the hung server's own, whichever fires first
         [
-            r"FATAL on rank [01] \(host \S+, worker [01]\):"
+            r"FATAL on rank [012] \(host \S+, (worker [01]|server 0)\):"
             r" StallError: .*waiting for shutdown: .*since \d\d:"
         ],
     ),

@@ -81,11 +81,16 @@ def test_push_reaches_server_validated_and_bounded_inflight():
         pusher.drain()
     elif comm.rank == 0:
         rx = PushReceiver(comm, [1], max_payload=4 * n)
-        got, error = [], None
+        got, error, ready = [], None, []
+
+        def arrived() -> bool:
+            ready.extend(rx.poll())
+            return bool(ready)
+
         while len(got) < 5 or error is None:
+            ready.clear()
             try:
-                ready = []
-                wait_for(lambda: bool(ready.extend(rx.poll()) or ready), "a push", 30)
+                wait_for(arrived, "a push", 30)
             except MalformedMessage as exc:
                 error = str(exc)
                 continue

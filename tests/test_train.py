@@ -1,0 +1,101 @@
+"""End-to-end: `mpirun -n K python -m mpips.train ...` as a user runs it (subprocess, with timeouts)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, run_train
+
+from mpips.config import ModelConfig
+from mpips.data import open_dataset
+from mpips.models import build_model
+from mpips.worker import evaluate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5, 6])
+def test_dry_run_prints_the_role_map_or_says_why_not(nprocs, tmp_path):
+    out = run_train(nprocs, "--dry-run", "--data-dir", str(tmp_path), timeout=90)
+    if nprocs < 3:  # defaults: 1 server + 1 data server + at least 1 worker
+        assert out.returncode == 2, out.stderr
+        assert f"{nprocs} ranks cannot hold 1 servers + 1 data servers + at least 1 worker" in out.stderr
+        assert out.stderr.count("bad configuration") == 1  # said once, by rank 0
+        return
+    assert out.returncode == 0, out.stderr[-2000:]
+    roles = re.findall(r"^\s+(\d+)\s+\S+\s+(worker|server|data-server)\s", out.stdout, re.M)
+    assert [int(r) for r, _ in roles] == list(range(nprocs))
+    assert [role for _, role in roles].count("worker") == nprocs - 2
+    assert "shard plan: 6 tensors" in out.stdout and "imbalance" in out.stdout
+    assert "step 1/" not in out.stdout  # a dry run trains nothing
+
+
+def test_saved_model_loads_into_plain_torch_and_reproduces_the_accuracy(tmp_path):
+    save, metrics = tmp_path / "model.pt", tmp_path / "m.jsonl"
+    out = run_train(4, "--servers", "2", "--data-servers", "0", "--epochs", "8", "--save", str(save),
+                    "--metrics", str(metrics), "--eval-every", "40", "--data-dir", str(tmp_path),
+                    timeout=180, check=True)
+    reported = float(re.search(r"held-out accuracy\s+([0-9.]+)", out.stdout).group(1))
+    assert reported >= 0.9
+    # the model built outside mpips, as a user would
+    data = open_dataset("digits", None, data_dir=str(tmp_path))
+    model = build_model(ModelConfig(model="mlp"), data.spec, seed=12345)
+    model.load_state_dict(torch.load(save, weights_only=True))
+    _, acc = evaluate(model, data.val_x, data.val_y, torch.device("cpu"))
+    assert acc == pytest.approx(reported, abs=1e-4)
+    # the metrics file: one JSON object per line, each with event and step
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all({"event", "step"} <= r.keys() for r in records)
+    steps = [r for r in records if r["event"] == "step"]
+    assert {r["worker"] for r in steps} == {0, 1}
+    assert {"loss", "samples_per_s", "bytes_pushed", "bytes_pulled", "staleness", "server_queue"} <= steps[0].keys()
+    assert steps[-1]["bytes_pulled"] > 0 and steps[-1]["bytes_pushed"] > 0
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) >= 3 and all(0 <= r["accuracy"] <= 1 for r in evals)
+    assert evals[-1]["accuracy"] == pytest.approx(reported, abs=1e-4)
+    assert [r["event"] for r in records][-1] == "end"
+
+
+def test_user_model_factory_trains(tmp_path):
+    out = run_train(3, "--data-servers", "0", "--model", "toymodels:tiny_linear", "--epochs", "6",
+                    "--optimizer", "sgd", "--lr", "0.5", "--data-dir", str(tmp_path),
+                    env={"PYTHONPATH": str(REPO / "tests")}, timeout=120, check=True)
+    assert "shard plan: 2 tensors, 650 parameters" in out.stdout  # Linear(64, 10)
+    acc = float(re.search(r"held-out accuracy\s+([0-9.]+)", out.stdout).group(1))
+    assert acc >= 0.85  # a linear model on digits; chance is 0.1
+
+
+def test_config_file_with_cli_override(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('servers = 2\ndata-servers = 0\n[optim]\noptimizer = "sgd"\nlr = 0.2\n[train]\nsteps = 5\n')
+    out = run_train(4, "--config", str(cfg), "--steps", "3", "--data-dir", str(tmp_path), timeout=90, check=True)
+    assert "2 parameter servers + 0 data servers + 2 workers" in out.stdout
+    assert re.search(r"^steps\s+3$", out.stdout, re.M)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--servers", "4"], "4 ranks cannot hold 4 servers"),
+        (["--model", "nosuch.module:f", "--data-servers", "0"], "cannot load factory"),
+    ],
+)
+def test_bad_input_is_a_clear_error_not_a_hang(flags, message, tmp_path):
+    out = run_train(4, *flags, "--data-dir", str(tmp_path), timeout=60)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+
+
+def test_final_parameters_are_the_same_for_one_and_two_servers(tmp_path):
+    """Sharding is invisible to the math: 1 or 2 servers, bitwise-close final models."""
+    paths = []
+    for servers in (1, 2):
+        path = tmp_path / f"s{servers}.pt"
+        run_train(2 + servers, "--servers", str(servers), "--data-servers", "0", "--steps", "25",
+                  "--save", str(path), "--data-dir", str(tmp_path), timeout=90, check=True)
+        paths.append(torch.load(path, weights_only=True))
+    for k in paths[0]:
+        np.testing.assert_allclose(paths[0][k].numpy(), paths[1][k].numpy(), rtol=1e-5, atol=1e-6)

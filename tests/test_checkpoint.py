@@ -195,3 +195,16 @@ def test_preemption_signal_checkpoints_and_exits_75(tmp_path):
     ((step, path),) = list_checkpoints(ck)
     assert verify(path)["reason"] == "preemption" and 3 <= step < 5000
     assert f"exiting with status {REQUEUE_STATUS}" in out and "stopping on SIGUSR1" in out
+
+
+def test_kill_and_resume_through_a_data_server_with_three_workers(tmp_path):
+    """The default roles plus a third worker: bsp sums in worker order, so resume is bit-exact
+    whatever order the pushes arrive in, and the data server serves the same samples again."""
+    common = ("--steps", "12", "--stall-timeout", "10", "--seed", "5", "--data-dir", str(tmp_path))
+    run_train(5, *common, "--save", str(tmp_path / "reference.pt"), timeout=120, check=True)
+    flags = (*common, "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5")
+    killed = run_train(5, *flags, env={"MPIPS_FAULT": "rank=1,phase=pull,step=8,kind=kill"}, timeout=120)
+    assert killed.returncode != 0
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [5]
+    run_train(5, *flags, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
+    assert _equal(tmp_path / "reference.pt", tmp_path / "resumed.pt")

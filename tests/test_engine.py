@@ -60,11 +60,12 @@ def single_process_reference(flags: list[str], workers: int) -> dict[str, torch.
     "optim",
     [
         ["--optimizer", "sgd", "--lr", "0.1"],
+        ["--optimizer", "sgd", "--lr", "0.1", "--pull", "message"],  # the fallback for MPICH
         ["--optimizer", "momentum", "--lr", "0.05", "--weight-decay", "1e-3"],
         ["--optimizer", "adam", "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", "3"],
         ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--weight-decay", "0.1"],
     ],
-    ids=["sgd", "momentum", "adam-cosine", "adamw-clip"],
+    ids=["sgd", "sgd-message-pull", "momentum", "adam-cosine", "adamw-clip"],
 )
 def test_bsp_equals_single_process_training_on_the_global_batch(optim):
     from mpi4py import MPI

@@ -99,3 +99,16 @@ def test_final_parameters_are_the_same_for_one_and_two_servers(tmp_path):
         paths.append(torch.load(path, weights_only=True))
     for k in paths[0]:
         np.testing.assert_allclose(paths[0][k].numpy(), paths[1][k].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_gpt_on_python_sources_through_a_data_server(tmp_path):
+    """The byte-level transformer on the built-in text corpus, default roles."""
+    metrics = tmp_path / "m.jsonl"
+    out = run_train(4, "--model", "gpt", "--dataset", "pytext", "--gpt-layers", "1", "--gpt-width", "32",
+                    "--gpt-heads", "2", "--gpt-context", "32", "--batch-size", "8", "--steps", "40",
+                    "--lr", "3e-3", "--metrics", str(metrics), "--data-dir", str(tmp_path),
+                    timeout=240, check=True)
+    assert "data assignment" in out.stdout
+    losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["event"] == "step"]
+    first, last = np.mean(losses[:6]), np.mean(losses[-6:])
+    assert first > 4.0 and last < first - 1.0  # from about ln(256) = 5.5 towards byte statistics

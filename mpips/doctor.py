@@ -235,21 +235,17 @@ def _read_until_marked(win: Any, out: Any, busy_s: float) -> ProbeResult:
         time.sleep(0.005)  # rank 0 has not started computing yet
 
 
-def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, str]:
+def _probe_with_mpirun(mpirun: str | None, version: str, busy_s: float) -> ProbeResult:
     """Run the RMA probe under ``mpirun -n 2`` from a process that is alone in its world.
 
-    Returns:
-        The probe result and the first line of ``mpirun --version`` (empty if none ran).
+    Args:
+        mpirun: path of mpirun, or None if there is none.
+        version: the first line of its ``--version``.
+        busy_s: how long the probe's target computes.
     """
-    mpirun = shutil.which("mpirun")
     if mpirun is None:
-        return ProbeResult(None, busy_s=busy_s,
-                           detail="no mpirun on PATH (run under mpirun -n 2)"), ""
+        return ProbeResult(None, busy_s=busy_s, detail="no mpirun on PATH (run under mpirun -n 2)")
     env = dict(os.environ)
-    try:
-        version = _first_line(run_bounded([mpirun, "--version"], env, 30).stdout)
-    except subprocess.TimeoutExpired:
-        return ProbeResult(None, busy_s=busy_s, detail="`mpirun --version` hung"), ""
     if "Open MPI" in version:
         env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")  # Open MPI 4
         env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")  # Open MPI 5
@@ -261,13 +257,41 @@ def _probe_with_mpirun(busy_s: float) -> tuple[ProbeResult, str]:
     try:
         proc = run_bounded(cmd, env, timeout=60 + 4 * busy_s)
     except subprocess.TimeoutExpired as exc:
-        return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` timed out after "
-                                                       f"{exc.timeout:g} s"), version
+        return ProbeResult(None, busy_s=busy_s,
+                           detail=f"`mpirun -n 2` timed out after {exc.timeout:g} s")
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
-        return ProbeResult(**json.loads(lines[-1])), version
+        return ProbeResult(**json.loads(lines[-1]))
     why = _first_line(proc.stderr) or f"exit status {proc.returncode}"
-    return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` failed: {why}"), version
+    return ProbeResult(None, busy_s=busy_s, detail=f"`mpirun -n 2` failed: {why}")
+
+
+def _mpirun_version(mpirun: str | None) -> str:
+    """The first line of ``mpirun --version``; empty without mpirun or an answer."""
+    if mpirun is None:
+        return ""
+    try:
+        return _first_line(run_bounded([mpirun, "--version"], dict(os.environ), 30).stdout)
+    except subprocess.TimeoutExpired:
+        return ""
+
+
+def _mpirun_finding(mpirun: str | None, version: str, vendor: str) -> Finding:
+    """Is there an mpirun, of the same MPI as mpi4py's, that this user may run?"""
+    if mpirun is None:
+        return Finding("mpirun", "none on PATH", WARN, (
+            "load the MPI module (or put its bin/ first on PATH); under Slurm, srun works too",))
+    value = f"{mpirun}: {version or 'no --version answer'}"
+    if ("Open MPI" in version) != (vendor == "Open MPI"):
+        return Finding("mpirun", value, WARN, (
+            f"this mpirun is not of the {vendor} that mpi4py loaded: launched by it, every rank "
+            "would be rank 0 of its own world. Use the matching mpirun (`module load` it) or "
+            "rebuild mpi4py against this one with `bash jobs/setup.sh`",))
+    if "Open MPI" in version and os.geteuid() == 0 and "OMPI_ALLOW_RUN_AS_ROOT" not in os.environ:
+        return Finding("mpirun", value, WARN, (
+            "Open MPI's mpirun refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT=1 and "
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 are set: `source jobs/env.sh` sets them",))
+    return Finding("mpirun", value)
 
 
 def run_bounded(cmd: list[str], env: Mapping[str, str], timeout: float,
@@ -349,11 +373,14 @@ def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
         _world_finding(MPI, comm),
     ]
     if comm.Get_size() > 1:
-        probe, mpirun_version = rma_passive_progress(comm, busy_s), None
+        findings.append(_rma_finding(rma_passive_progress(comm, busy_s), vendor, ""))
     else:
-        probe, mpirun_version = _probe_with_mpirun(busy_s)
+        mpirun = shutil.which("mpirun")
+        version = _mpirun_version(mpirun)
+        findings.append(_mpirun_finding(mpirun, version, vendor))
         findings.append(_single_rank_window_finding(MPI, vendor))
-    findings.append(_rma_finding(probe, vendor, mpirun_version))
+        probe = _probe_with_mpirun(mpirun, version, busy_s)
+        findings.append(_rma_finding(probe, vendor, " (under mpirun -n 2)" if mpirun else ""))
     libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
     aware = cuda_aware(libmpi) if libmpi else None
     answer = {True: "yes", False: "no", None: "unknown"}[aware]
@@ -403,18 +430,13 @@ def _single_rank_window_finding(MPI: Any, vendor: str) -> Finding:
     return Finding("1-rank window", "MPI.Win.Create works")
 
 
-def _rma_finding(probe: ProbeResult, vendor: str, mpirun_version: str | None) -> Finding:
-    """The probe's line; ``mpirun_version`` is None when it ran in this job's own world."""
-    value = probe.describe() + ("" if mpirun_version is None else " (under mpirun -n 2)")
+def _rma_finding(probe: ProbeResult, vendor: str, where: str) -> Finding:
+    """The probe's line; ``where`` says how it ran when not in this job's own world."""
+    value = probe.describe() + where
     if probe.passive:
         return Finding("passive RMA", value)
     if probe.passive is None:
-        advice = ()
-        if "Open MPI" in (mpirun_version or "") and os.geteuid() == 0 \
-                and "failed" in probe.detail:
-            advice = ("Open MPI refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT=1 and "
-                      "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1: `source jobs/env.sh` sets them",)
-        return Finding("passive RMA", value, WARN, advice)
+        return Finding("passive RMA", value, WARN)
     advice = ["parameter pulls would wait for a busy server to call MPI; mpips falls back to "
               "message-based pulls (--pull auto)"]
     if "MPICH" in vendor and os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") != "1":

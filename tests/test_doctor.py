@@ -10,6 +10,7 @@ import sys
 import pytest
 from helpers import mpi_env, run_mpi
 
+from mpips import doctor
 from mpips.doctor import (
     ProbeResult,
     cuda_aware,
@@ -68,6 +69,27 @@ def test_probe_result_describes_itself():
     assert ProbeResult(None, detail="needs 2 ranks").describe() == "not tested: needs 2 ranks"
 
 
+@pytest.mark.parametrize("version, vendor, warns", [
+    ("mpirun (Open MPI) 4.1.4", "Open MPI", False),
+    ("HYDRA build details:", "MPICH", False),
+    ("HYDRA build details:", "Open MPI", True),  # every rank would be rank 0 of 1
+    ("mpirun (Open MPI) 5.0.3", "MPICH", True),
+])
+def test_mpirun_of_another_mpi_is_flagged(monkeypatch, version, vendor, warns):
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    finding = doctor._mpirun_finding("/usr/bin/mpirun", version, vendor)
+    assert (finding.status == doctor.WARN) == warns, finding
+    assert ("not of the" in " ".join(finding.advice)) == warns, finding
+
+
+def test_root_without_permission_is_flagged_for_open_mpi_only(monkeypatch):
+    monkeypatch.delenv("OMPI_ALLOW_RUN_AS_ROOT", raising=False)
+    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
+    finding = doctor._mpirun_finding("/usr/bin/mpirun", "mpirun (Open MPI) 4.1.4", "Open MPI")
+    assert finding.status == doctor.WARN and "OMPI_ALLOW_RUN_AS_ROOT=1" in finding.advice[0]
+    assert doctor._mpirun_finding("/usr/bin/mpirun", "HYDRA", "MPICH").status == doctor.OK
+
+
 @pytest.mark.mpi(min_size=2, sizes=(2, 4))
 def test_rma_probe_agrees_on_every_rank():
     from mpi4py import MPI
@@ -101,6 +123,7 @@ def test_doctor_reports_this_machine(launcher):
         assert f"  {label}" in out, out
     assert "MPI-IO yes" in out, out
     assert f"{2 if launcher else 1} rank(s)" in out, out
+    assert ("  mpirun" in out) == (not launcher), out  # which mpirun, checked when alone
     assert out.rstrip().endswith("result: OK"), out
     if "Open MPI" in out.split("MPI library", 1)[1].splitlines()[0]:
         assert re.search(r"passive RMA +yes:", out), out

@@ -40,6 +40,10 @@ need=()
 command -v gcc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then need+=(python3-venv python3-dev); fi
+# h5py is compiled below: it needs Python.h even where venv and ensurepip are already there.
+if ! "$PYTHON" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null
+then need+=(python3-dev); fi
 
 MPICC=${MPICC:-$(command -v mpicc || true)}
 if [ -z "$MPICC" ]; then
@@ -94,7 +98,7 @@ fi
 
 # --- 4. mpi4py built for this MPI -------------------------------------------------------------
 if have 'from mpi4py import MPI'; then
-    say "mpi4py present ($("$py" -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])'))"
+    say "mpi4py present ($("$py" -c 'from mpi4py import MPI; print(MPI.Get_library_version().strip("\0").splitlines()[0])'))"
 elif [ "$mpi_kind" = openmpi ] && [ -z "${MPIPS_MPI4PY_SOURCE:-}" ]; then
     say "installing mpi4py (binary wheel; it loads this Open MPI at run time)"
     pip install 'mpi4py>=4.0'

@@ -86,6 +86,8 @@ class ParameterServer:
         self.param = torch.from_numpy(self.window.params).requires_grad_(True)
         self.optimizer = build_optimizer([self.param], self.cfg)
         self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n)
+        if not self.window.rma:
+            self.pull_mode = "message"
         self.pull_server = PullServer(self.comm, self.window) if self.pull_mode == "message" else None
         self.window.status[Slot.CLOCK] = self.first_step  # resume: continue where it stopped
         self.window.publish()

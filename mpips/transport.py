@@ -10,6 +10,7 @@ holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections import deque
@@ -38,6 +39,8 @@ __all__ = [
     "Tag",
     "wait_for",
 ]
+
+log = logging.getLogger("mpips.transport")
 
 HEADER_BYTES = 64
 PROTOCOL = 1
@@ -182,14 +185,37 @@ class ParameterWindow:
             mem[HEADER_BYTES:nbytes].view(np.float32)[:] = self.params
             mem[:HEADER_BYTES].view(np.int64)[Slot.VERSION] = -i  # buffer 0 is current
         self._bell_memory = np.zeros(HEADER_BYTES // 8, dtype=np.int64)
-        self._wins: list[MPI.Win] | None = [
-            MPI.Win.Create(mem[:nbytes] if nbytes else None, 1, comm=comm) for mem in self._memory
-        ] + [MPI.Win.Create(self._bell_memory, 8, comm=comm)]
+        self._wins: list[MPI.Win] | None = []
+        self.rma = self._create(nbytes)
+
+    def _create(self, nbytes: int) -> bool:
+        """Create the windows; False (on every rank, none created) where the library cannot.
+
+        Seen with Debian's Open MPI: no one-sided component for a TCP-only transport (a
+        multi-node Ethernet cluster) or for one rank. Pulls then go by messages.
+        """
+        error = ""
+        try:
+            for mem in self._memory:
+                self._wins.append(MPI.Win.Create(mem[:nbytes] if nbytes else None, 1, comm=self.comm))
+            self._wins.append(MPI.Win.Create(self._bell_memory, 8, comm=self.comm))
+        except MPI.Exception as exc:
+            error = exc.Get_error_string()
+        if self.comm.allreduce(int(not error), op=MPI.MIN):
+            return True
+        for win in self._wins:
+            win.Free()
+        self._wins = []
+        if error and self.comm.Get_rank() == 0:
+            log.warning("no RMA windows on this MPI transport (%s): pulls go by messages", error)
+        return False
 
     @property
     def wins(self) -> list[MPI.Win]:
         if self._wins is None:
             raise RuntimeError("parameter window used after free()")
+        if not self.rma:
+            raise RuntimeError("this MPI transport has no RMA windows; use message pulls")
         return self._wins
 
     def _current(self) -> int:
@@ -206,13 +232,14 @@ class ParameterWindow:
         stale = 1 - cur
         mem = self._memory[stale]
         self.status[Slot.VERSION] = int(self._memory[cur][:HEADER_BYTES].view(np.int64)[Slot.VERSION]) + 1
-        win = self.wins[stale]
-        win.Lock(me, MPI.LOCK_EXCLUSIVE)
+        if self.rma:
+            self.wins[stale].Lock(me, MPI.LOCK_EXCLUSIVE)
         try:
             mem[HEADER_BYTES:].view(np.float32)[:] = self.params
             mem[:HEADER_BYTES].view(np.int64)[:] = self.status
         finally:
-            win.Unlock(me)
+            if self.rma:
+                self.wins[stale].Unlock(me)
 
     def _lock_all(self, targets: list[int], which: list[int]) -> None:
         for t, b in zip(targets, which, strict=False):
@@ -247,7 +274,12 @@ class ParameterWindow:
         self._unlock_all(targets, which)
 
     def raise_flag(self, target: int, slot: int, value: int) -> None:
-        """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX)."""
+        """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX).
+
+        Without RMA windows there is no doorbell: a no-op (Slurm signals every rank anyway).
+        """
+        if not self.rma:
+            return
         win = self.wins[2]
         win.Lock(target, MPI.LOCK_SHARED)
         # origin and target must name the same datatype: numpy's int64 maps to MPI_LONG (ERR_ARG)
@@ -255,7 +287,9 @@ class ParameterWindow:
         win.Unlock(target)
 
     def flag(self, slot: int) -> int:
-        """This rank's doorbell ``slot``, read atomically."""
+        """This rank's doorbell ``slot``, read atomically (0 without RMA windows)."""
+        if not self.rma:
+            return 0
         win, me, out = self.wins[2], self.comm.Get_rank(), np.zeros(1, dtype=np.int64)
         win.Lock(me, MPI.LOCK_SHARED)
         win.Get_accumulate(np.zeros(1, dtype=np.int64), out, me, (slot, 1, MPI.INT64_T), op=MPI.NO_OP)

@@ -148,6 +148,8 @@ class Worker:
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
         self.window = ParameterWindow(self.comm, 0)
         self.pusher = Pusher(self.comm, self.servers, sizes, self.max_inflight)
+        if not self.window.rma:
+            self.pull_mode = "message"
         self.puller = (
             MessagePuller(self.comm, self.servers, sizes, self.stall_timeout)
             if self.pull_mode == "message" else None

@@ -7,18 +7,15 @@ Layout: ``-n 3 --data-servers 0`` = ranks 0, 1 workers, rank 2 server 0.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
-from helpers import REPO, mpi_env, run_train
+from helpers import REPO, mpi_job, run_train
 
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, verify
 from mpips.config import parse_args
@@ -148,34 +145,10 @@ def test_resume_with_other_workers_or_model_is_refused(killed_run):
 
 def test_preemption_signal_checkpoints_and_exits_75(tmp_path):
     ck = tmp_path / "ck"
-    cmd = [
-        "mpirun",
-        "-n",
-        "3",
-        sys.executable,
-        "-m",
-        "mpips.train",
-        *FLAGS[:2],
-        "--steps",
-        "5000",
-        "--stall-timeout",
-        "10",
-        "--log-every",
-        "1",
-        "--checkpoint-dir",
-        str(ck),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=mpi_env(),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    args = ["-m", "mpips.train", *FLAGS[:2], "--steps", "5000", "--stall-timeout", "10",
+            "--log-every", "1", "--checkpoint-dir", str(ck)]
     lines = []
-    try:
+    with mpi_job(3, args, cwd=REPO) as proc:  # leaving the block ends the job, ranks included
         deadline = time.monotonic() + 90
         for line in proc.stdout:
             lines.append(line)
@@ -186,9 +159,6 @@ def test_preemption_signal_checkpoints_and_exits_75(tmp_path):
         t0 = time.monotonic()
         rest, _ = proc.communicate(timeout=60)
         elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     out = "".join(lines) + rest
     assert proc.returncode == REQUEUE_STATUS, out[-3000:]
     assert elapsed < 30

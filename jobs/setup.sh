@@ -54,19 +54,15 @@ if [ -z "$MPICC" ]; then
     esac
 fi
 
+# The parallel HDF5 must be built for the same MPI as mpi4py: Debian names it hdf5-<flavour>.
+flavour=$MPIPS_MPI
+if [ -n "$MPICC" ]; then
+    if "$MPICC" -showme:version >/dev/null 2>&1; then flavour=openmpi; else flavour=mpich; fi
+fi
 hdf5_pc=""
 if [ -z "${HDF5_DIR:-}" ]; then
-    for name in hdf5-openmpi hdf5-mpich hdf5-mpi; do
-        if pkg-config --exists "$name" 2>/dev/null; then hdf5_pc=$name; break; fi
-    done
-    if [ -z "$hdf5_pc" ]; then
-        flavour=$MPIPS_MPI
-        if [ -n "$MPICC" ]; then
-            if "$MPICC" -showme:version >/dev/null 2>&1; then flavour=openmpi; else flavour=mpich; fi
-        fi
-        need+=("libhdf5-$flavour-dev")
-        hdf5_pc="hdf5-$flavour"
-    fi
+    hdf5_pc="hdf5-$flavour"
+    pkg-config --exists "$hdf5_pc" 2>/dev/null || need+=("libhdf5-$flavour-dev")
 fi
 
 if [ ${#need[@]} -gt 0 ]; then

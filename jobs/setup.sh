@@ -81,7 +81,11 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 py="$VENV/bin/python"
-pip() { "$py" -m pip --disable-pip-version-check -q "$@"; }
+# (drop pip's warnings about index locations that a machine's pip.conf names but lacks)
+pip() {
+    "$py" -m pip --disable-pip-version-check -q "$@" \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
 have() { "$py" -c "$1" >/dev/null 2>&1; }
 
 # --- 3. torch (CPU wheel here; keep the pin so pip never pulls a CUDA build by accident) --------

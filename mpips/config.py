@@ -126,7 +126,9 @@ class CheckpointConfig:
 
     checkpoint_dir: str | None = _opt(None, "directory for checkpoints")
     checkpoint_every: int = _opt(0, "checkpoint every N steps (0 = off)")
-    checkpoint_interval: float = _opt(0.0, "also checkpoint when this many seconds have passed since the last one (0 = off)")
+    checkpoint_interval: float = _opt(
+        0.0, "also checkpoint when this many seconds have passed since the last one (0 = off)"
+    )
     keep: int = _opt(3, "keep the newest K complete checkpoints in --checkpoint-dir")
     resume: str | None = _opt(
         None, "resume from this checkpoint file; alone: the newest complete one in --checkpoint-dir"

@@ -146,7 +146,9 @@ def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog
         server.finish(lead=_ps_rank(layout, layout.lead_worker))
 
 
-def _run_worker(cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog) -> None:
+def _run_worker(
+    cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog
+) -> None:
     world = comms.world
     rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker

@@ -242,11 +242,11 @@ class ParameterWindow:
                 self.wins[stale].Unlock(me)
 
     def _lock_all(self, targets: list[int], which: list[int]) -> None:
-        for t, b in zip(targets, which, strict=False):
+        for t, b in zip(targets, which, strict=True):
             self.wins[b].Lock(t, MPI.LOCK_SHARED)
 
     def _unlock_all(self, targets: list[int], which: list[int]) -> None:
-        for t, b in zip(targets, which, strict=False):
+        for t, b in zip(targets, which, strict=True):
             self.wins[b].Unlock(t)
 
     def read_status(self, targets: list[int], out: np.ndarray) -> list[int]:
@@ -267,7 +267,7 @@ class ParameterWindow:
         which = self.read_status(targets, status)
         self._lock_all(targets, which)
         reqs = []
-        for i, (t, b) in enumerate(zip(targets, which, strict=False)):
+        for i, (t, b) in enumerate(zip(targets, which, strict=True)):
             reqs.append(self.wins[b].Rget(status[i], t, (0, HEADER_BYTES, MPI.BYTE)))
             reqs.append(self.wins[b].Rget(shards[i], t, (HEADER_BYTES, 4 * shards[i].size, MPI.BYTE)))
         MPI.Request.Waitall(reqs)
@@ -372,7 +372,7 @@ class PushReceiver:
         statuses: list[MPI.Status] = []
         done = MPI.Request.Testsome(self.requests, statuses)
         out = []
-        for w, st in zip(done or [], statuses, strict=False):
+        for w, st in zip(done or [], statuses, strict=True):
             nbytes = st.Get_count(MPI.BYTE)
             self.bytes_received += nbytes
             header = PushHeader.decode(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload)
@@ -441,7 +441,10 @@ class MessagePuller:
 
     def pull(self, need: int, status: np.ndarray, shards: list[np.ndarray]) -> None:
         self.need[0] = need
-        reqs = [self.comm.Irecv(b, source=s, tag=Tag.PULL_REPLY) for b, s in zip(self.buffers, self.servers, strict=False)]
+        reqs = [
+            self.comm.Irecv(b, source=s, tag=Tag.PULL_REPLY)
+            for b, s in zip(self.buffers, self.servers, strict=True)
+        ]
         sends = [self.comm.Isend(self.need, dest=s, tag=Tag.PULL_REQUEST) for s in self.servers]
         wait_for(lambda: MPI.Request.Testall(reqs + sends), f"servers to reach clock {need}", self.timeout)
         for i, b in enumerate(self.buffers):

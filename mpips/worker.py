@@ -79,7 +79,9 @@ class FlatModel:
             self.host_grad[:] = self.grads.cpu().numpy()
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512
+) -> tuple[float, float]:
     """Mean loss and accuracy of ``model`` on (x, y)."""
     model.eval()
     total_loss, correct, count = 0.0, 0, 0

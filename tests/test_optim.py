@@ -19,7 +19,7 @@ def test_two_shards_update_like_one_vector(kind):
         g = torch.randn(10)
         whole.grad = g.clone()
         opt_whole.step()
-        for h, o, part in zip(halves, opts, (g[:4], g[4:]), strict=False):
+        for h, o, part in zip(halves, opts, (g[:4], g[4:]), strict=True):
             h.grad = part.clone()
             o.step()
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)

@@ -131,10 +131,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     if size < 2:
         raise BenchError("rma needs at least 2 ranks (1 worker + 1 server): mpirun -n 2 or more")
     sizes = parse_sizes(args.sizes)
-    if args.servers:
-        server_counts = sorted({int(s) for s in args.servers.split(",")})
-    else:
-        server_counts = sorted({1, size - 1})
+    server_counts = sorted({int(s) for s in args.servers.split(",")}) if args.servers else sorted({1, size - 1})
     bad = [s for s in server_counts if not 1 <= s <= size - 1]
     if bad:
         raise BenchError(f"--servers {bad}: with {size} ranks, S must be 1..{size - 1}")

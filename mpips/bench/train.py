@@ -252,10 +252,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     for s in systems:
         if s not in SYSTEMS:
             raise BenchError(f"--systems: unknown {s!r}; choose from {', '.join(SYSTEMS)}")
-    if args.workers:
-        counts = sorted({int(w) for w in args.workers.split(",")})
-    else:
-        counts = sorted({1, max(1, size - 1)})
+    counts = sorted({int(w) for w in args.workers.split(",")}) if args.workers else sorted({1, max(1, size - 1)})
     if any(w < 1 or w > size for w in counts):
         raise BenchError(f"--workers {counts}: with {size} ranks, W must be 1..{size}")
     if args.steps <= args.warmup_steps + 1:

@@ -47,18 +47,24 @@ def _id_file(comm) -> str:
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2, 4))
-@pytest.mark.parametrize(
-    "data_servers,replicas,prefetch", [(1, 1, 1), (1, 1, 3), (2, 1, 2), (2, 2, 2), (2, 2, 1)]
-)
-def test_every_sample_once_per_epoch_same_as_local(data_servers, replicas, prefetch):
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_every_sample_once_per_epoch_one_data_server(prefetch):
+    check_every_sample_once_per_epoch(1, 1, prefetch)
+
+
+@pytest.mark.mpi(min_size=4, sizes=(4,))
+@pytest.mark.parametrize("replicas,prefetch", [(1, 2), (2, 2), (2, 1)])
+def test_every_sample_once_per_epoch_two_data_servers(replicas, prefetch):
+    check_every_sample_once_per_epoch(2, replicas, prefetch)
+
+
+def check_every_sample_once_per_epoch(data_servers, replicas, prefetch):
     from mpi4py import MPI
 
     from mpips.dataserver import DataServer, RemoteSource
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    if data_servers >= size:
-        pytest.skip(f"{data_servers} data servers need more than {size} ranks")
     path = _id_file(comm)
     with DatasetFile(path) as f:
         fmt, parts, n = f.format, f.partitions, f.samples

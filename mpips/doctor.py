@@ -379,8 +379,12 @@ def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
         version = _mpirun_version(mpirun)
         findings.append(_mpirun_finding(mpirun, version, vendor))
         findings.append(_single_rank_window_finding(MPI, vendor))
-        probe = _probe_with_mpirun(mpirun, version, busy_s)
-        findings.append(_rma_finding(probe, vendor, " (under mpirun -n 2)" if mpirun else ""))
+        if launcher_world_size(os.environ) is not None:  # one rank of a launched job: no nested mpirun
+            probe = ProbeResult(None, busy_s=busy_s, detail="needs 2 ranks (mpirun -n 2 python -m mpips.doctor)")
+            findings.append(_rma_finding(probe, vendor, ""))
+        else:
+            probe = _probe_with_mpirun(mpirun, version, busy_s)
+            findings.append(_rma_finding(probe, vendor, " (under mpirun -n 2)" if mpirun else ""))
     libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
     aware = cuda_aware(libmpi) if libmpi else None
     answer = {True: "yes", False: "no", None: "unknown"}[aware]

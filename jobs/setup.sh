@@ -87,6 +87,16 @@ pip() {
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 have() { "$py" -c "$1" >/dev/null 2>&1; }
+# pip caches a wheel it compiled by the sdist's name alone, not by the MPI and HDF5 it was linked
+# against: another venv for another MPI would get this one's h5py or mpi4py (linked to the wrong
+# libmpi). So the source builds below keep a wheel cache of their own per MPI compiler and HDF5.
+built_cache=$("$py" -m pip cache dir 2>/dev/null || true)
+if [ -n "$built_cache" ]; then
+    built_cache=--cache-dir="$built_cache/mpips-$(printf '%s\n' "$(readlink -f "$MPICC")" \
+        "${HDF5_DIR:-$hdf5_pc}" | cksum | cut -d' ' -f1)"
+else
+    built_cache=--no-cache-dir
+fi
 
 # --- 3. torch (CPU wheel here; keep the pin so pip never pulls a CUDA build by accident) --------
 if have 'import torch'; then
@@ -103,10 +113,10 @@ elif [ "$mpi_kind" = openmpi ] && [ -z "${MPIPS_MPI4PY_SOURCE:-}" ]; then
     say "installing mpi4py (binary wheel; it loads this Open MPI at run time)"
     pip install 'mpi4py>=4.0'
     have 'from mpi4py import MPI' || { say "binary mpi4py failed to load; compiling"; \
-        MPICC="$MPICC" pip install --force-reinstall --no-binary=mpi4py 'mpi4py>=4.0'; }
+        MPICC="$MPICC" pip install "$built_cache" --force-reinstall --no-binary=mpi4py 'mpi4py>=4.0'; }
 else
     say "compiling mpi4py against $MPICC (a few minutes the first time, cached after)"
-    MPICC="$MPICC" pip install --no-binary=mpi4py 'mpi4py>=4.0'
+    MPICC="$MPICC" pip install "$built_cache" --no-binary=mpi4py 'mpi4py>=4.0'
 fi
 
 # --- 5. h5py with MPI-IO, built from source without build isolation --------------------------
@@ -118,10 +128,10 @@ else
     pip install numpy 'Cython>=3,<4' pkgconfig 'setuptools>=77.0.1' packaging wheel
     if [ -n "${HDF5_DIR:-}" ]; then
         CC="$MPICC" HDF5_MPI=ON HDF5_DIR="$HDF5_DIR" \
-            pip install --force-reinstall --no-deps --no-build-isolation --no-binary=h5py h5py
+            pip install "$built_cache" --force-reinstall --no-deps --no-build-isolation --no-binary=h5py h5py
     else
         CC="$MPICC" HDF5_MPI=ON HDF5_PKGCONFIG_NAME="$hdf5_pc" \
-            pip install --force-reinstall --no-deps --no-build-isolation --no-binary=h5py h5py
+            pip install "$built_cache" --force-reinstall --no-deps --no-build-isolation --no-binary=h5py h5py
     fi
     have 'import h5py, sys; sys.exit(not h5py.get_config().mpi)' \
         || { echo "h5py was built but has no MPI-IO" >&2; exit 1; }

@@ -30,7 +30,7 @@ from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
-from mpips.watchdog import Watchdog
+from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
 
 __all__ = ["main", "run"]
@@ -274,7 +274,7 @@ def _abort(comm: MPI.Comm, exc: BaseException, role: str) -> None:
         f" {type(exc).__name__}: {exc}",
         file=sys.stderr, flush=True,
     )
-    comm.Abort(1)
+    abort_job(comm)
 
 
 if __name__ == "__main__":

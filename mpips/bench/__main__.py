@@ -26,6 +26,7 @@ from mpips.bench import apply as apply_bench
 from mpips.bench import rma as rma_bench
 from mpips.bench import train as train_bench
 from mpips.bench.common import BenchError, default_threads, load_average, machine_facts
+from mpips.watchdog import abort_job
 
 __all__ = ["main"]
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc(file=sys.stderr)
         print(f"mpips.bench: FATAL on rank {comm.Get_rank()}: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
-        comm.Abort(1)
+        abort_job(comm)
         return 1
 
 

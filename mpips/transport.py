@@ -446,7 +446,15 @@ class MessagePuller:
             for b, s in zip(self.buffers, self.servers, strict=True)
         ]
         sends = [self.comm.Isend(self.need, dest=s, tag=Tag.PULL_REQUEST) for s in self.servers]
-        wait_for(lambda: MPI.Request.Testall(reqs + sends), f"servers to reach clock {need}", self.timeout)
+        wait_for(lambda: MPI.Request.Testall(reqs + sends), lambda: self._lagging(need, reqs, status), self.timeout)
         for i, b in enumerate(self.buffers):
             status[i] = b[:HEADER_BYTES].view(np.int64)
             shards[i][:] = b[HEADER_BYTES:].view(np.float32)
+
+    def _lagging(self, need: int, replies: list[MPI.Request], status: np.ndarray) -> str:
+        """Which servers have not replied, for the stall message (as the window path names them)."""
+        late = [(s, rank) for s, (req, rank) in enumerate(zip(replies, self.servers, strict=True))
+                if not req.Get_status()]
+        return (f"the servers to reach clock {need} (pull replies; clocks as of the last pull): "
+                + ", ".join(f"server {s} (rank {rank} of the parameter-server communicator)"
+                            f" at clock {int(status[s, Slot.CLOCK])}" for s, rank in late))

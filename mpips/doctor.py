@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,10 @@ SETUP_ADVICE = "run `bash jobs/setup.sh` (or `pip install -e .` in an environmen
 # MPICH/MVAPICH (libmpich or libmpi), Cray (libmpi_cray), IBM Spectrum (libmpi_ibm). Not the
 # language bindings next to them (libmpi_cxx, libmpi_mpifh, libmpi_usempif08).
 _LIBMPI_NAME = re.compile(r"/lib(?:mpi|mpich|mpi_cray|mpi_ibm)\.so(?:\.\d+)*$")
+
+# Debian and Ubuntu install each MPI's launcher under its own name as well; `mpirun` is whichever
+# update-alternatives picked, not necessarily the MPI that mpi4py was built for.
+_OWN_MPIRUN = {"MPICH": "mpirun.mpich", "Open MPI": "mpirun.openmpi"}
 
 # Marks rank 0 writes into the probe window around its MPI-free computation.
 _IDLE, _BUSY, _DONE = 0, 1, 2
@@ -377,14 +381,21 @@ def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
     else:
         mpirun = shutil.which("mpirun")
         version = _mpirun_version(mpirun)
-        findings.append(_mpirun_finding(mpirun, version, vendor))
+        finding = _mpirun_finding(mpirun, version, vendor)
+        own = shutil.which(_OWN_MPIRUN.get(vendor, "mpirun")) if finding.status == WARN else None
+        own_version = _mpirun_version(own) if own and own != mpirun else ""
+        if own_version and _mpirun_finding(own, own_version, vendor).status == OK:
+            launch = f"{own} is {vendor}'s: launch mpips with it (the RMA probe below ran under it)"
+            finding = replace(finding, advice=(*finding.advice, launch))
+            mpirun, version = own, own_version
+        findings.append(finding)
         findings.append(_single_rank_window_finding(MPI, vendor))
         if launcher_world_size(os.environ) is not None:  # one rank of a launched job: no nested mpirun
             probe = ProbeResult(None, busy_s=busy_s, detail="needs 2 ranks (mpirun -n 2 python -m mpips.doctor)")
             findings.append(_rma_finding(probe, vendor, ""))
         else:
             probe = _probe_with_mpirun(mpirun, version, busy_s)
-            findings.append(_rma_finding(probe, vendor, " (under mpirun -n 2)" if mpirun else ""))
+            findings.append(_rma_finding(probe, vendor, f" (under {Path(mpirun).name} -n 2)" if mpirun else ""))
     libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
     aware = cuda_aware(libmpi) if libmpi else None
     answer = {True: "yes", False: "no", None: "unknown"}[aware]
@@ -445,7 +456,9 @@ def _rma_finding(probe: ProbeResult, vendor: str, where: str) -> Finding:
               "message-based pulls (--pull auto)"]
     if "MPICH" in vendor and os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") != "1":
         advice.append("MPICH: MPIR_CVAR_ASYNC_PROGRESS=1 starts a progress thread per rank "
-                      "(needs MPI_THREAD_MULTIPLE, the mpi4py default) and makes pulls one-sided")
+                      "(needs MPI_THREAD_MULTIPLE, the mpi4py default) and makes pulls one-sided; "
+                      "each such thread keeps a core busy, so set it only with a core to spare per "
+                      "rank (4 ranks on 2 cores: the default job took 20x longer)")
     return Finding("passive RMA", value, WARN, tuple(advice))
 
 

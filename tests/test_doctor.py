@@ -120,7 +120,7 @@ def test_doctor_reports_this_machine(launcher):
     assert out.count("mpips doctor") == 1, out  # rank 0 only
     for label in ("MPI library", "MPI standard", "thread level", "world", "passive RMA",
                   "CUDA-aware MPI", "h5py", "torch", "numpy", "threads"):
-        assert f"  {label}" in out, out
+        assert re.search(rf"^[ !] {label}  ", out, re.MULTILINE), out  # ok or warn (MPICH: passive RMA)
     assert "MPI-IO yes" in out, out
     assert f"{2 if launcher else 1} rank(s)" in out, out
     assert ("  mpirun" in out) == (not launcher), out  # which mpirun, checked when alone

@@ -139,6 +139,6 @@ fi
 
 # --- 6. mpips itself, editable, with the test tools ------------------------------------------
 say "installing mpips (editable, [test,dev])"
-pip install -e "$here[test,dev]"
+pip install -e "${here}[test,dev]"
 say "done: $("$py" -c 'import torch, h5py, mpi4py, numpy; print(f"torch {torch.__version__}, h5py {h5py.__version__} (mpi={h5py.get_config().mpi}), mpi4py {mpi4py.__version__}, numpy {numpy.__version__}")')"
 say "activate with: source $VENV/bin/activate"

@@ -262,9 +262,17 @@ class ParameterWindow:
             out[i] = both[i, b]
         return newest
 
-    def pull(self, targets: list[int], status: np.ndarray, shards: list[np.ndarray]) -> None:
-        """Worker: status block and shard of the newest version of every target, whole."""
-        which = self.read_status(targets, status)
+    def pull(
+        self, targets: list[int], status: np.ndarray, shards: list[np.ndarray], which: list[int] | None = None
+    ) -> None:
+        """Worker: status block and shard of the newest version of every target, whole.
+
+        ``which``: the buffer indices a ``read_status`` just returned, to skip reading them again.
+        That buffer is then at least as new as the status read: a server only rewrites a buffer
+        with the version after the other buffer's, and whatever is read under the lock is whole.
+        """
+        if which is None:
+            which = self.read_status(targets, status)
         self._lock_all(targets, which)
         reqs = []
         for i, (t, b) in enumerate(zip(targets, which, strict=True)):

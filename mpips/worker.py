@@ -233,15 +233,16 @@ class Worker:
         if self.puller is not None:
             self.puller.pull(need, self.status, self.shards)
         else:
-            targets = self.servers
+            targets, newest = self.servers, None
 
             def ready() -> bool:
-                self.window.read_status(targets, self.status)
+                nonlocal newest
+                newest = self.window.read_status(targets, self.status)
                 return int(self.status[:, Slot.CLOCK].min()) >= need
 
             if need >= 0:
                 wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
-            self.window.pull(targets, self.status, self.shards)
+            self.window.pull(targets, self.status, self.shards, which=newest)
         self.stats.bytes_pulled += 4 * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())

@@ -35,8 +35,6 @@ from mpips.worker import FlatModel, Worker, evaluate
 
 __all__ = ["main", "run"]
 
-log = logging.getLogger("mpips")
-
 
 def choose_pull(mode: str) -> str:
     """rma where the MPI library makes passive-target progress on its own, else messages."""

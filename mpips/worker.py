@@ -11,7 +11,6 @@ worker) and frees the window (collective).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
     from mpips.checkpoint import Checkpointing
 
 __all__ = ["FlatModel", "Worker", "evaluate"]
-
-log = logging.getLogger("mpips.worker")
 
 
 class FlatModel:

@@ -1,31 +1,46 @@
-"""Checkpoint and resume: one HDF5 file per checkpoint, written at a bsp step boundary.
+"""Checkpoint and resume: one HDF5 file per checkpoint, at a consistent cut of the whole job.
 
 File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pickled):
 
-    params                  float32 [numel]     the flat parameter vector (every server's shard)
+    params                  float32 [numel]     the flat trainable-parameter vector (every shard)
     optim/<key>             float32 [numel]     per-element optimizer state (exp_avg, ...)
-    optim_scalar/<key>      [servers]           scalar optimizer state per server (Adam's step)
-    workers/position        int64 [workers, 3]  (global step, epoch, step in epoch) of next batch
+    optim_tensor/<key>      float64 [tensors]   per-tensor scalar optimizer state (Adam's step)
+    optim_has_state         uint8 [tensors]     1 where torch.optim holds state for the tensor
+    servers/applied         int64 [servers]     gradients applied (asp/ssp learning-rate scaling)
+    workers/position        int64 [workers, 3]  (next global step, epoch, step in epoch)
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
-    attrs["manifest"]       JSON: step, world, model tensors, optimizer, config, and the sha256 of
-                            every piece each rank wrote
+    workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
+    frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
+    attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
+                            config, and the sha256 of every piece each rank wrote
 
 It is written collectively through MPI-IO (h5py ``driver="mpio"``) by servers and workers when
-h5py has it, else gathered to one writer; under a temporary name, renamed when complete, and the
-last ``--keep`` are kept. Data servers save nothing: their position is a function of the global
-step (the EpochPlan is a pure, seeded plan), so they restart from the checkpoint's step.
+h5py has it, else gathered to one writer; under a temporary name, renamed when complete; the
+newest ``--keep`` are kept and the one just written is never deleted. A run writes one at its
+last step too. Data servers save nothing: a worker's samples are a function of its step (the
+EpochPlan is a pure, seeded plan), so they serve whatever step a worker asks for next.
 
-The protocol (bsp only): before a server publishes clock ``k`` it agrees with the other servers
-(one allreduce) whether boundary ``k`` is a checkpoint (every N steps, every T seconds, or a
-preemption signal seen by any server or rung by any worker) and publishes that in its window's
-status block with the clock. A worker that pulls for step ``k`` sees it and joins the checkpoint
-instead of computing step ``k``; the servers have applied step ``k - 1`` and wait for the
-workers (still answering message pulls) in a nonblocking barrier. On a preemption the job then
-stops and every rank exits with ``REQUEUE_STATUS``.
+Buffers (BatchNorm's running statistics, ...) are each worker's own, updated by its own
+batches; worker 0's are the model's (``--save``, evaluation), as with DDP, which broadcasts rank
+0's buffers. Each worker's are checkpointed, so a resumed run ends bitwise equal, buffers too.
+
+The cut. bsp: before a server publishes clock ``k`` it agrees with the other servers (one
+allreduce) whether boundary ``k`` is a checkpoint (every N steps, every T seconds, or a stop
+signal seen by any server or rung by any worker) and publishes the mark with the clock; a
+worker that pulls for step ``k`` sees it and joins instead of computing step ``k``. asp/ssp:
+server 0 decides (when the slowest worker's clock passes a multiple of N, every T seconds, or
+on a signal) and publishes a mark; each worker sees it in its next pull (waiting ssp workers
+too), sends a JOIN message after its last push and joins with its position; a server saves once
+every worker joined, so it holds exactly the updates of steps ``< position[w]`` of every worker
+``w``, and resuming restarts each worker at its own position with the servers' clocks, applied
+counts and staleness bound as they were. Exact in bsp: a resumed run is bitwise the
+uninterrupted one. In asp/ssp the state at the cut is exact, but the order in which later
+pushes arrive is not repeatable (as in any asynchronous run).
 
 Resume: the flat vector is the same whatever the number of servers, so a checkpoint loads into
 any ``--servers`` (re-shard on load). The number of workers and the batch size fix the sample
-order of every step, so resuming with different ones is refused.
+order of every step, so resuming with different ones is refused. A run that does not resume
+refuses a directory that holds checkpoints, so two runs never prune each other's.
 """
 
 from __future__ import annotations
@@ -48,10 +63,12 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.config import Config, ConfigError
+from mpips.shard import ShardPlan
 from mpips.transport import Slot, wait_for
 
 __all__ = [
     "REQUEUE_STATUS",
+    "STOPPED_STATUS",
     "CheckpointError",
     "Checkpointing",
     "Preemption",
@@ -64,8 +81,9 @@ __all__ = [
 log = logging.getLogger("mpips.checkpoint")
 
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
+STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
 FORMAT = "mpips-checkpoint"
-VERSION = 1
+VERSION = 2
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -201,29 +219,32 @@ def publish(tmp: Path, final: Path, keep: int) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    for _, old in list_checkpoints(final.parent)[max(1, keep) :]:
+    others = [path for _, path in list_checkpoints(final.parent) if path != final]
+    for old in others[max(1, keep) - 1 :]:  # never the one just written, whatever its step
         old.unlink(missing_ok=True)
     for stale in final.parent.glob(".ckpt-*.tmp"):  # left by a job that died while writing
         stale.unlink(missing_ok=True)
 
 
-# -- preemption --------------------------------------------------------------------------------
+# -- preemption ---------------------------------------------------------------------------------
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the job checkpoints at the next step boundary and exits 75."""
+    """SIGTERM / SIGUSR1 / SIGINT set a flag; the job stops at the next step boundary.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    With checkpoints on it writes one there and exits ``REQUEUE_STATUS``; without, it stops
+    cleanly (every rank, the model saved where ``--save`` asks) and exits ``STOPPED_STATUS``.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
 
     @classmethod
-    def for_config(cls, cfg: Config) -> Preemption:
-        """Handlers installed when checkpoints are on (else the signals keep ending the process)."""
+    def install(cls) -> Preemption:
         p = cls()
-        if cfg.checkpoint.checkpoint_dir is not None:
-            for sig in cls.SIGNALS:
-                signal.signal(sig, p._handle)
+        for sig in cls.SIGNALS:
+            signal.signal(sig, p._handle)
         return p
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -234,25 +255,33 @@ class Preemption:
 # -- the job's side ----------------------------------------------------------------------------
 @dataclass
 class Checkpointing:
-    """One rank's checkpoint state: what to resume from, when to save, and whether it stopped.
+    """One rank's checkpoint state: what to resume from, when to save or stop, whether it stopped.
 
-    Built by ``setup`` (collective over the world); servers and workers call ``schedule`` /
-    ``save_server`` and ``at_boundary``.
+    Built by ``setup`` (collective over the world) and bound to a role by ``bind``. Roles hand
+    it their ``state_dict()`` and take back ``load_state_dict()`` input from ``server_state`` /
+    ``worker_state``; it knows nothing else of them. Stop requests (signals) work without a
+    checkpoint directory too: then nothing is written and the job stops cleanly.
     """
 
     cfg: Config
     comm: MPI.Comm  # the world until ``bind`` gives the parameter-server communicator
     layout_counts: dict[str, int]
-    tensors: list[list[Any]]
+    plan: ShardPlan | None
+    module: list[list[Any]]  # [name, shape, dtype] of each buffer and frozen parameter
     total_steps: int
     resume_path: Path | None = None
     manifest: dict[str, Any] | None = None
     preemption: Preemption = field(default_factory=Preemption)
-    preempted: bool = False
+    stopped: bool = False  # the job stopped early on a signal
+    preempted: bool = False  # ... after writing a checkpoint
     last_path: Path | None = None
+    role: str = ""
+    index: int = 0
+    epoch_plan: Any = None
     _last_time: float = field(default_factory=time.monotonic)
-    shard_lo: int = 0
     _rung: bool = False
+    _next_async: int = 0
+    _position: int = -1
 
     @property
     def first_step(self) -> int:
@@ -262,49 +291,50 @@ class Checkpointing:
     def enabled(self) -> bool:
         return self.cfg.checkpoint.checkpoint_dir is not None
 
+    def exit_status(self) -> int:
+        if not self.stopped:
+            return 0
+        return REQUEUE_STATUS if self.preempted else STOPPED_STATUS
+
     @classmethod
     def setup(
         cls,
         cfg: Config,
         comm: MPI.Comm,
         counts: dict[str, int],
-        tensors: list[list[Any]] | None,
+        plan: ShardPlan | None,
+        module: list[list[Any]] | None,
         total_steps: int,
         preemption: Preemption,
     ) -> Checkpointing:
         """Collective over the world ``comm``: choose the checkpoint to resume from, check it fits.
 
-        World rank 0 (always a worker, so it has the model's ``tensors``) chooses and checks;
-        every rank gets its answer.
+        World rank 0 (always a worker, so it has the model) chooses and checks; every rank gets
+        its answer. A run that does not resume refuses a ``--checkpoint-dir`` that already holds
+        checkpoints, and a resume refuses a directory holding checkpoints newer than the one it
+        resumes from: both would mix two runs' checkpoints, and pruning would delete one of them.
 
         Raises:
             ResumeError: the same on every rank, when the checkpoint cannot be resumed here.
         """
-        ck = cls(cfg, comm, counts, tensors or [], total_steps, preemption=preemption)
+        ck = cls(cfg, comm, counts, plan, module or [], total_steps, preemption=preemption)
         c = cfg.checkpoint
-        if (ck.enabled or c.resume) and cfg.train.sync != "bsp":
-            raise ResumeError(
-                f"checkpoints need --sync bsp (a global step boundary);"
-                f" --sync {cfg.train.sync} has none"
-            )
-        if c.resume:
-            chosen: Any = None
-            if comm.Get_rank() == 0:
-                chosen = _choose(c.resume, c.checkpoint_dir)
-                if isinstance(chosen, tuple):
-                    chosen = ck._misfit(*chosen) or chosen
-                if chosen is None:
-                    log.warning(
-                        "--resume: no complete checkpoint in %s yet; starting at step 0",
-                        c.checkpoint_dir,
-                    )
-                elif isinstance(chosen, tuple):
-                    log.warning("resuming from %s at step %d", chosen[0], chosen[1]["step"])
-            chosen = comm.bcast(chosen, root=0)
-            if isinstance(chosen, str):
-                raise ResumeError(chosen)
-            if chosen is not None:
-                ck.resume_path, ck.manifest = Path(chosen[0]), chosen[1]
+        chosen: Any = None
+        if comm.Get_rank() == 0:
+            chosen = _choose(c.resume, c.checkpoint_dir) if c.resume else None
+            if isinstance(chosen, tuple):
+                chosen = ck._misfit(*chosen) or chosen
+            if not isinstance(chosen, str) and ck.enabled:
+                chosen = _clash(chosen, c.checkpoint_dir, bool(c.resume)) or chosen
+            if chosen is None and c.resume:
+                log.warning("--resume: no checkpoint in %s yet; starting at step 0", c.checkpoint_dir)
+            elif isinstance(chosen, tuple):
+                log.warning("resuming from %s at step %d", chosen[0], chosen[1]["step"])
+        chosen = comm.bcast(chosen, root=0)
+        if isinstance(chosen, str):
+            raise ResumeError(chosen)
+        if chosen is not None:
+            ck.resume_path, ck.manifest = Path(chosen[0]), chosen[1]
         if ck.enabled:
             Path(c.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         return ck
@@ -312,8 +342,10 @@ class Checkpointing:
     def _misfit(self, path: str, m: dict[str, Any]) -> str | None:
         """Why this job cannot resume from manifest ``m``, or None."""
         cfg, problems = self.cfg, []
-        if [list(t) for t in m["tensors"]] != [list(t) for t in self.tensors]:
-            problems.append("the model's parameter tensors differ (names or shapes)")
+        if [list(t) for t in m["tensors"]] != [list(t) for t in self._tensors()]:
+            problems.append("the model's trainable parameter tensors differ (names or shapes)")
+        if [list(t) for t in m["module"]] != [list(t) for t in self.module]:
+            problems.append("the model's buffers or frozen parameters differ (names, shapes or dtypes)")
         if m["world"]["workers"] != self.layout_counts["workers"]:
             problems.append(
                 f"it was written by {m['world']['workers']} workers, this job has"
@@ -326,6 +358,8 @@ class Checkpointing:
         ):
             if m[key] != now:
                 problems.append(f"it used --{key.replace('_', '-')} {m[key]}, this job {now}")
+        if cfg.train.sync == "bsp" and len(set(m["positions"])) > 1:
+            problems.append(f"its workers stopped at different steps ({m['sync']}), which --sync bsp cannot continue")
         if m["step"] >= self.total_steps:
             problems.append(f"it is at step {m['step']}, this job trains {self.total_steps} steps")
         if not problems:
@@ -335,126 +369,170 @@ class Checkpointing:
             " or --data-servers is fine: shards are re-cut on load.)"
         )
 
-    # -- resume ------------------------------------------------------------------------------
-    def server_init(self, lo: int, hi: int) -> np.ndarray | None:
-        """This shard's parameters from the checkpoint (any number of servers), or None."""
-        return read_rows(self.resume_path, "params", lo, hi) if self.manifest else None
+    def _tensors(self) -> list[list[Any]]:
+        return [[t.name, list(t.shape)] for t in self.plan.tensors] if self.plan is not None else []
 
-    def restore_optimizer(
-        self, optimizer: torch.optim.Optimizer, param: torch.Tensor, lo: int, hi: int
-    ) -> None:
+    # -- roles -------------------------------------------------------------------------------
+    def bind(self, ps_comm: MPI.Comm, role: str = "", index: int = 0, epoch_plan: Any = None) -> None:
+        """Checkpoints are collective over ``ps_comm``; this rank is ``role`` ``index``."""
+        self.comm, self.role, self.index, self.epoch_plan = ps_comm, role, index, epoch_plan
+        if self.manifest and self.cfg.checkpoint.checkpoint_every:
+            every = self.cfg.checkpoint.checkpoint_every
+            self._next_async = (min(self.manifest["positions"]) // every + 1) * every
+
+    def server_state(self, template: dict[str, Any]) -> dict[str, Any] | None:
+        """Server ``index``'s state from the checkpoint, re-cut for this job's plan, or None."""
         if not self.manifest:
-            return
-        state: dict[str, torch.Tensor] = {}
+            return None
+        plan, s = self.plan, self.index
+        lo, hi = plan.shard_range(s)
+        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
         with h5py.File(self.resume_path, "r") as f:
-            for key, ds in f.get("optim", {}).items():
-                state[key] = torch.from_numpy(ds[lo:hi]).view_as(param)
-            for key, ds in f.get("optim_scalar", {}).items():
-                values = np.unique(ds[:])
-                if len(values) != 1:
-                    raise CheckpointError(
-                        f"{self.resume_path}: servers disagree on optimizer {key}: {values}"
-                    )
-                state[key] = torch.tensor(values[0])
-        if state:
-            sd = optimizer.state_dict()
-            sd["state"] = {0: state}
-            optimizer.load_state_dict(sd)
+            params = f["params"][lo:hi]
+            has = f["optim_has_state"][:] if "optim_has_state" in f else np.zeros(len(plan.tensors), np.uint8)
+            elem = {k: ds[lo:hi] for k, ds in f.get("optim", {}).items()}
+            scalar = {k: ds[:] for k, ds in f.get("optim_tensor", {}).items()}
+            applied = int(f["servers/applied"][0])
+        state = {}
+        for i, r in enumerate(runs):
+            if has[tix[i]]:
+                a, b = r.server_offset, r.server_offset + r.length
+                state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
+                state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
+        optimizer = dict(template["optimizer"], state=state)
+        return {"params": params, "optimizer": optimizer, "applied": applied,
+                "clocks": list(self.manifest["positions"])}
 
-    def restore_worker(self, index: int) -> None:
-        if self.manifest:
-            rng = read_rows(self.resume_path, "workers/rng_torch", index, index + 1)[0]
-            torch.set_rng_state(torch.from_numpy(rng.copy()))
+    def worker_state(self, template: dict[str, Any]) -> dict[str, Any] | None:
+        """Worker ``index``'s state from the checkpoint (shaped like ``template``), or None."""
+        if not self.manifest:
+            return None
+        i = self.index
+        with h5py.File(self.resume_path, "r") as f:
+            rng = f["workers/rng_torch"][i]
+            module = {}
+            for name, t in template["module"].items():
+                raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
+                module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
+        return {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
 
-    # -- save ---------------------------------------------------------------------------------
-    def bind(self, ps_comm: MPI.Comm, shard_lo: int = 0) -> None:
-        """Checkpoints are collective over ``ps_comm``; a server's shard starts at ``shard_lo``."""
-        self.comm, self.shard_lo = ps_comm, shard_lo
+    def _pieces(self, state: dict[str, Any]) -> list[Piece]:
+        return self._server_pieces(state) if self.role == "server" else self._worker_pieces(state)
+
+    def _server_pieces(self, st: dict[str, Any]) -> list[Piece]:
+        plan, s, numel = self.plan, self.index, self.plan.numel
+        lo, hi = plan.shard_range(s)
+        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
+        pieces = [
+            Piece("params", lo, st["params"].copy(), (numel,)),
+            Piece("servers/applied", s, np.array([st["applied"]], np.int64), (plan.servers,)),
+        ]
+        # per-element state as flat vectors (re-cut on load); per-tensor scalars (Adam's step) and
+        # whether a tensor has state at all, written by the server holding its first element
+        firsts = [tix[i] for i, r in enumerate(runs) if r.tensor_offset == 0]
+        t_lo, t_hi = (firsts[0], firsts[-1] + 1) if firsts else (0, 0)
+        has = np.zeros(t_hi - t_lo, np.uint8)
+        elem: dict[str, np.ndarray] = {}
+        scalar: dict[str, np.ndarray] = {}
+        for i, r in enumerate(runs):
+            state = st["optimizer"]["state"].get(i, {})
+            first = r.tensor_offset == 0
+            for key, v in state.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if v.dim() == 0:
+                    if first:
+                        scalar.setdefault(key, np.zeros(t_hi - t_lo, np.float64))[tix[i] - t_lo] = float(v)
+                else:
+                    out = elem.setdefault(key, np.zeros(hi - lo, np.float32))
+                    out[r.server_offset : r.server_offset + r.length] = v.detach().reshape(-1).numpy()
+            if first and state:
+                has[tix[i] - t_lo] = 1
+        pieces += [Piece(f"optim/{k}", lo, v, (numel,)) for k, v in sorted(elem.items())]
+        if t_hi > t_lo:
+            tensors = len(plan.tensors)
+            pieces.append(Piece("optim_has_state", t_lo, has, (tensors,)))
+            pieces += [Piece(f"optim_tensor/{k}", t_lo, v, (tensors,)) for k, v in sorted(scalar.items())]
+        return pieces
+
+    def _worker_pieces(self, st: dict[str, Any]) -> list[Piece]:
+        W, i, position = self.layout_counts["workers"], self.index, st["position"]
+        self._position = position
+        rng = st["rng"].numpy()
+        pieces = [
+            Piece("workers/position", i, np.array([[position, *self.epoch_plan.position(position)]], np.int64),
+                  (W, 3)),
+            Piece("workers/rng_torch", i, rng[None].copy(), (W, rng.size)),
+        ]
+        for name, t in st["module"].items():
+            raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            if _per_worker(t):
+                pieces.append(Piece(_module_dataset(name, t), i, raw[None].copy(), (W, raw.size)))
+            elif i == 0:  # frozen parameters are the same on every worker: worker 0 writes them
+                pieces.append(Piece(_module_dataset(name, t), 0, raw[None].copy(), (1, raw.size)))
+        return pieces
+
+    # -- when to save or stop ----------------------------------------------------------------
+    def ring(self, window, target: int) -> None:  # noqa: ANN001 (a ParameterWindow)
+        """Worker: on a stop signal, raise the doorbell of server rank ``target`` (once)."""
+        if self.preemption.requested and not self._rung:
+            window.raise_flag(target, Slot.REQUEST, 1)
+            self._rung = True
+
+    def _stop_requested(self, window) -> bool:  # noqa: ANN001
+        return not self.stopped and (self.preemption.requested or window.flag(Slot.REQUEST) > 0)
+
+    def _interval_due(self) -> bool:
+        c = self.cfg.checkpoint
+        return bool(c.checkpoint_interval) and time.monotonic() - self._last_time >= c.checkpoint_interval
 
     def schedule(self, window, servers: MPI.Comm, boundary: int) -> int:  # noqa: ANN001
-        """Server, before publishing clock ``boundary``, agree on and publish if it is a checkpoint.
+        """bsp server, before publishing clock ``boundary``: agree on and publish a checkpoint or stop.
 
         Collective over the servers. Returns the mark published: ``boundary`` (checkpoint),
-        ``-boundary`` (checkpoint, then stop: preemption) or 0.
+        ``-boundary`` (checkpoint if enabled, then stop: a signal) or 0.
         """
-        if not self.enabled:
-            return 0
-        c = self.cfg.checkpoint
-        rung = window.flag(Slot.REQUEST)  # doorbell raised by workers (lead: double-buffer window)
-        interval_due = (
-            bool(c.checkpoint_interval)
-            and time.monotonic() - self._last_time >= c.checkpoint_interval
-        )
-        want = np.array([self.preemption.requested or rung > 0, interval_due], dtype=np.int8)
+        want = np.array([self._stop_requested(window), self.enabled and self._interval_due()], dtype=np.int8)
         servers.Allreduce(MPI.IN_PLACE, want, op=MPI.MAX)
-        periodic = bool(c.checkpoint_every) and boundary % c.checkpoint_every == 0
+        every = self.cfg.checkpoint.checkpoint_every
+        periodic = self.enabled and bool(every) and boundary % every == 0
         at = boundary if (periodic or want.any()) and boundary < self.total_steps else 0
         mark = -at if want[0] else at
         window.status[Slot.CHECKPOINT] = mark  # published with the boundary's version
         return mark
 
-    def save_server(self, server, mark: int) -> None:  # noqa: ANN001 (a ParameterServer)
-        """Server side of checkpoint ``mark`` (see ``schedule``), collective with the workers."""
-        n, lo = self.layout_counts, self.shard_lo
-        pieces = [Piece("params", lo, server.window.params.copy(), (self._numel(),))]
-        for key, value in server.optimizer.state_dict()["state"].get(0, {}).items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            if value.dim() == 0:
-                pieces.append(
-                    Piece(
-                        f"optim_scalar/{key}",
-                        server.index,
-                        value.reshape(1).numpy().copy(),
-                        (n["servers"],),
-                    )
-                )
-            else:
-                pieces.append(
-                    Piece(
-                        f"optim/{key}",
-                        lo,
-                        value.detach().reshape(-1).numpy().copy(),
-                        (self._numel(),),
-                    )
-                )
-        self._save(
-            abs(mark), pieces, mark < 0, server.pull_server.poll if server.pull_server else None
-        )
+    def due_async(self, window, clock: int) -> int:  # noqa: ANN001
+        """asp/ssp server 0: the mark to publish now (0: none); ``clock`` is the slowest worker's."""
+        stop = self._stop_requested(window)
+        if clock >= self.total_steps or not (stop or self.enabled):
+            return 0
+        every = self.cfg.checkpoint.checkpoint_every
+        periodic = bool(every) and clock >= max(every, self._next_async)
+        if not (stop or periodic or self._interval_due()):
+            return 0
+        if every:
+            self._next_async = (clock // every + 1) * every
+        at = max(1, clock)
+        return -at if stop else at
 
-    def at_boundary(self, worker, step: int) -> bool:  # noqa: ANN001 (a Worker)
-        """Worker, after pulling for ``step``: ring a preemption to the servers, join a checkpoint.
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, step: int, stop: bool, state: dict[str, Any], serve=None) -> bool:  # noqa: ANN001
+        """Collective over servers and workers: write checkpoint ``step`` (when enabled).
 
-        Returns True when the job is to stop here (preemption): step ``step`` is not computed.
+        ``stop``: the job stops after it (a signal). ``serve`` is called while waiting for the
+        others (a server answers message pulls). Returns ``stop``.
         """
-        if not self.enabled:
-            return False
-        if self.preemption.requested and not self._rung:
-            worker.window.raise_flag(worker.servers[0], Slot.REQUEST, 1)
-            self._rung = True
-        marks = {int(m) for m in worker.status[:, Slot.CHECKPOINT]}  # the servers agreed: one value
-        if step == 0 or (marks != {step} and marks != {-step}):  # 0: no checkpoint published
-            return False
-        stop = marks == {-step}
-        W, index = self.layout_counts["workers"], worker.index
-        rng = torch.get_rng_state().numpy()
-        pieces = [
-            Piece(
-                "workers/position",
-                index,
-                np.array([[step, *worker.epoch_plan.position(step)]], np.int64),
-                (W, 3),
-            ),
-            Piece("workers/rng_torch", index, rng[None].copy(), (W, rng.size)),
-        ]
-        self._save(step, pieces, stop, None)
+        if self.enabled:
+            self._save(step, self._pieces(state), stop, serve)
+        if stop:
+            self.stopped = True
+            self.preempted = self.enabled
         return stop
 
-    def _numel(self) -> int:
-        total = 0
-        for _, shape in self.tensors:
-            total += int(np.prod(shape, dtype=np.int64))
-        return total
+    def save_final(self, state: dict[str, Any], serve=None) -> None:  # noqa: ANN001
+        """Collective, at the end of a run with checkpoints on: the checkpoint of the last step."""
+        if self.enabled:
+            self._save(self.total_steps, self._pieces(state), False, serve)
 
     def _save(self, step: int, pieces: list[Piece], stop: bool, serve) -> None:  # noqa: ANN001
         faults.at("checkpoint", step)
@@ -468,14 +546,16 @@ class Checkpointing:
 
         wait_for(
             arrived,
-            f"checkpoint at step {step}: every server and worker to reach the step boundary"
+            f"checkpoint at step {step}: every server and worker to reach it"
             " (nonblocking barrier over the parameter-server communicator)",
             self.cfg.train.stall_timeout,
         )
         directory = Path(self.cfg.checkpoint.checkpoint_dir)
         final = directory / checkpoint_name(step)
         tmp = directory / f".{final.name}.tmp"
-        write_collective(comm, tmp, pieces, self._manifest(step, stop))
+        ranks = comm.allgather((self.role, self.index, self._position))
+        positions = [p for _, _, p in sorted(r for r in ranks if r[0] == "worker")]
+        write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions))
         comm.Barrier()
         if comm.Get_rank() == 0:
             publish(tmp, final, self.cfg.checkpoint.keep)
@@ -485,14 +565,12 @@ class Checkpointing:
                 final,
                 final.stat().st_size / 2**20,
                 time.monotonic() - t0,
-                f"; stopping on {self.preemption.signal_name or 'a preemption signal'}"
+                f"; stopping on {self.preemption.signal_name or 'a stop signal'}"
                 f" with exit status {REQUEUE_STATUS} (requeue)"
                 if stop
                 else "",
             )
         self.last_path, self._last_time = final, time.monotonic()
-        if stop:
-            self.preempted = True
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -501,10 +579,11 @@ class Checkpointing:
             "version": VERSION,
             "step": step,
             "created": time.time(),
-            "reason": "preemption" if stop else "scheduled",
+            "reason": "preemption" if stop else "final" if step == self.total_steps else "scheduled",
             "world": dict(self.layout_counts),
-            "tensors": self.tensors,
-            "numel": self._numel(),
+            "tensors": self._tensors(),
+            "module": self.module,
+            "numel": self.plan.numel if self.plan is not None else 0,
             "optimizer": cfg.optim.optimizer,
             "batch_size": cfg.data.batch_size,
             "seed": cfg.train.seed,
@@ -512,6 +591,38 @@ class Checkpointing:
             "total_steps": self.total_steps,
             "config": cfg.as_dict(),
         }
+
+
+def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """[name, shape, dtype] of each tensor of a worker's module state, for the manifest."""
+    return [[n, list(t.shape), str(t.dtype), "buffer" if _per_worker(t) else "frozen"] for n, t in state.items()]
+
+
+def _per_worker(t: torch.Tensor) -> bool:
+    """Buffers are each worker's own; frozen parameters are the same on every worker."""
+    return not isinstance(t, torch.nn.Parameter)
+
+
+def _module_dataset(name: str, t: torch.Tensor) -> str:
+    return f"workers/buffers/{name}" if _per_worker(t) else f"frozen/{name}"
+
+
+def _clash(chosen: tuple[str, dict[str, Any]] | None, directory: str, resuming: bool) -> str | None:
+    """Why this run must not write into ``directory`` (another run's checkpoints are there), or None."""
+    found = list_checkpoints(directory)
+    if chosen is None and found:
+        if resuming:
+            return (f"--resume: no checkpoint in {directory} verifies ({len(found)} skipped, see the"
+                    " warnings); move them away to start afresh there")
+        return (f"--checkpoint-dir {directory} already holds checkpoints (newest: step {found[0][0]})"
+                " of an earlier run; add --resume to continue it, or choose an empty --checkpoint-dir")
+    if chosen is not None:
+        newer = [step for step, _ in found if step > chosen[1]["step"]]
+        if newer:
+            return (f"--resume {chosen[0]}: --checkpoint-dir {directory} holds newer checkpoints (steps"
+                    f" {', '.join(map(str, sorted(newer)))}); resuming here would interleave two runs'"
+                    " checkpoints: move those away, or resume from the newest (--resume alone)")
+    return None
 
 
 def _choose(resume: str, directory: str | None) -> tuple[str, dict[str, Any]] | str | None:

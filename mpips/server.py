@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from mpi4py import MPI
 from mpips import faults
 from mpips.config import OptimConfig
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor
+from mpips.shard import ShardPlan
 from mpips.transport import (
     Backoff,
     Codec,
@@ -59,6 +60,7 @@ class ParameterServer:
         index: this server's shard index.
         workers: ranks of the workers in ``comm``, by worker index.
         init: the initial values of this shard (float32).
+        plan: the shard plan (which tensor runs make up this shard).
         optim: optimizer settings.
         sync: "bsp", "asp" or "ssp".
         total_steps: global steps of the run (for the lr schedule).
@@ -69,27 +71,34 @@ class ParameterServer:
 
     def __init__(
         self, *, comm: MPI.Comm, servers: MPI.Comm, index: int, workers: list[int], init: np.ndarray,
-        optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str, stall_timeout: float,
-        first_step: int = 0, checkpoints: Checkpointing | None = None,
+        plan: ShardPlan, optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str,
+        stall_timeout: float, checkpoints: Checkpointing | None = None,
     ):
         self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
-        self.init, self.cfg, self.sync = init, optim, sync
+        self.init, self.plan, self.cfg, self.sync = init, plan, optim, sync
         self.total_steps, self.batch_size, self.pull_mode = total_steps, batch_size, pull
-        self.stall_timeout = stall_timeout
-        self.first_step, self.checkpoints = first_step, checkpoints  # resume; bsp checkpoints
+        self.stall_timeout, self.checkpoints = stall_timeout, checkpoints
         self.stats = ServerStats()
+        self.clocks = [0] * len(workers)  # steps each worker has completed, as received here
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         n = self.init.size
         self.window = ParameterWindow(self.comm, n, init=self.init)
-        self.param = torch.from_numpy(self.window.params).requires_grad_(True)
-        self.optimizer = build_optimizer([self.param], self.cfg)
-        self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n)
+        self.param = torch.from_numpy(self.window.params)
+        # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
+        # a tensor that got no gradient in a step keeps grad None and torch.optim skips it (no
+        # weight decay, no momentum, no Adam step), exactly as in a single process.
+        self.runs = self.plan.server_pieces(self.index)
+        self.pieces = [
+            self.param[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
+            for r in self.runs
+        ]
+        self.optimizer = build_optimizer(self.pieces, self.cfg)
+        self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n + len(self.pieces))
         if not self.window.rma:
             self.pull_mode = "message"
         self.pull_server = PullServer(self.comm, self.window) if self.pull_mode == "message" else None
-        self.window.status[Slot.CLOCK] = self.first_step  # resume: continue where it stopped
         self.window.publish()
         mib = 4 * n / 2**20
         log.info(
@@ -98,15 +107,37 @@ class ParameterServer:
             self.pull_mode,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this server (views, not copies: save before changing them).
+
+        ``params``: float32 [shard elements]; ``optimizer``: torch.optim's state_dict over the
+        shard's tensor runs (``plan.server_pieces``); ``applied``: gradients applied;
+        ``clocks``: steps completed per worker.
+        """
+        return {"params": self.window.params, "optimizer": self.optimizer.state_dict(),
+                "applied": self.stats.applied, "clocks": list(self.clocks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (as ``state_dict`` returns it); call after ``start()``."""
+        self.window.params[:] = state["params"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stats.applied = int(state["applied"])
+        self.clocks = [int(c) for c in state["clocks"]]
+        self.window.status[Slot.APPLIED] = self.stats.applied
+        self.window.status[Slot.CLOCK] = min(self.clocks)
+        self.window.publish()
+
     def serve(self) -> ServerStats:
         """Apply pushes until every worker has stopped."""
         workers = len(self.workers)
         active = set(range(workers))
-        clocks = [0] * workers  # steps completed per worker (asp/ssp)
         acc = torch.zeros_like(self.param) if self.sync == "bsp" else None
-        # bsp: worker -> (samples, gradient), for the step in progress; each gradient stays in its
-        # receive buffer until the step is applied, then all are summed in worker order
-        bsp_seen: dict[int, tuple[int, torch.Tensor]] = {}
+        # bsp: worker -> (samples, gradient, tensor-run mask), for the step in progress; each
+        # gradient stays in its receive buffer until the step is applied, then all are summed in
+        # worker order
+        bsp_seen: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
+        joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
+        final_saved = False
         backoff, last_progress = Backoff(), time.monotonic()
         while active:
             ready = self.receiver.poll()
@@ -117,14 +148,24 @@ class ParameterServer:
                 if header.codec == Codec.STOP:
                     active.discard(w)
                     continue
-                faults.at("push", header.step)
-                grad = self._decode(header, payload)  # a view of the receive buffer
-                if self.sync == "bsp":
-                    self._bsp_accumulate(w, header, grad, acc, bsp_seen, workers)
-                else:
-                    clocks[w] = header.step + 1
-                    self._async_apply(w, header, grad, min(clocks))
+                if header.codec == Codec.JOIN:
+                    self._join(w, header, joined)
                     self.receiver.repost(w)
+                    continue
+                faults.at("push", header.step)
+                grad, mask = self._decode(header, payload)  # views of the receive buffer
+                if self.sync == "bsp":
+                    self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
+                else:
+                    self.clocks[w] = header.step + 1
+                    self._async_apply(w, header, grad, mask, min(self.clocks))
+                    self.receiver.repost(w)
+            if self.checkpoints is not None:
+                if self.sync != "bsp":
+                    moved |= self._async_checkpoint(joined)
+                if not final_saved and min(self.clocks) >= self.total_steps and not joined:
+                    final_saved = True  # every step of every worker is applied: the last checkpoint
+                    self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
             if self.pull_server is not None:
                 moved |= self.pull_server.poll()
             if moved:
@@ -150,12 +191,56 @@ class ParameterServer:
         self.comm.gather(self.stats, root=lead)
         self.window.free()
 
+    def _serve_pulls(self) -> None:
+        if self.pull_server is not None:
+            self.pull_server.poll()
+
+    # -- checkpoints in asp/ssp: a consistent cut --------------------------------------------
+    def _async_checkpoint(self, joined: dict[int, int]) -> bool:
+        """Server 0 opens a checkpoint when one is due; every server saves once all workers joined.
+
+        The cut: a worker that sees the mark in a pull stops pushing and sends JOIN (after its
+        earlier pushes, so MPI's message order means every server has applied all of them); a
+        server saves when it has every worker's JOIN. So each server holds exactly the updates of
+        steps ``< position[w]`` from each worker ``w``, and each worker saves its ``position``.
+        """
+        mark = int(self.window.status[Slot.CHECKPOINT])
+        if not mark and self.index == 0:
+            mark = self.checkpoints.due_async(self.window, min(self.clocks))
+            if mark:
+                self.window.status[Slot.CHECKPOINT] = mark
+                self.window.publish()
+                return True
+        if not mark or len(joined) < len(self.workers):
+            return False
+        # every server clears the mark before the collective save, so no worker sees it again
+        self.window.status[Slot.CHECKPOINT] = 0
+        self.window.publish()
+        self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
+        joined.clear()
+        return True
+
+    def _join(self, w: int, header: PushHeader, joined: dict[int, int]) -> None:
+        mark = header.clock_seen  # the mark the worker saw
+        if self.sync == "bsp" or not mark or w in joined or header.step != self.clocks[w] or not self.checkpoints:
+            raise MalformedMessage(
+                f"server {self.index}: unexpected checkpoint join from worker {w} (mark {mark},"
+                f" position {header.step}, {self.clocks[w]} steps received)"
+            )
+        joined[w] = header.step
+        if not self.window.status[Slot.CHECKPOINT]:  # told by a worker: publish it for the others
+            self.window.status[Slot.CHECKPOINT] = mark
+            self.window.publish()
+
     # -- gradients ---------------------------------------------------------------------------
-    def _decode(self, header: PushHeader, payload: np.ndarray) -> torch.Tensor:
-        if header.codec != Codec.RAW32 or header.length != 4 * self.param.numel():
+    def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """(gradient, mask): float32 [shard elements] and uint8 [tensor runs], 1 = has a gradient."""
+        n, runs = self.param.numel(), len(self.pieces)
+        if header.codec != Codec.RAW32 or header.length != 4 * n + runs:
             raise MalformedMessage(
                 f"server {self.index}: push from worker {header.worker} has codec {header.codec}"
-                f" and {header.length} bytes; expected raw float32 of {4 * self.param.numel()} bytes"
+                f" and {header.length} bytes; expected raw float32 of {4 * n} bytes and a mask of"
+                f" {runs} bytes"
             )
         if header.samples > self.batch_size:
             raise MalformedMessage(
@@ -167,7 +252,10 @@ class ParameterServer:
                 f"server {self.index}: worker {header.worker} pushed step {header.step},"
                 f" outside 0..{self.total_steps - 1}"
             )
-        return torch.from_numpy(payload.view(np.float32))
+        mask = payload[4 * n :]
+        if mask.max(initial=0) > 1:
+            raise MalformedMessage(f"server {self.index}: worker {header.worker} sent a mask that is not 0/1")
+        return torch.from_numpy(payload[: 4 * n].view(np.float32)), mask
 
     def _is_bad(self, header: PushHeader, grad: torch.Tensor) -> bool:
         """Non-finite gradients are dropped, counted and logged, never applied."""
@@ -189,8 +277,8 @@ class ParameterServer:
         return True
 
     def _bsp_accumulate(
-        self, w: int, header: PushHeader, grad: torch.Tensor, acc: torch.Tensor,
-        seen: dict[int, tuple[int, torch.Tensor]], workers: int,
+        self, w: int, header: PushHeader, grad: torch.Tensor, mask: np.ndarray, acc: torch.Tensor,
+        seen: dict[int, tuple[int, torch.Tensor, np.ndarray]], workers: int,
     ) -> None:
         step = int(self.window.status[Slot.CLOCK])
         if header.step != step or w in seen:
@@ -198,16 +286,18 @@ class ParameterServer:
                 f"server {self.index}: bsp step {step} got a push for step {header.step}"
                 f" from worker {w}" + (" twice" if w in seen else "")
             )
-        seen[w] = (0 if self._is_bad(header, grad) else header.samples, grad)
+        seen[w] = (0 if self._is_bad(header, grad) else header.samples, grad, mask)
         if len(seen) < workers:
             return
         # worker order, not arrival order: the same sum, bit for bit, on every run (resume)
+        used = np.zeros(len(self.pieces), dtype=bool)
         for v in range(workers):
-            n, g = seen[v]
+            n, g, m = seen[v]
             if n:
                 acc.add_(g, alpha=float(n))
+                used |= m.astype(bool)  # a tensor has a gradient if any worker's forward used it
             self.receiver.repost(v)
-        samples = sum(n for n, _ in seen.values())
+        samples = sum(n for n, _, _ in seen.values())
         seen.clear()
         norm = None
         if samples:
@@ -215,12 +305,15 @@ class ParameterServer:
         if self.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
             norm = self.servers.allreduce(float(acc.double().square().sum())) ** 0.5
         mark = self.checkpoints.schedule(self.window, self.servers, step + 1) if self.checkpoints else 0
-        self._apply(acc if samples else None, step, norm=norm, clock=step + 1)
+        self.clocks = [step + 1] * workers
+        self._apply(acc if samples else None, used, step, norm=norm, clock=step + 1)
         if mark:  # every worker joins once it sees clock step + 1 and this mark
-            self.checkpoints.save_server(self, mark)
+            self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
         acc.zero_()
 
-    def _async_apply(self, w: int, header: PushHeader, grad: torch.Tensor, clock: int) -> None:
+    def _async_apply(
+        self, w: int, header: PushHeader, grad: torch.Tensor, mask: np.ndarray, clock: int
+    ) -> None:
         use = not self._is_bad(header, grad) and header.samples > 0
         if use:
             grad.mul_(header.samples / self.batch_size)  # a short last batch counts for less
@@ -237,12 +330,14 @@ class ParameterServer:
             # staleness in steps: updates applied here since the worker pulled, per worker
             behind = (self.stats.applied - header.applied_seen) / len(self.workers)
             scale /= max(1.0, behind)
-        self._apply(grad if use else None, step, norm=header.grad_norm, clock=clock, lr_scale=scale)
+        self._apply(grad if use else None, mask.astype(bool), step, norm=header.grad_norm, clock=clock,
+                    lr_scale=scale)
 
     def _apply(
-        self, grad: torch.Tensor | None, step: int, norm: float | None, clock: int, lr_scale: float = 1.0
+        self, grad: torch.Tensor | None, used: np.ndarray, step: int, norm: float | None, clock: int,
+        lr_scale: float = 1.0,
     ) -> None:
-        """Apply ``grad`` (None: only advance the clock) and publish the result as one version."""
+        """Apply ``grad`` to the tensor runs ``used`` marks (None: only advance the clock), publish."""
         if grad is not None:
             if self.cfg.clip_grad_norm and norm is not None:
                 coef = self.cfg.clip_grad_norm / (norm + 1e-6)
@@ -250,13 +345,15 @@ class ParameterServer:
                     grad.mul_(coef)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
-            self.param.grad = grad
+            for piece, run, has in zip(self.pieces, self.runs, used, strict=True):
+                piece.grad = grad[run.server_offset : run.server_offset + run.length] if has else None
         if self.pull_server is not None:
             self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
             self.optimizer.step()
             self.stats.applied += 1
             self.window.status[Slot.APPLIED] = self.stats.applied
+            for piece in self.pieces:
+                piece.grad = None
         self.window.status[Slot.CLOCK] = clock
         self.window.publish()
-        self.param.grad = None

@@ -73,7 +73,12 @@ class ShardPlan:
 
     @classmethod
     def for_module(cls, module, servers: int) -> ShardPlan:  # noqa: ANN001 (torch.nn.Module)
-        return cls.build([(n, p.shape) for n, p in module.named_parameters()], servers)
+        """The plan of ``module``'s trainable parameters (``requires_grad``), in registration order.
+
+        Frozen parameters are not sharded: like buffers they stay with each worker's module, so
+        the servers' optimizer never touches them (torch.optim skips them the same way).
+        """
+        return cls.build([(n, p.shape) for n, p in module.named_parameters() if p.requires_grad], servers)
 
     @property
     def servers(self) -> int:
@@ -100,6 +105,11 @@ class ShardPlan:
     def server_pieces(self, server: int) -> list[Piece]:
         """The tensor runs held by ``server``, in shard order."""
         return [p for t in self.tensors for p in self._cut(t) if p.server == server]
+
+    def server_tensor_indices(self, server: int) -> list[int]:
+        """For each piece of ``server_pieces(server)``, the index of its tensor in ``tensors``."""
+        index = {t.name: i for i, t in enumerate(self.tensors)}
+        return [index[p.tensor] for p in self.server_pieces(server)]
 
     def locate(self, flat_index: int) -> tuple[int, int]:
         """(server, offset in its shard) of one element of the flat vector."""

@@ -21,7 +21,7 @@ import torch
 from mpi4py import MPI
 
 from mpips import faults
-from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption
+from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.config import Config, ConfigError, parse_args
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
@@ -54,7 +54,7 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
 
     ``who`` receives this rank's role as soon as it is known, for the failure message.
     """
-    preemption = Preemption.for_config(cfg)  # first: SIGTERM/SIGUSR1 now mean "checkpoint and stop"
+    preemption = Preemption.install()  # first: SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step"
     dog = Watchdog(comm, cfg.train.stall_timeout, who if who is not None else {})
     rank = comm.Get_rank()
     with dog.blocking("start-up: the host names of all ranks (allgather over the world)"):
@@ -95,11 +95,10 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
     with dog.blocking("start-up: every rank to choose the checkpoint and split the communicators"):
         counts = {"servers": len(layout.servers), "data_servers": len(layout.data_servers),
                   "workers": len(layout.workers)}
-        tensors = [[t.name, list(t.shape)] for t in plan.tensors] if plan is not None else None
-        ckpt = Checkpointing.setup(cfg, comm, counts, tensors, steps, preemption)
+        module = module_spec(FlatModel.module_state_of(model)) if model is not None else None
+        ckpt = Checkpointing.setup(cfg, comm, counts, plan, module, steps, preemption)
         comms = RoleComms.split(comm, layout)
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
-    ckpt.bind(ps_comm)
     try:
         if role == Role.SERVER:
             _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog)
@@ -113,7 +112,7 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
         comms.free()
         ps_comm.Free()
         dog.close()
-    return REQUEUE_STATUS if ckpt.preempted else 0
+    return ckpt.exit_status()
 
 
 def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
@@ -124,20 +123,20 @@ def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
 
 def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog) -> None:
     index = layout.index_of(comms.world.Get_rank())
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).numpy()
     lo, hi = plan.shard_range(index)
-    ckpt.bind(ps_comm, shard_lo=lo)
-    resumed = ckpt.server_init(lo, hi)  # any --servers: the flat vector is re-cut here
+    ckpt.bind(ps_comm, "server", index)
     server = ParameterServer(
         comm=ps_comm, servers=comms.role, index=index,
-        workers=[_ps_rank(layout, r) for r in layout.workers],
-        init=flat[lo:hi].copy() if resumed is None else resumed,
+        workers=[_ps_rank(layout, r) for r in layout.workers], init=flat[lo:hi].copy(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout, first_step=ckpt.first_step, checkpoints=ckpt,
+        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
-    ckpt.restore_optimizer(server.optimizer, server.param, lo, hi)
+    resumed = ckpt.server_state(server.state_dict())  # any --servers: the flat vector is re-cut here
+    if resumed is not None:
+        server.load_state_dict(resumed)
     server.serve()
     with dog.blocking("shutdown: the final shard gather to the lead worker and the window free"
                       " (collective over servers and workers)"):
@@ -152,6 +151,7 @@ def _run_worker(
     index, lead = layout.index_of(rank), rank == layout.lead_worker
     device = _device(cfg.train.device, layout.local_rank(rank))
     flat = FlatModel(model, plan, device)
+    ckpt.bind(ps_comm, "worker", index, epoch_plan)
     if layout.data_servers:
         from mpips.dataserver import RemoteSource
 
@@ -160,10 +160,17 @@ def _run_worker(
         source = LocalSource(data.train, epoch_plan, index)
     metrics = MetricsLog(cfg.train.metrics, rank=rank)
     progress = Progress(steps, cfg.train.log_every, enabled=lead)
+    said_no_eval = [False]
 
     def on_eval(step: int) -> None:
         faults.at("evaluation", step)
-        loss, acc = evaluate(flat.model, data.val_x, data.val_y, device)
+        result = evaluate(flat.model, data.val_x, data.val_y, device)
+        if result is None:
+            if not said_no_eval[0]:
+                print("no held-out samples: evaluation skipped (--eval-every)", flush=True)
+                said_no_eval[0] = True
+            return
+        loss, acc = result
         metrics.event("eval", step, loss=loss, accuracy=acc)
         print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
 
@@ -171,36 +178,46 @@ def _run_worker(
         comm=ps_comm, index=index, servers=[_ps_rank(layout, r) for r in layout.servers], flat=flat,
         source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
-        stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress,
+        stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
         eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
-        first_step=ckpt.first_step, checkpoints=ckpt,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
-    ckpt.restore_worker(index)
+    resumed = ckpt.worker_state(worker.state_dict())
+    if resumed is not None:
+        worker.load_state_dict(resumed)
     stats = worker.run()
     progress.close()
     with dog.blocking("shutdown: the final parameters from every server and the window free"
                       " (collective over servers and workers)"):
         final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
-    if lead and stats.preempted:
-        print(f"preempted: checkpoint {ckpt.last_path} written; exiting with status {REQUEUE_STATUS}"
-              " (requeue and run again with --resume)", flush=True)
-    elif lead:
-        _report(cfg, flat, final, worker, data, device, stats, metrics, steps)
+    if lead:
+        _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.close()
 
 
-def _report(cfg, flat, final, worker, data, device, stats, metrics, steps) -> None:
-    """Lead worker: evaluate the final parameters, print the table, save the model."""
+def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt) -> None:
+    """Lead worker: evaluate the final parameters, print the table, save the model.
+
+    After a stop on a signal the model is saved (where ``--save`` asks) but not evaluated.
+    """
     flat.host[:] = final
     flat.after_pull()
-    loss, acc = evaluate(flat.model, data.val_x, data.val_y, device)
+    if stats.preempted:
+        print(f"stopped on {ckpt.preemption.signal_name or 'a signal'} at step {worker.position} of {steps}: "
+              + (f"checkpoint {ckpt.last_path} written; exiting with status {REQUEUE_STATUS}"
+                 " (requeue and run again with --resume)" if ckpt.preempted else
+                 f"no --checkpoint-dir, so nothing to resume from; exiting with status {ckpt.exit_status()}"),
+              flush=True)
+        _save_model(cfg, flat)
+        return
+    result = evaluate(flat.model, data.val_x, data.val_y, device)
+    loss, acc = result if result is not None else (None, None)
     servers = worker.server_stats
     rows = {
         "steps": steps,
-        "held-out loss": loss,
-        "held-out accuracy": acc,
+        "held-out loss": "none (no held-out samples)" if loss is None else loss,
+        "held-out accuracy": "none (no held-out samples)" if acc is None else acc,
         "last train loss (worker 0)": stats.last_loss,
         "samples/s (all workers)": stats.samples * worker.epoch_plan.workers
         / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),
@@ -211,12 +228,17 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps) -> No
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
     }
     print(format_table(rows, "final metrics"), flush=True)
-    metrics.event("eval", steps, loss=loss, accuracy=acc)
+    if result is not None:
+        metrics.event("eval", steps, loss=loss, accuracy=acc)
     metrics.event(
         "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
         dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
         staleness=[x for s in servers for x in s.staleness],
     )
+    _save_model(cfg, flat)
+
+
+def _save_model(cfg, flat) -> None:
     if cfg.train.save:
         state = {k: v.detach().cpu().clone() for k, v in flat.model.state_dict().items()}
         torch.save(state, cfg.train.save)

@@ -56,7 +56,8 @@ class Tag(IntEnum):
 
 
 class Codec(IntEnum):
-    RAW32 = 0  # float32 values, one per shard element
+    RAW32 = 0  # float32 values, one per shard element, then one uint8 per tensor run: has a gradient
+    JOIN = 254  # no payload: asp/ssp checkpoint join; step = position, clock_seen = the mark seen
     STOP = 255  # no payload: this worker is done (shutdown is a message)
 
 
@@ -117,7 +118,7 @@ class PushHeader:
     worker: int  # worker index (0..W-1)
     codec: int
     samples: int  # samples the gradient averages over (0 for an empty last batch)
-    clock_seen: int  # slowest-worker clock of the parameters the gradient was computed on
+    clock_seen: int  # slowest-worker clock of the parameters the gradient was computed on (JOIN: the mark)
     length: int  # payload bytes
     grad_norm: float  # L2 norm of the worker's whole gradient (all servers' slices)
     loss: float
@@ -146,7 +147,7 @@ class PushHeader:
             problems.append(f"unknown codec {codec}")
         if w != worker:
             problems.append(f"claims worker {w}")
-        if step < 0 or samples < 0 or clock < -1 or applied < 0:
+        if step < 0 or samples < 0 or (clock < -1 and codec != Codec.JOIN) or applied < 0:
             problems.append(f"negative step/samples/clock/applied ({step}/{samples}/{clock}/{applied})")
         if length != nbytes - HEADER_BYTES or length > max_payload:
             problems.append(f"payload length {length} (received {nbytes - HEADER_BYTES}, max {max_payload})")
@@ -315,11 +316,12 @@ class ParameterWindow:
 class Pusher:
     """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server."""
 
-    def __init__(self, comm: MPI.Comm, servers: list[int], shard_sizes: list[int], max_inflight: int):
+    def __init__(self, comm: MPI.Comm, servers: list[int], max_payload: list[int], max_inflight: int):
+        """``max_payload[s]``: the largest payload in bytes that server index ``s`` is sent."""
         self.comm, self.servers = comm, servers
         self.buffers = [
-            [np.empty(HEADER_BYTES + 4 * n, dtype=np.uint8) for _ in range(max_inflight)]
-            for n in shard_sizes
+            [np.empty(HEADER_BYTES + n, dtype=np.uint8) for _ in range(max_inflight)]
+            for n in max_payload
         ]
         self.pending: list[deque[tuple[MPI.Request, int]]] = [deque() for _ in servers]
         self.next_slot = [0] * len(servers)
@@ -334,14 +336,18 @@ class Pusher:
         self.next_slot[s] = (slot + 1) % len(self.buffers[s])
         return self.buffers[s][slot]
 
-    def push(self, s: int, header: PushHeader, payload: np.ndarray | None) -> None:
-        """Send ``header`` and ``payload`` (bytes-compatible array) to server index ``s``."""
+    def push(self, s: int, header: PushHeader, *payload: np.ndarray) -> None:
+        """Send ``header`` and the ``payload`` arrays, concatenated as bytes, to server index ``s``."""
         buf = self._free_slot(s)
         header.pack_into(buf)
         faults.at("push", header.step, message=buf)
-        n = HEADER_BYTES + header.length
-        if header.length:
-            buf[HEADER_BYTES:n] = np.frombuffer(payload, dtype=np.uint8)
+        n, at = HEADER_BYTES + header.length, HEADER_BYTES
+        for part in payload:
+            raw = np.frombuffer(part, dtype=np.uint8)
+            buf[at : at + raw.size] = raw
+            at += raw.size
+        if at != n:
+            raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
         req = self.comm.Isend(buf[:n], dest=self.servers[s], tag=Tag.PUSH)
         self.pending[s].append((req, n))
         self.bytes_sent += n
@@ -417,10 +423,11 @@ class PullServer:
             self.request = self.comm.Irecv(self.request_buf, source=MPI.ANY_SOURCE, tag=Tag.PULL_REQUEST)
             moved = True
         current = self.window.published()
-        clock = int(current[:HEADER_BYTES].view(np.int64)[Slot.CLOCK])
+        status = current[:HEADER_BYTES].view(np.int64)
+        clock, mark = int(status[Slot.CLOCK]), int(status[Slot.CHECKPOINT])
         still = []
         for source, need in self.waiting:
-            if clock >= need:
+            if clock >= need or mark:  # a checkpoint mark: the waiting worker must see it and join
                 self.sending.append(self.comm.Isend(current, dest=source, tag=Tag.PULL_REPLY))
                 moved = True
             else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +44,13 @@ __all__ = ["FlatModel", "Worker", "evaluate"]
 
 
 class FlatModel:
-    """A module whose parameters and gradients live in flat buffers (host + device)."""
+    """A module whose trainable parameters and their gradients live in flat buffers (host + device).
+
+    Only parameters with ``requires_grad`` are in the flat buffers (``plan``); frozen parameters
+    and buffers stay in the module, as they are. ``used[i]`` says whether tensor ``i`` of the plan
+    received a gradient since ``zero_grad()`` (torch leaves ``.grad`` None for the others, and
+    torch.optim then skips them: the servers do the same with this mask).
+    """
 
     def __init__(self, model: nn.Module, plan: ShardPlan, device: torch.device):
         self.model, self.plan, self.device = model.to(device), plan, device
@@ -55,17 +61,29 @@ class FlatModel:
         else:  # host staging: copy after a pull and before a push
             self.params = torch.zeros(plan.numel, device=device)
             self.grads = torch.zeros(plan.numel, device=device)
-        for spec, p in zip(plan.tensors, model.parameters(), strict=True):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.used = np.zeros(len(trainable), dtype=np.uint8)
+        for i, (spec, p) in enumerate(zip(plan.tensors, trainable, strict=True)):
             view = slice(spec.offset, spec.offset + spec.numel)
             self.params[view].copy_(p.data.reshape(-1))
             p.data = self.params[view].view_as(p)
             p.grad = self.grads[view].view_as(p)
+            p.register_post_accumulate_grad_hook(lambda _, i=i: self.used.__setitem__(i, 1))
         if device.type != "cpu":
             self.host[:] = self.params.cpu().numpy()
+        self._mask_index = [plan.server_tensor_indices(s) for s in range(plan.servers)]
 
     def shard(self, s: int, grad: bool = False) -> np.ndarray:
         lo, hi = self.plan.shard_range(s)
         return (self.host_grad if grad else self.host)[lo:hi]
+
+    def mask(self, s: int) -> np.ndarray:
+        """uint8 [tensor runs of server ``s``]: 1 where that run's tensor got a gradient."""
+        return self.used[self._mask_index[s]]
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+        self.used[:] = 0
 
     def after_pull(self) -> None:
         if self.device.type != "cpu":
@@ -75,11 +93,31 @@ class FlatModel:
         if self.device.type != "cpu":
             self.host_grad[:] = self.grads.cpu().numpy()
 
+    @staticmethod
+    def module_state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's state the servers do not hold: buffers and frozen parameters, by name."""
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        return {**dict(model.named_buffers()), **frozen}
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        return self.module_state_of(self.model)
+
+    def load_module_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (as ``module_state`` returns it) into the module, in place."""
+        mine = self.module_state()
+        if state.keys() != mine.keys():
+            raise ValueError(f"module state has {sorted(state)}, the model {sorted(mine)}")
+        with torch.no_grad():
+            for name, value in state.items():
+                mine[name].copy_(value)
+
 
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512
-) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on (x, y)."""
+) -> tuple[float, float] | None:
+    """Mean loss and accuracy of ``model`` on (x, y); None when there are no samples."""
+    if len(y) == 0:
+        return None
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
@@ -120,24 +158,25 @@ class Worker:
         source: where batches come from.
         epoch_plan: the sample-order contract.
         sync: "bsp", "asp" or "ssp"; ``staleness`` bounds ssp.
-        total_steps: global steps to run; ``first_step`` where to start (resume).
+        total_steps: global steps to run (``load_state_dict`` sets where to start).
         pull: "rma" or "message".
+        checkpoints: checkpoint and stop requests (``mpips.checkpoint.Checkpointing``).
     """
 
     def __init__(
         self, *, comm: MPI.Comm, index: int, servers: list[int], flat: FlatModel, source: BatchSource,
         epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
         max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
-        eval_every: int = 0, on_eval: Callable[[int], None] | None = None, first_step: int = 0,
-        checkpoints: Checkpointing | None = None,
+        checkpoints: Checkpointing, eval_every: int = 0, on_eval: Callable[[int], None] | None = None,
     ):
         self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
         self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
-        self.total_steps, self.first_step, self.pull_mode = total_steps, first_step, pull
+        self.total_steps, self.pull_mode = total_steps, pull
         self.max_inflight, self.stall_timeout = max_inflight, stall_timeout
         self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
         self.stats = WorkerStats()
-        self.checkpoints = checkpoints  # bsp checkpoints and preemption (mpips.checkpoint)
+        self.checkpoints = checkpoints
+        self.position = 0  # the next step this worker computes
         self.data_wait = 0.0
         self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
 
@@ -145,8 +184,10 @@ class Worker:
     def start(self) -> None:
         plan = self.flat.plan
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
+        runs = [len(plan.server_pieces(s)) for s in range(plan.servers)]
         self.window = ParameterWindow(self.comm, 0)
-        self.pusher = Pusher(self.comm, self.servers, sizes, self.max_inflight)
+        self.pusher = Pusher(self.comm, self.servers, [4 * n + r for n, r in zip(sizes, runs, strict=True)],
+                             self.max_inflight)
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
@@ -155,24 +196,40 @@ class Worker:
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this worker.
+
+        ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
+        ``module``: buffers and frozen parameters by name (``FlatModel.module_state``).
+        """
+        return {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+        torch.set_rng_state(state["rng"])
+        self.flat.load_module_state(state["module"])
+
     def run(self) -> WorkerStats:
         model, flat = self.flat.model, self.flat
         model.train()
         start = time.perf_counter()
-        for step in range(self.first_step, self.total_steps):
+        while self.position < self.total_steps:
+            step = self.position
             t0 = time.perf_counter()
             faults.at("pull", step)
             clock = self.pull(self._need(step))
-            if self.checkpoints is not None and self.checkpoints.at_boundary(self, step):
-                self.stats.preempted = True  # checkpointed at this boundary; the job stops here
-                break
+            joined = self._join_checkpoint(step)
+            if self.stats.preempted:
+                break  # checkpointed (or told to stop) at this boundary; the job stops here
+            if joined and self.sync != "bsp":
+                continue  # the servers applied the other workers' last pushes meanwhile: pull again
             staleness = step - clock
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
             faults.at("data", step)
             batch = self.source.batch(epoch, in_epoch)
             self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
-            flat.grads.zero_()
+            flat.zero_grad()
             loss = torch.zeros(())
             if len(batch):
                 x = torch.from_numpy(batch.x).to(flat.device)
@@ -184,17 +241,60 @@ class Worker:
             t2 = time.perf_counter()
             grad_norm = float(np.linalg.norm(flat.host_grad.astype(np.float64, copy=False)))
             self.push(step, len(batch), clock, grad_norm, float(loss))
+            self.position = step + 1
             t3 = time.perf_counter()
             self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
             if self.on_eval and self.eval_every and (step + 1) % self.eval_every == 0:
                 self.on_eval(step + 1)
+        if not self.stats.preempted:
+            self._final_checkpoint()
         return self.stats
+
+    def _join_checkpoint(self, step: int) -> bool:
+        """Join a checkpoint (or stop) the servers published; True if one was joined.
+
+        bsp: the servers publish mark ``k`` (``-k``: then stop) with clock ``k``, agreed among
+        them; a worker about to compute step ``k`` joins. asp/ssp: server 0 publishes a mark at
+        any time; a worker sees it in its next pull, sends JOIN after its last push (so every
+        server has applied all its pushes first) and joins with its position. See
+        ``mpips.checkpoint`` for what each protocol guarantees.
+        """
+        ckpt = self.checkpoints
+        ckpt.ring(self.window, self.servers[0])
+        marks = {int(m) for m in self.status[:, Slot.CHECKPOINT]} - {0}
+        if self.sync == "bsp":
+            if step == 0 or marks not in ({step}, {-step}):
+                return False
+        elif not marks:
+            return False
+        if len(marks) != 1:
+            raise RuntimeError(f"worker {self.index}: the servers published different checkpoint marks {marks}")
+        mark = marks.pop()
+        if self.sync != "bsp":
+            for s in range(len(self.servers)):
+                self.pusher.push(s, PushHeader(self.position, self.index, Codec.JOIN, 0, mark, 0, 0.0, 0.0))
+        self.stats.preempted = ckpt.save(abs(mark), mark < 0, self.state_dict())
+        return True
+
+    def _final_checkpoint(self) -> None:
+        """Wait until every worker's last step is applied, then write the run's last checkpoint."""
+        if not self.checkpoints.enabled:
+            return
+        while True:
+            clock = self.pull(self.total_steps)
+            if self.sync != "bsp" and self._join_checkpoint(self.position):
+                if self.stats.preempted:
+                    return
+                continue
+            if clock >= self.total_steps:
+                break
+        self.checkpoints.save_final(self.state_dict())
 
     def finish(self, lead: int) -> np.ndarray | None:
         """Collective: stop the servers; the lead worker (rank ``lead``) gets the final parameters."""
         faults.at("shutdown")
         for s in range(len(self.servers)):
-            self.pusher.push(s, PushHeader(0, self.index, Codec.STOP, 0, 0, 0, 0.0, 0.0), None)
+            self.pusher.push(s, PushHeader(0, self.index, Codec.STOP, 0, 0, 0, 0.0, 0.0))
         self.pusher.drain()
         self.source.close()
         final = server_stats = None
@@ -235,7 +335,9 @@ class Worker:
             def ready() -> bool:
                 nonlocal newest
                 newest = self.window.read_status(targets, self.status)
-                return int(self.status[:, Slot.CLOCK].min()) >= need
+                # asp/ssp: a checkpoint mark ends the wait too (a waiting worker must join it)
+                marked = self.sync != "bsp" and bool(self.status[:, Slot.CHECKPOINT].any())
+                return int(self.status[:, Slot.CLOCK].min()) >= need or marked
 
             if need >= 0:
                 wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
@@ -253,12 +355,12 @@ class Worker:
 
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
         for s in range(len(self.servers)):
-            payload = self.flat.shard(s, grad=True)
+            payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
             header = PushHeader(
-                step, self.index, Codec.RAW32, samples, clock, payload.nbytes, grad_norm, loss,
+                step, self.index, Codec.RAW32, samples, clock, payload.nbytes + mask.nbytes, grad_norm, loss,
                 applied_seen=int(self.status[s, Slot.APPLIED]),
             )
-            self.pusher.push(s, header, payload)
+            self.pusher.push(s, header, payload, mask)
 
     def _account(self, step, samples, loss, staleness, t_pull, t_compute, t_push, start) -> None:
         st = self.stats

@@ -6,6 +6,7 @@ Layout: ``-n 3 --data-servers 0`` = ranks 0, 1 workers, rank 2 server 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -17,8 +18,9 @@ import pytest
 import torch
 from helpers import REPO, mpi_job, run_train
 
-from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, verify
+from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, publish, verify
 from mpips.config import parse_args
+from mpips.shard import ShardPlan
 
 FLAGS = (
     "--data-servers",
@@ -59,16 +61,17 @@ def killed_run(tmp_path_factory):
     return d, killed
 
 
-def test_kill_and_resume_is_bitwise_identical(killed_run):
+def test_kill_and_resume_is_bitwise_identical(killed_run, tmp_path):
     d, killed = killed_run
     assert killed.returncode != 0
     assert [s for s, _ in list_checkpoints(d / "ck")] == [8, 4]
     assert not list((d / "ck").glob(".*.tmp"))  # only complete checkpoints are visible
+    shutil.copytree(d / "ck", tmp_path / "ck")  # the other tests read the killed run's directory
     resumed = run_train(
         3,
         *FLAGS,
         "--checkpoint-dir",
-        str(d / "ck"),
+        str(tmp_path / "ck"),
         "--checkpoint-every",
         "4",
         "--resume",
@@ -79,6 +82,9 @@ def test_kill_and_resume_is_bitwise_identical(killed_run):
     )
     assert "resuming from" in resumed.stderr and "ckpt-00000008.h5 at step 8" in resumed.stderr
     assert _equal(d / "reference.pt", d / "resumed.pt")
+    # the run's last step is checkpointed too (14), and --keep 3 pruned the oldest
+    assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [14, 12, 8]
+    assert verify(tmp_path / "ck" / "ckpt-00000014.h5")["reason"] == "final"
 
 
 def test_corrupt_and_incomplete_checkpoints_are_skipped(killed_run, tmp_path, caplog):
@@ -130,14 +136,15 @@ def test_resume_with_other_workers_or_model_is_refused(killed_run):
     manifest = verify(path)
     cfg = parse_args(["--resume", str(path), "--batch-size", "16"])
     counts = {"servers": 3, "data_servers": 0, "workers": 3}
-    ck = Checkpointing(cfg, None, counts, manifest["tensors"][:-1], 100)
+    ck = Checkpointing(cfg, None, counts, ShardPlan.build(manifest["tensors"][:-1], 3), manifest["module"], 100)
     why = ck._misfit(str(path), manifest)
-    assert why.startswith(f"cannot resume from {path}: the model's parameter tensors differ")
+    assert why.startswith(f"cannot resume from {path}: the model's trainable parameter tensors differ")
     assert "written by 2 workers, this job has 3" in why and "--batch-size 32, this job 16" in why
     assert "A different --servers" in why
     assert (
         Checkpointing(
-            parse_args(FLAGS), None, dict(manifest["world"]), manifest["tensors"], 14
+            parse_args(FLAGS), None, dict(manifest["world"]), ShardPlan.build(manifest["tensors"], 1),
+            manifest["module"], 14,
         )._misfit(str(path), manifest)
         is None
     )
@@ -178,3 +185,85 @@ def test_kill_and_resume_through_a_data_server_with_three_workers(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [5]
     run_train(5, *flags, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
     assert _equal(tmp_path / "reference.pt", tmp_path / "resumed.pt")
+
+
+def test_publish_never_deletes_the_checkpoint_it_just_wrote(tmp_path):
+    """A checkpoint of a lower step than the others in the directory (a run resumed from an
+    earlier one) survives its own pruning; the oldest others go."""
+    for step in (20, 40, 60):
+        (tmp_path / f"ckpt-{step:08d}.h5").write_bytes(b"x")
+    tmp = tmp_path / ".ckpt-00000010.h5.tmp"
+    tmp.write_bytes(b"new")
+    publish(tmp, tmp_path / "ckpt-00000010.h5", keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [60, 10]
+    assert (tmp_path / "ckpt-00000010.h5").read_bytes() == b"new"
+
+
+def test_a_fresh_run_refuses_a_used_checkpoint_dir_and_loses_nothing(tmp_path):
+    ck = tmp_path / "ck"
+    flags = (*FLAGS[:2], "--steps", "9", "--checkpoint-dir", str(ck), "--checkpoint-every", "4", "--keep", "2")
+    run_train(3, *flags, timeout=120, check=True)
+    assert [s for s, _ in list_checkpoints(ck)] == [9, 8]  # the last step is checkpointed too
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    again = run_train(3, *(f if f != "4" else "3" for f in flags), timeout=120)  # no --resume
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert again.stderr.count("already holds checkpoints (newest: step 9)") == 1
+    assert "add --resume" in again.stderr and "step 1/" not in again.stdout
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before  # not one byte changed
+    # resuming from an older one while newer ones are there would interleave two runs: refused
+    older = run_train(3, *flags, "--steps", "12", "--resume", str(ck / "ckpt-00000008.h5"), timeout=120)
+    assert older.returncode == 2 and "holds newer checkpoints (steps 9)" in older.stderr
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+@pytest.mark.parametrize("sync", ["asp", "ssp"])
+def test_async_run_preempted_and_resumed_reaches_the_uninterrupted_accuracy(sync, tmp_path):
+    """asp/ssp checkpoint at a consistent cut: stopped by SIGUSR1 mid-run, resumed, the run
+    still reaches the 0.95 that test_engine's uninterrupted asp/ssp runs reach, within the bound."""
+    ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    flags = ["--data-servers", "0", "--sync", sync, "--staleness", "2", "--epochs", "60",
+             "--lr-schedule", "cosine", "--checkpoint-dir", str(ck), "--checkpoint-every", "150",
+             "--stall-timeout", "20", "--log-every", "10"]
+    lines = []
+    with mpi_job(4, ["-m", "mpips.train", *flags], cwd=REPO) as proc:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 400/"):
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        proc.send_signal(signal.SIGUSR1)
+        rest, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert proc.returncode == REQUEUE_STATUS, out[-3000:]
+    found = list_checkpoints(ck)
+    assert len(found) >= 2  # periodic ones (every 150 steps of the slowest worker), then the stop
+    stop = verify(found[0][1])
+    assert stop["reason"] == "preemption" and stop["sync"] == sync
+    positions = stop["positions"]
+    assert len(positions) == 3 and min(positions) >= 400 - 3 * 40  # each worker's own next step
+    if sync == "ssp":
+        assert max(positions) - min(positions) <= 2 + 1  # the cut keeps the bound (+ the step in flight)
+    resumed = run_train(4, *flags, "--resume", "--metrics", str(metrics), timeout=240, check=True)
+    assert f"at step {stop['step']}" in resumed.stderr
+    end = [json.loads(x) for x in metrics.read_text().splitlines() if '"end"' in x][0]
+    assert end["accuracy"] >= 0.95, end["accuracy"]
+    if sync == "ssp":
+        assert end["max_staleness"] <= 2
+    assert list_checkpoints(ck)[0][0] == end["step"]  # and the last step is checkpointed
+
+
+def test_ssp_checkpoints_with_message_pulls_do_not_deadlock(tmp_path):
+    """A waiting ssp worker must see the checkpoint mark also when pulls go by messages
+    (MPICH, TCP-only Open MPI): servers answer a waiting pull once a checkpoint is open."""
+    ck = tmp_path / "ck"
+    run_train(4, "--data-servers", "0", "--sync", "ssp", "--staleness", "1", "--pull", "message",
+              "--steps", "60", "--checkpoint-dir", str(ck), "--checkpoint-every", "10",
+              "--model", "toymodels:slow_on_rank", "--stall-timeout", "20",
+              env={"PYTHONPATH": str(REPO / "tests"), "MPIPS_TEST_SLOW_RANK": "1"}, timeout=180, check=True)
+    steps = [s for s, _ in list_checkpoints(ck)]
+    assert steps[0] == 60 and len(steps) == 3  # --keep 3: the last step and two periodic ones
+    for _, path in list_checkpoints(ck)[1:]:
+        m = verify(path)
+        # the cut: at or past the mark, and the workers within the bound (+ the step in flight)
+        assert m["step"] <= min(m["positions"]) and max(m["positions"]) - min(m["positions"]) <= 1 + 1

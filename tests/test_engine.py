@@ -91,6 +91,43 @@ def test_bsp_equals_single_process_training_on_the_global_batch(optim):
 
 
 @pytest.mark.mpi(min_size=4, sizes=(4,))
+@pytest.mark.parametrize(
+    "servers, model, optim",
+    [
+        # 3 workers: frozen and never-used parameters stay where they started, as in torch
+        (1, "toymodels:frozen_and_unused", ["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "0.1"]),
+        (1, "toymodels:frozen_and_unused", ["--optimizer", "adamw", "--lr", "3e-3", "--weight-decay", "0.1"]),
+        (1, "toymodels:frozen_and_unused", ["--optimizer", "momentum", "--lr", "0.05", "--weight-decay", "0.1"]),
+        # 1 worker, 3 servers: BatchNorm's running statistics too are torch's, bit for bit
+        (3, "toymodels:frozen_unused_batchnorm", ["--optimizer", "adam", "--lr", "3e-3", "--weight-decay", "0.1"]),
+    ],
+    ids=["frozen-sgd-wd", "frozen-adamw", "frozen-momentum-wd", "batchnorm-adam-1-worker"],
+)
+def test_frozen_unused_parameters_and_buffers_train_as_in_torch(servers, model, optim):
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    out = shared_tmpdir(comm) / "final.pt"
+    flags = ["--servers", str(servers), "--data-servers", "0", "--batch-size", "16", "--steps", "30",
+             "--seed", "3", "--model", model, "--save", str(out), *optim]
+    train_in_process(comm, flags)
+    if comm.rank == 0:
+        got = torch.load(out, weights_only=True)
+        want = single_process_reference(flags, comm.size - servers)
+        start = build_model(parse_args(flags).model, open_dataset("digits", None).spec, 3).state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-5, msg=f"tensor {k}")
+        for k in ("frozen.weight", "frozen.bias", "unused.weight", "unused.bias"):
+            assert torch.equal(got[k], start[k]), k  # not one bit moved, weight decay or not
+        assert not torch.allclose(got["head.weight"], start["head.weight"], atol=1e-3)
+        if "norm.running_mean" in want:
+            assert int(got["norm.num_batches_tracked"]) == 30
+            assert not torch.allclose(got["norm.running_mean"], start["norm.running_mean"])
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=4, sizes=(4,))
 @pytest.mark.parametrize("sync, bound", [("ssp", 1), ("ssp", 3), ("asp", None)])
 def test_ssp_staleness_never_exceeds_the_bound_with_a_slow_worker(sync, bound, monkeypatch):
     from mpi4py import MPI

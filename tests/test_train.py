@@ -1,14 +1,19 @@
 """End-to-end: `mpirun -n K python -m mpips.train ...` as a user runs it (subprocess, with timeouts)."""
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from helpers import REPO, run_train
 
+from mpips.checkpoint import list_checkpoints, verify
 from mpips.config import ModelConfig
 from mpips.data import open_dataset
 from mpips.models import build_model
@@ -126,3 +131,65 @@ def test_falls_back_to_message_pulls_where_the_transport_has_no_rma(tmp_path):
     assert "no RMA windows on this MPI transport" in out.stderr
     assert "message pulls" in out.stderr
     assert float(re.search(r"held-out accuracy\s+([0-9.]+)", out.stdout).group(1)) >= 0.9
+
+
+def test_no_held_out_samples_skips_evaluation_and_still_saves_the_model(tmp_path):
+    data, save, arrays = tmp_path / "d.h5", tmp_path / "model.pt", tmp_path / "digits.npz"
+    digits = open_dataset("digits", None, data_dir=str(tmp_path))
+    np.savez(arrays, x=digits.val_x, y=digits.val_y)
+    subprocess.run([sys.executable, "-m", "mpips.data", "prepare", str(arrays), "-o", str(data),
+                    "--val-fraction", "0"], check=True, capture_output=True, timeout=120)
+    out = run_train(3, "--data", str(data), "--data-servers", "0", "--steps", "12", "--eval-every", "5",
+                    "--save", str(save), "--metrics", str(tmp_path / "m.jsonl"), timeout=120, check=True)
+    assert out.stdout.count("no held-out samples: evaluation skipped") == 1
+    assert re.search(r"^held-out accuracy\s+none \(no held-out samples\)$", out.stdout, re.M)
+    state = torch.load(save, weights_only=True)
+    assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
+    end = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["accuracy"] is None
+
+
+def _run_sh(tmp_path, *flags, np_=3):
+    """``bash jobs/run.sh *flags`` in its own session, stdout+stderr merged, as a user starts it."""
+    env = dict(os.environ, NP=str(np_), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(["bash", str(REPO / "jobs" / "run.sh"), *flags], cwd=tmp_path, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize(
+    "sig, checkpoint, status",
+    [(signal.SIGTERM, True, 75), (signal.SIGTERM, False, 143), (signal.SIGINT, False, 130)],
+    ids=["sigterm-checkpoint", "sigterm-no-checkpoint", "sigint-no-checkpoint"],
+)
+def test_a_signal_to_run_sh_stops_every_rank_and_leaves_no_orphan(sig, checkpoint, status, tmp_path):
+    """SIGTERM/SIGINT to jobs/run.sh: the job stops at its next step (checkpoint, exit 75; or a
+    clean stop, exit 128 + signal, the model saved); no rank of it is left running."""
+    tag = f"mpips-signal-test-{tmp_path.name}"  # names this job's ranks for pgrep
+    ck = tmp_path / "ck"
+    flags = ["--data-servers", "0", "--steps", "100000", "--log-every", "1", "--stall-timeout", "20",
+             "--data-dir", str(tmp_path), "--save", str(tmp_path / f"{tag}.pt")]
+    flags += ["--checkpoint-dir", str(ck)] if checkpoint else []
+    proc = _run_sh(tmp_path, *flags)
+    try:
+        lines, deadline = [], time.monotonic() + 90
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 3/"):
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines) + rest
+    assert proc.returncode == status, out[-3000:]
+    assert subprocess.run(["pgrep", "-f", tag], capture_output=True).returncode == 1  # none left
+    assert (tmp_path / f"{tag}.pt").exists()
+    if checkpoint:
+        ((step, path),) = list_checkpoints(ck)
+        assert verify(path)["reason"] == "preemption" and step >= 3
+        assert "exiting with status 75" in out
+    else:
+        assert "stopped on SIGUSR1 at step" in out and "nothing to resume from" in out

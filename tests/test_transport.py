@@ -71,7 +71,7 @@ def test_push_reaches_server_validated_and_bounded_inflight():
     comm = MPI.COMM_WORLD
     n = 1000
     if comm.rank == 1:
-        pusher = Pusher(comm, [0], [n], max_inflight=2)
+        pusher = Pusher(comm, [0], [4 * n], max_inflight=2)
         for step in range(5):
             g = np.full(n, step, dtype=np.float32)
             pusher.push(0, header(step=step, worker=0, length=4 * n), g)

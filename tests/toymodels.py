@@ -29,3 +29,34 @@ def slow_on_rank(input_shape, num_classes):
     slow = MPI.COMM_WORLD.Get_rank() == int(os.environ.get("MPIPS_TEST_SLOW_RANK", "-1"))
     cls = _Slow if slow else nn.Sequential
     return cls(nn.Flatten(), nn.Linear(n, num_classes))
+
+
+class _Awkward(nn.Module):
+    """What real models do that a plain MLP does not: a frozen layer, a submodule the forward
+    never calls (its parameters get no gradient), and, optionally, BatchNorm buffers."""
+
+    def __init__(self, n: int, num_classes: int, batchnorm: bool):
+        super().__init__()
+        self.frozen = nn.Linear(n, 24).requires_grad_(False)
+        self.norm = nn.BatchNorm1d(24) if batchnorm else nn.Identity()
+        self.unused = nn.Linear(24, 24)
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.frozen(x.flatten(1))).relu())
+
+
+def frozen_and_unused(input_shape, num_classes):
+    """A frozen first layer and a never-called submodule (no buffers)."""
+    n = 1
+    for d in input_shape:
+        n *= d
+    return _Awkward(n, num_classes, batchnorm=False)
+
+
+def frozen_unused_batchnorm(input_shape, num_classes):
+    """``frozen_and_unused`` with BatchNorm1d after the frozen layer (running stats as buffers)."""
+    n = 1
+    for d in input_shape:
+        n *= d
+    return _Awkward(n, num_classes, batchnorm=True)

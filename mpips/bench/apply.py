@@ -69,6 +69,7 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
     communicator); rank 1 plays the silent worker and returns an empty list.
     """
     from mpips.server import ParameterServer
+    from mpips.shard import ShardPlan
     from mpips.transport import Codec, ParameterWindow, PushHeader
 
     if group.Get_rank() != 0:
@@ -78,18 +79,19 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
         return []
     server = ParameterServer(
         comm=group, servers=MPI.COMM_SELF, index=0, workers=[1],
-        init=np.ones(n, dtype=np.float32), optim=OptimConfig(optimizer=kind, lr=1e-3),
+        init=np.ones(n, dtype=np.float32), plan=ShardPlan.build([("w", (n,))], 1),
+        optim=OptimConfig(optimizer=kind, lr=1e-3),
         sync="asp", total_steps=2**40, batch_size=1, pull="rma", stall_timeout=60.0,
     )
     server.start()
-    payload = np.full(n, 1e-3, dtype=np.float32).view(np.uint8)
+    payload = np.concatenate([np.full(n, 1e-3, dtype=np.float32).view(np.uint8), np.ones(1, np.uint8)])
     step = [0]
 
     def one_push() -> None:
         header = PushHeader(step=step[0], worker=0, codec=Codec.RAW32, samples=1,
                             clock_seen=step[0], length=payload.nbytes, grad_norm=1.0, loss=0.0)
-        grad = server._decode(header, payload)  # noqa: SLF001 - timing the server's own path
-        server._async_apply(0, header, grad, clock=step[0] + 1)  # noqa: SLF001
+        grad, mask = server._decode(header, payload)  # noqa: SLF001 - timing the server's own path
+        server._async_apply(0, header, grad, mask, clock=step[0] + 1)  # noqa: SLF001
         step[0] += 1
 
     try:

@@ -54,6 +54,8 @@ def mpi_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str]
     done = subprocess.run(["bash", "-c", script, "bash", str(REPO / "jobs" / "env.sh")],
                           env=dict(os.environ), capture_output=True, check=True, timeout=60)
     env = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if "=" in item)
+    # the jobs can load the test models (``--model toymodels:NAME``), as pytest's own process can
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH")) if p)
     for name, value in (overrides or {}).items():
         if value is None:
             env.pop(name, None)

@@ -1,7 +1,8 @@
 """Checkpoint and resume: kill-and-resume is bit-exact in bsp, preemption checkpoints and exits 75,
 an incomplete or corrupt checkpoint is skipped with a warning naming it, a misfit is refused.
 
-Layout: ``-n 3 --data-servers 0`` = ranks 0, 1 workers, rank 2 server 0.
+Layout: ``-n 3 --data-servers 0`` = ranks 0, 1 workers, rank 2 server 0. The model has a frozen
+layer, a layer its forward never calls and BatchNorm buffers (``tests/toymodels.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ FLAGS = (
     "3",
     "--log-every",
     "100",
+    "--model",  # a frozen layer, a never-called one and BatchNorm buffers: all must resume exactly
+    "toymodels:frozen_unused_batchnorm",
 )
 
 

@@ -33,17 +33,20 @@ def slow_on_rank(input_shape, num_classes):
 
 class _Awkward(nn.Module):
     """What real models do that a plain MLP does not: a frozen layer, a submodule the forward
-    never calls (its parameters get no gradient), and, optionally, BatchNorm buffers."""
+    never calls (its parameters get no gradient), a tied weight and, optionally, BatchNorm buffers."""
 
     def __init__(self, n: int, num_classes: int, batchnorm: bool):
         super().__init__()
         self.frozen = nn.Linear(n, 24).requires_grad_(False)
         self.norm = nn.BatchNorm1d(24) if batchnorm else nn.Identity()
         self.unused = nn.Linear(24, 24)
+        self.mid, self.tied = nn.Linear(24, 24), nn.Linear(24, 24)
+        self.tied.weight = self.mid.weight  # one parameter used twice (weight tying)
         self.head = nn.Linear(24, num_classes)
 
     def forward(self, x):
-        return self.head(self.norm(self.frozen(x.flatten(1))).relu())
+        h = self.norm(self.frozen(x.flatten(1))).relu()
+        return self.head(self.tied(self.mid(h).relu()).relu())
 
 
 def frozen_and_unused(input_shape, num_classes):

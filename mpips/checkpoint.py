@@ -151,11 +151,6 @@ def find_latest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def read_rows(path: str | Path, dataset: str, start: int, stop: int) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f[dataset][start:stop]
-
-
 @dataclass
 class Piece:
     """Rows ``start:start+len(data)`` of dataset ``name`` (full shape ``shape``), from one rank."""
@@ -267,7 +262,7 @@ class Checkpointing:
     comm: MPI.Comm  # the world until ``bind`` gives the parameter-server communicator
     layout_counts: dict[str, int]
     plan: ShardPlan | None
-    module: list[list[Any]]  # [name, shape, dtype] of each buffer and frozen parameter
+    module: list[list[Any]]  # [name, shape, dtype, kind] of each buffer and frozen parameter
     total_steps: int
     resume_path: Path | None = None
     manifest: dict[str, Any] | None = None
@@ -282,10 +277,6 @@ class Checkpointing:
     _rung: bool = False
     _next_async: int = 0
     _position: int = -1
-
-    @property
-    def first_step(self) -> int:
-        return int(self.manifest["step"]) if self.manifest else 0
 
     @property
     def enabled(self) -> bool:
@@ -594,7 +585,7 @@ class Checkpointing:
 
 
 def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
-    """[name, shape, dtype] of each tensor of a worker's module state, for the manifest."""
+    """[name, shape, dtype, "buffer" | "frozen"] of each tensor of a worker's module state, for the manifest."""
     return [[n, list(t.shape), str(t.dtype), "buffer" if _per_worker(t) else "frozen"] for n, t in state.items()]
 
 

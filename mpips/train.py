@@ -49,12 +49,16 @@ def total_steps(cfg: Config, plan: EpochPlan) -> int:
     return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
 
 
-def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
-    """Run this rank's part of the job; returns the exit status.
+def run(
+    cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None, preemption: Preemption | None = None
+) -> int:
+    """Run this rank's part of the job; returns the exit status (0; 75 or 143 after a stop).
 
     ``who`` receives this rank's role as soon as it is known, for the failure message.
+    ``preemption`` holds the stop requests of signal handlers ``main`` installed
+    (``Preemption.install()``); a script calling ``run`` keeps its own signal handling.
     """
-    preemption = Preemption.install()  # first: SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step"
+    preemption = preemption if preemption is not None else Preemption()
     dog = Watchdog(comm, cfg.train.stall_timeout, who if who is not None else {})
     rank = comm.Get_rank()
     with dog.blocking("start-up: the host names of all ranks (allgather over the world)"):
@@ -274,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = comm.Get_rank()
     who = {"role": "role not yet assigned"}
     try:
-        return run(cfg, comm, who)
+        # first: SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
+        return run(cfg, comm, who, Preemption.install())
     except (LayoutError, ConfigError, DatasetError) as exc:  # the same on every rank: say it once
         if rank == 0:
             what = "dataset" if isinstance(exc, DatasetError) else "configuration"

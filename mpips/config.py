@@ -107,6 +107,7 @@ class TrainConfig:
     staleness: int = _opt(2, "ssp: no worker runs more than this many steps ahead of the slowest")
     seed: int = _opt(0, "seeds model initialisation and the sample order")
     eval_every: int = _opt(0, "evaluate on the held-out split every N steps (0 = at the end only)")
+    final_eval: bool = _opt(True, "evaluate the final model on the held-out split (benchmarks turn it off)")
     save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
     metrics: str | None = _opt(None, "write JSON-lines events (step, eval, end) to this file")
     device: Literal["cpu", "cuda", "auto"] = _opt("cpu", "where workers compute")

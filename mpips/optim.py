@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mpips.config import OptimConfig
 
-__all__ = ["STATE_FACTOR", "build_optimizer", "lr_factor"]
+__all__ = ["STATE_FACTOR", "build_optimizer", "lr_factor", "sum_of_squares"]
 
 # optimizer state per parameter element, in units of the parameter itself
 STATE_FACTOR = {"sgd": 0.0, "momentum": 1.0, "nesterov": 1.0, "adam": 2.0, "adamw": 2.0}
@@ -53,3 +54,15 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
         span = max(1, total_steps - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / span)))
     raise ValueError(f"unknown schedule {cfg.lr_schedule!r}")
+
+
+def sum_of_squares(x: np.ndarray, block: int = 1 << 20) -> float:
+    """Sum of squares of a float32 vector, accumulated in float64 over blocks of ``block`` elements.
+
+    A float64 copy of the whole vector would cost 8 bytes per parameter on every rank.
+    """
+    total = 0.0
+    for i in range(0, x.size, block):
+        part = x[i : i + block].astype(np.float64)
+        total += float(np.dot(part, part))
+    return total

@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.config import OptimConfig
-from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor
+from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.transport import (
     Backoff,
@@ -85,6 +85,7 @@ class ParameterServer:
     def start(self) -> None:
         n = self.init.size
         self.window = ParameterWindow(self.comm, n, init=self.init)
+        self.init = None  # the window holds the values now
         self.param = torch.from_numpy(self.window.params)
         # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
         # a tensor that got no gradient in a step keeps grad None and torch.optim skips it (no
@@ -303,7 +304,7 @@ class ParameterServer:
         if samples:
             acc.div_(samples)
         if self.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
-            norm = self.servers.allreduce(float(acc.double().square().sum())) ** 0.5
+            norm = self.servers.allreduce(sum_of_squares(acc.numpy())) ** 0.5
         mark = self.checkpoints.schedule(self.window, self.servers, step + 1) if self.checkpoints else 0
         self.clocks = [step + 1] * workers
         self._apply(acc if samples else None, used, step, norm=norm, clock=step + 1)

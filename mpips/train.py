@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -25,6 +26,7 @@ from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_s
 from mpips.config import Config, ConfigError, parse_args
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
+from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
@@ -83,6 +85,7 @@ def run(
     if rank == 0:
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
+        print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
@@ -105,7 +108,11 @@ def run(
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
     try:
         if role == Role.SERVER:
-            _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog)
+            # a server keeps its shard's values only, and they become its working copy (``[...]``:
+            # no reference is left here once the server owns them)
+            init = [shard_values(model, plan, layout.index_of(rank))]
+            model = None
+            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog)
         elif role == Role.WORKER:
             _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog)
         else:
@@ -119,20 +126,40 @@ def run(
     return ckpt.exit_status()
 
 
+def _memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
+    """Expected memory of each role (``mpips.memory``), for the start-up lines and --dry-run."""
+    largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
+    per = {role: expected_bytes_per_param(role, cfg.optim.optimizer, workers, cfg.train.max_inflight,
+                                          cfg.train.sync, cfg.optim.weight_decay, largest)["total"]
+           for role in ("server", "worker")}
+    shard = max(plan.shard_numel(s) for s in range(plan.servers))
+    return (f"memory (expected, above a bare process): server {per['server']:.3g} bytes per parameter of its"
+            f" shard ({per['server'] * shard / 2**20:.1f} MiB for the largest), worker {per['worker']:.3g}"
+            f" bytes per parameter ({per['worker'] * plan.numel / 2**20:.1f} MiB) + activations")
+
+
 def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
     """Rank in the parameter-server communicator (servers + workers, world order)."""
     members = sorted(layout.servers + layout.workers)
     return members.index(world_rank)
 
 
-def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog) -> None:
+def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.ndarray:
+    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    out = np.empty(plan.shard_numel(server), dtype=np.float32)
+    for run in plan.server_pieces(server):
+        values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
+        out[run.server_offset : run.server_offset + run.length] = values.numpy()
+    return out
+
+
+def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog) -> None:
     index = layout.index_of(comms.world.Get_rank())
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).numpy()
-    lo, hi = plan.shard_range(index)
     ckpt.bind(ps_comm, "server", index)
     server = ParameterServer(
         comm=ps_comm, servers=comms.role, index=index,
-        workers=[_ps_rank(layout, r) for r in layout.workers], init=flat[lo:hi].copy(), plan=plan,
+        workers=[_ps_rank(layout, r) for r in layout.workers], init=init.pop(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
         pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt,
     )
@@ -215,13 +242,14 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
               flush=True)
         _save_model(cfg, flat)
         return
-    result = evaluate(flat.model, data.val_x, data.val_y, device)
+    result = evaluate(flat.model, data.val_x, data.val_y, device) if cfg.train.final_eval else None
     loss, acc = result if result is not None else (None, None)
+    none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     servers = worker.server_stats
     rows = {
         "steps": steps,
-        "held-out loss": "none (no held-out samples)" if loss is None else loss,
-        "held-out accuracy": "none (no held-out samples)" if acc is None else acc,
+        "held-out loss": none if loss is None else loss,
+        "held-out accuracy": none if acc is None else acc,
         "last train loss (worker 0)": stats.last_loss,
         "samples/s (all workers)": stats.samples * worker.epoch_plan.workers
         / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),

@@ -25,6 +25,7 @@ from mpips import faults
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.models import loss_and_correct
+from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.transport import (
     HEADER_BYTES,
@@ -239,7 +240,7 @@ class Worker:
                 loss = loss.detach()
             flat.before_push()
             t2 = time.perf_counter()
-            grad_norm = float(np.linalg.norm(flat.host_grad.astype(np.float64, copy=False)))
+            grad_norm = sum_of_squares(flat.host_grad) ** 0.5
             self.push(step, len(batch), clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 TINY = [
     "--reps", "2", "--warmup", "1", "--threads", "1",
     "--sizes", "1M", "--servers", "1,2",
-    "--params", "100K",
+    "--params", "100K", "--mem-params", "1M", "--mem-optimizers", "adam",
     "--models", "mlp,gpt", "--workers", "1,2", "--steps", "8", "--warmup-steps", "2",
     "--train-reps", "1", "--batch-size", "4", "--hidden", "32",
     "--gpt-layers", "1", "--gpt-width", "16", "--gpt-context", "8",
@@ -154,3 +154,15 @@ def test_ratios_pair_rows_of_the_same_model_and_worker_count():
 def test_format_table_prints_missing_values_as_dashes():
     text = format_table("t", ["a", "b"], [[1.23456, None], [12345.6, float("nan")]])
     assert "1.23" in text and "12,346" in text and text.count("-") > 2
+
+
+def test_memory_rows_give_every_role_above_a_bare_process(bench_all):
+    doc, stdout = bench_all
+    rows = doc["memory"]
+    assert sorted(r["role"] for r in rows) == ["server", "worker", "worker"]
+    for r in rows:
+        assert r["optimizer"] == "adam" and r["workers"] == 2 and 0.9e6 <= r["params"] <= 1.1e6
+        assert r["peak_rss_bytes"] > r["baseline_rss_bytes"] > 0
+        assert r["bytes_per_param"] == pytest.approx((r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / r["params"])
+        assert positive(r["expected_bytes_per_param"])
+    assert "memory: peak RSS above a bare process" in stdout

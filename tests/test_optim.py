@@ -33,3 +33,15 @@ def test_schedules():
     assert lr_factor(104, cfg, 104) == pytest.approx(0.0)
     step = OptimConfig(lr_schedule="step", step_size=10, gamma=0.5)
     assert [lr_factor(s, step, 100) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_sum_of_squares_is_the_float64_sum_whatever_the_block():
+    import numpy as np
+
+    from mpips.optim import sum_of_squares
+
+    x = np.random.default_rng(0).standard_normal(10_007).astype(np.float32) * 1e3
+    want = float(np.sum(x.astype(np.float64) ** 2))
+    for block in (1, 1000, 1 << 20):
+        assert sum_of_squares(x, block) == pytest.approx(want, rel=1e-12)
+    assert sum_of_squares(np.zeros(0, np.float32)) == 0.0

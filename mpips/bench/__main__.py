@@ -1,9 +1,9 @@
-"""``python -m mpips.bench {rma,apply,train,data,all}``: run under mpirun; rank 0 prints a table
+"""``python -m mpips.bench {rma,apply,train,memory,data,all}``: run under mpirun; rank 0 prints a table
 in which every figure stands next to its same-job baseline as a ratio, and writes ``--json FILE``.
 
 The JSON holds ``machine`` (cores, memory, MPI library, mpi4py/torch/numpy versions, torch
 threads per rank, ranks), ``settings`` (the parsed flags) and one key per benchmark run:
-``rma``, ``apply`` and ``train`` are lists of rows (see each module's docstring), ``data`` is
+``rma``, ``apply``, ``train`` and ``memory`` are lists of rows (see each module's docstring), ``data`` is
 what ``mpips.bench.data.main`` returns.
 
     mpirun -n 4 python -m mpips.bench all --json bench.json
@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from mpips.bench import apply as apply_bench
+from mpips.bench import memory as memory_bench
 from mpips.bench import rma as rma_bench
 from mpips.bench import train as train_bench
 from mpips.bench.common import BenchError, default_threads, load_average, machine_facts
@@ -30,7 +31,7 @@ from mpips.watchdog import abort_job
 
 __all__ = ["main"]
 
-BENCHMARKS = {"rma": rma_bench, "apply": apply_bench, "train": train_bench}
+BENCHMARKS = {"rma": rma_bench, "apply": apply_bench, "train": train_bench, "memory": memory_bench}
 
 
 def _data_module():
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              help="server optimizer step vs memory copy"))
     train_bench.add_arguments(sub.add_parser("train", parents=[common], formatter_class=fmt,
                                              help="end-to-end training vs DDP and Allreduce"))
+    memory_bench.add_arguments(sub.add_parser("memory", parents=[common], formatter_class=fmt,
+                                              help="peak memory per role and parameter vs a bare process"))
     sub.add_parser("data", add_help=False,
                    help="data-server throughput vs raw h5py (flags: python -m mpips.bench data -h)")
     every = sub.add_parser("all", parents=[common], formatter_class=fmt,
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     rma_bench.add_arguments(every, sizes="1M,10M,100M")
     apply_bench.add_arguments(every, params="4M")
     train_bench.add_arguments(every, steps=30, train_reps=1)
+    memory_bench.add_arguments(every, params="4M")
     every.add_argument("--data-args", default="--size-mb 32",
                        help="arguments for the data benchmark, as one string")
     return parser

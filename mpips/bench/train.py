@@ -89,7 +89,7 @@ def _config(args: argparse.Namespace, model: str, sync: str, metrics: str | None
         "--staleness", str(args.staleness), "--optimizer", args.optimizer, "--lr", str(args.lr),
         "--hidden", str(args.hidden), "--gpt-layers", str(args.gpt_layers),
         "--gpt-width", str(args.gpt_width), "--gpt-context", str(args.gpt_context),
-        "--threads", str(args.threads), "--log-every", str(10**9), "--pull", "auto",
+        "--threads", str(args.threads), "--log-every", str(10**9), "--pull", "auto", "--no-final-eval",
     ]
     if metrics:
         argv += ["--metrics", metrics]
@@ -279,6 +279,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
                             for rep in range(args.train_reps)]
                     if rank == 0:
                         rows.append(_row(args, runs, model, params, system, workers, ranks, target))
+                        _add_ratios(rows)  # against the baselines measured so far
+                        print(format_rows(rows[-1:], title=False), flush=True)  # each row as it is measured
     finally:
         if rank == 0 and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -307,8 +309,8 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
             records = _run_allreduce(cfg, sub, data)
         sub.Free()
     quiet_barrier(comm)
-    if rank == 0 and os.environ.get("MPIPS_BENCH_VERBOSE"):
-        print(f"train: {model} {system} on {ranks} ranks, run {rep}:"
+    if rank == 0:  # progress: a long benchmark says what it is doing
+        print(f"train: {model} {system} on {ranks} ranks, run {rep + 1}/{args.train_reps}:"
               f" {time.perf_counter() - t0:.1f} s", flush=True)
     return records
 
@@ -340,7 +342,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         r["efficiency"] = ratio(r["samples_per_s"], one and r["workers"] * one["samples_per_s"])
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
+def format_rows(rows: list[dict[str, Any]], title: bool = True) -> str:
     header = ["model", "params", "W", "ranks", "system", "samples/s", "±", "x DDP", "x allreduce",
               "efficiency", "to target s", "final loss"]
     table = []
@@ -353,4 +355,4 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             r["efficiency"], r["time_to_target_s"], r["final_loss"],
         ])
     return format_table("train: end-to-end samples/s (median of runs, ± = half the min-max range);"
-                        " target = mean of worker 0's last 5 losses", header, table)
+                        " target = mean of worker 0's last 5 losses" if title else "train: row", header, table)

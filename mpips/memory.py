@@ -1,0 +1,57 @@
+"""Expected memory per parameter of each role, from the buffers the engine keeps. Pure.
+
+``python -m mpips.train --dry-run`` prints these; ``python -m mpips.bench memory`` measures the
+real peak resident memory of a run next to them.
+"""
+
+from __future__ import annotations
+
+from mpips.optim import STATE_FACTOR
+
+__all__ = ["expected_bytes_per_param"]
+
+FLOAT = 4  # parameters, gradients and optimizer state are float32
+
+
+def expected_bytes_per_param(
+    role: str, optimizer: str, workers: int, max_inflight: int, sync: str = "bsp", weight_decay: float = 0.0,
+    largest_tensor_fraction: float = 0.0,
+) -> dict[str, float]:
+    """Bytes per parameter of a shard (server) or of the model (worker), by what holds them.
+
+    Args:
+        role: "server" (per element of its shard) or "worker" (per trainable parameter).
+        optimizer: the optimizer's name (its state: ``STATE_FACTOR`` floats per element).
+        workers: W, the number of workers (a server keeps one receive buffer per worker).
+        max_inflight: pushes a worker keeps in flight per server (one send buffer each).
+        sync: "bsp" adds the server's accumulator of the step's mean gradient.
+        weight_decay: non-zero adds torch.optim's temporary ``grad + wd * param``.
+        largest_tensor_fraction: the largest parameter tensor's share of all parameters.
+
+    Returns:
+        {buffer name: bytes per parameter}, plus "total". Activations and the batch are not in it.
+    """
+    if role == "server":
+        # torch.optim's single-tensor steps allocate: Adam sqrt(v) and its quotient (the
+        # denominator), nesterov its look-ahead gradient, weight decay grad + wd * param
+        temporaries = {"adam": 2, "adamw": 2, "nesterov": 1}.get(optimizer, 0)
+        temporaries += weight_decay != 0 and optimizer != "adamw"
+        parts = {
+            "working copy": FLOAT,
+            "two published versions (RMA windows)": 2 * FLOAT,
+            f"{optimizer} state": STATE_FACTOR[optimizer] * FLOAT,
+            "receive buffers (one per worker)": workers * FLOAT,
+            "bsp accumulator": FLOAT if sync == "bsp" else 0,
+            "optimizer step temporaries": temporaries * FLOAT,
+        }
+    elif role == "worker":
+        parts = {
+            "parameters": FLOAT,
+            "gradient": FLOAT,
+            "send buffers (--max-inflight)": max_inflight * FLOAT,
+            # autograd computes a tensor's gradient, then adds it into .grad (our flat buffer)
+            "backward's gradient of the largest tensor": largest_tensor_fraction * FLOAT,
+        }
+    else:
+        raise ValueError(f"no parameter memory model for role {role!r}")
+    return {**parts, "total": sum(parts.values())}

@@ -15,7 +15,9 @@
 # without cgroups: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none; with
 # SelectType=select/cons_tres and SlurmdParameters=config_overrides the node may declare more CPUs
 # than it has (MPIPS_SLURM_CPUS, default 8), so a 2-core machine takes jobs of 4-6 tasks.
-# MpiDefault=none, as in Debian's example: the job scripts choose --mpi themselves.
+# MpiDefault=none, as in Debian's example: the job scripts choose --mpi themselves. Slurm holds a
+# requeued job for AuthInfo's cred_expire + 1 s before it may start again (default 120 s, measured
+# 132 s here): cred_expire=10 and sched_interval=2 make that 11-12 s, for the tests.
 # MPIPS_SLURM_GPUS=N (default 4) declares N GPUs whose device files are links to /dev/null, so
 # that jobs asking for --gres=gpu:N are accepted (Slurm sets CUDA_VISIBLE_DEVICES); there is no GPU.
 #

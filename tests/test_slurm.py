@@ -226,6 +226,25 @@ def test_preempted_job_requeues_resumes_and_ends_as_an_uninterrupted_run(slurm: 
         assert value.dtype == resumed[name].dtype and torch.equal(value, resumed[name]), name
 
 
+def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm: Slurm, tmp_path: Path):
+    """A plain ``scancel``: SIGTERM to every task (and the batch shell), KillWait before SIGKILL.
+    mpips checkpoints within it and exits 75, but the job ends: the script does not requeue it."""
+    job = slurm.sbatch("train.sbatch", "--steps", "400", cwd=tmp_path, env={"MPIPS_CKPT_DIR": str(tmp_path / "ckpt")},
+                       options=("--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=10"))
+    log = tmp_path / f"mpips-{job}.out"
+    wait_for(log, r"^step 20/400")
+    done = slurm.run("scancel", str(job))
+    assert done.returncode == 0, done.stderr
+    info = slurm.wait(job, log)
+    text = read(log)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text
+    step = int(wait_for(log, r"^stopped on SIGTERM at step (\d+) of 400: checkpoint").group(1))
+    assert (tmp_path / "ckpt" / f"ckpt-{step:08d}.h5").exists(), text
+    assert "SIGTERM reached the batch shell: Slurm is ending the job; no requeue" in text, text
+    assert f"mpips: checkpointed in {tmp_path / 'ckpt'}, not requeued" in text, text
+    assert "requeueing" not in text, text
+
+
 def test_test_job_runs_the_suite(slurm: Slurm, tmp_path: Path):
     """test.sbatch as shipped, on a selection: every stage runs inside the allocation (mpirun for
     the mpi stage), and the stage that would start another Slurm says it did not run."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 
@@ -307,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     who = {"role": "role not yet assigned"}
     try:
         # first: SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
-        return run(cfg, comm, who, Preemption.install())
+        status = run(cfg, comm, who, Preemption.install())
+        # The run is over, and a stop request has nothing left to stop: a late SIGUSR1 (Slurm's
+        # --signal=USR1@T comes up to ~30 s late) must not kill this rank in its shutdown, where
+        # Python restores the default action, terminate, of the handlers it installed.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        return status
     except (LayoutError, ConfigError, DatasetError) as exc:  # the same on every rank: say it once
         if rank == 0:
             what = "dataset" if isinstance(exc, DatasetError) else "configuration"

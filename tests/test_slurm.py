@@ -245,6 +245,24 @@ def test_scancel_ends_the_job_with_a_checkpoint_and_no_requeue(slurm: Slurm, tmp
     assert "requeueing" not in text, text
 
 
+def test_a_late_sigusr1_does_not_fail_a_finished_job(slurm: Slurm, tmp_path: Path):
+    """``--signal=USR1@T`` comes up to ~30 s late, so it can reach a job that has just finished:
+    SIGUSR1 sent again and again from the end of training until the job is gone must not kill a
+    rank in its shutdown (Python restores the default action, terminate, of its handlers there)."""
+    job = slurm.sbatch("train.sbatch", "--steps", "30", "--save", "model.pt", cwd=tmp_path,
+                       env={"MPIPS_CKPT_DIR": str(tmp_path / "ckpt")},
+                       options=("--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=10"))
+    log = tmp_path / f"mpips-{job}.out"
+    wait_for(log, r"^saved model state_dict to model.pt$")
+    sent = 0
+    while slurm.job(job)["JobState"] == "RUNNING" and sent < 500:
+        sent += slurm.run("scancel", "--signal=USR1", str(job)).returncode == 0
+    info = slurm.wait(job, log)
+    text = read(log)
+    assert sent > 0, text
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), f"{sent} sent\n{text}"
+
+
 def test_test_job_runs_the_suite(slurm: Slurm, tmp_path: Path):
     """test.sbatch as shipped, on a selection: every stage runs inside the allocation (mpirun for
     the mpi stage), and the stage that would start another Slurm says it did not run."""

@@ -46,9 +46,17 @@ install_packages() {
     [ ${#need[@]} -eq 0 ] && return
     say "apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq || die "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >"$dir/log/apt.log" 2>&1 \
-        || die "apt-get install ${need[*]} failed: $(tail -n 5 "$dir/log/apt.log")"
+    # The packages' own daemons must not start: they would need /etc/slurm/slurm.conf (and a failed
+    # start can fail the install). Deny service starts for the install, unless a policy is set.
+    local policy=/usr/sbin/policy-rc.d ours=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
+    fi
+    local rc=0
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"; } \
+        >"$dir/log/apt.log" 2>&1 || rc=$?
+    if [ -n "$ours" ]; then rm -f "$policy"; fi
+    [ "$rc" -eq 0 ] || die "apt-get install ${need[*]} failed: $(tail -n 5 "$dir/log/apt.log")"
 }
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

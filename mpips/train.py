@@ -30,6 +30,7 @@ from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
+from mpips.text import plural
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
 
@@ -81,8 +82,8 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
-            f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
-            f" {steps} steps; sync {cfg.train.sync}; pulls by {pull}", flush=True,
+            f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"
+            f" {plural(steps, 'step')}; sync {cfg.train.sync}; pulls by {pull}", flush=True,
         )
         if layout.data_servers:
             from mpips.data.assign import DataAssignment

@@ -22,13 +22,18 @@ def test_dry_run_prints_the_role_map_or_says_why_not(nprocs, tmp_path):
     out = run_train(nprocs, "--dry-run", "--data-dir", str(tmp_path), timeout=90)
     if nprocs < 3:  # defaults: 1 server + 1 data server + at least 1 worker
         assert out.returncode == 2, out.stderr
-        assert f"{nprocs} ranks cannot hold 1 servers + 1 data servers + at least 1 worker" in out.stderr
-        assert out.stderr.count("bad configuration") == 1  # said once, by rank 0
+        rank_s = "1 rank" if nprocs == 1 else f"{nprocs} ranks"
+        assert out.stderr.splitlines()[0] == (
+            f"mpips: bad configuration: {rank_s} cannot hold 1 parameter server + 1 data server + at least 1"
+            " worker: launch with at least 3 ranks (mpirun -n 3) or lower --servers / --data-servers")
+        assert out.stderr.count("mpips:") == 1  # said once, by rank 0
         return
     assert out.returncode == 0, out.stderr[-2000:]
     roles = re.findall(r"^\s+(\d+)\s+\S+\s+(worker|server|data-server)\s", out.stdout, re.M)
     assert [int(r) for r, _ in roles] == list(range(nprocs))
     assert [role for _, role in roles].count("worker") == nprocs - 2
+    workers = "1 worker" if nprocs == 3 else f"{nprocs - 2} workers"
+    assert f"role map: {nprocs} ranks = 1 parameter server + 1 data server + {workers}\n" in out.stdout
     assert "shard plan: 6 tensors" in out.stdout and "imbalance" in out.stdout
     assert "step 1/" not in out.stdout  # a dry run trains nothing
 
@@ -80,7 +85,7 @@ def test_config_file_with_cli_override(tmp_path):
     "flags, message",
     [
         (["--lr", "-1"], "--lr must be positive"),
-        (["--servers", "4"], "4 ranks cannot hold 4 servers"),
+        (["--servers", "4"], "4 ranks cannot hold 4 parameter servers"),
         (["--model", "nosuch.module:f", "--data-servers", "0"], "cannot load factory"),
     ],
 )

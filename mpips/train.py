@@ -5,8 +5,10 @@
     mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
     srun python -m mpips.train --config run.toml            # on a Slurm allocation
 
-Any exception on any rank prints one line naming the rank, host, role and cause (the traceback
-goes to that rank's stderr) and calls MPI Abort, so the job ends instead of hanging.
+Bad input (configuration, launcher, dataset, model) is said once, in one line, and every rank
+exits with status 2 (``mpips.errors``; the traceback only with ``--debug``). Any other exception
+on any rank prints one line naming the rank, host, role and cause (the traceback goes to that
+rank's stderr) and calls MPI Abort with status 1, so the job ends instead of hanging.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption
-from mpips.config import Config, ConfigError, parse_args
-from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
-from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
+from mpips.config import Config, parse_args
+from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks
+from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.metrics import MetricsLog, Progress, format_table
-from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
+from mpips.startup import checked_model
 from mpips.text import plural
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
@@ -75,7 +78,7 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
     epoch_plan = data.plan(len(layout.workers), cfg.data.batch_size, cfg.train.seed)
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
-    model = build_model(cfg.model, data.spec, cfg.train.seed) if role != Role.DATA else None
+    model = agree(comm, lambda: checked_model(cfg, data, role != Role.DATA, rank == layout.lead_worker), dog.blocking)
     plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
     if rank == 0:
         print(layout.describe(), flush=True)
@@ -244,21 +247,23 @@ def _setup_logging(rank: int, role: Role, layout: RoleLayout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as exc:
-        print(f"mpips: bad configuration: {exc}", file=sys.stderr)
-        return 2
+    """Parse, check the launch, run this rank's role; bad input exits 2 (said once), a crash aborts."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
+    report = Reporter(comm, speaks(comm.Get_rank(), comm.Get_size(), os.environ), MPI.Get_processor_name(),
+                      debug="--debug" in argv)
     who = {"role": "role not yet assigned"}
     try:
+        try:
+            with report.quiet_unless_speaker():
+                cfg = parse_args(argv)
+        except SystemExit as exc:  # --help, printed by one rank
+            return exc.code if isinstance(exc.code, int) else 0
+        report.debug = report.debug or cfg.train.debug
+        check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
         return run(cfg, comm, who)
-    except (LayoutError, ConfigError, DatasetError) as exc:  # the same on every rank: say it once
-        if rank == 0:
-            what = "dataset" if isinstance(exc, DatasetError) else "configuration"
-            print(f"mpips: bad {what}: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except INPUT_ERRORS as exc:  # the same on every rank: said once, status 2
+        return report.bad_input(exc)
     except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
         _abort(comm, exc, who["role"])
         return 1

@@ -60,6 +60,14 @@ class DatasetHandle:
     def val_y(self) -> np.ndarray:
         return self.val.y
 
+    def sample(self, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` training samples as a worker gets them, (x, y), read without the cache."""
+        n = min(n, len(self.train))
+        if self.path is None or self.format is None:
+            return self.train.take(np.arange(n))
+        with DatasetFile(self.path) as f:
+            return self.format.to_xy(f.read_train(0, n), self.spec.input_shape[0] if self.spec.kind == "text" else 0)
+
     def plan(self, workers: int, batch_size: int, seed: int) -> EpochPlan:
         sizes = self.partitions.sizes if self.partitions is not None else None
         return EpochPlan(len(self.train), workers, batch_size, seed, sizes)

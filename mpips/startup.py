@@ -18,7 +18,7 @@ from mpips.config import Config
 from mpips.data import DatasetHandle
 from mpips.models import build_model, check_model
 
-__all__ = ["checked_model"]
+__all__ = ["checked_model", "pull_line"]
 
 
 def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) -> nn.Module | None:
@@ -41,3 +41,22 @@ def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) 
         check_model(model, torch.from_numpy(x), torch.from_numpy(y), data.spec, cfg.model.model,
                     data.path or data.name)
     return model
+
+
+def pull_line(requested: str, chosen: str, used: str) -> str:
+    """The start-up line that says how workers pull, printed once the windows have decided it.
+
+    Args:
+        requested: ``--pull`` (auto, rma or message).
+        chosen: what ``auto`` picked for this MPI library (rma or message).
+        used: what the workers use: message where the windows could not be created.
+    """
+    if used == "rma":
+        return "pulls: one-sided MPI_Get from the servers' windows (rma)"
+    if chosen == "rma":
+        why = "no RMA windows on this MPI transport"
+    elif requested == "message":
+        why = "--pull message"
+    else:
+        why = "--pull auto: this MPI library makes no one-sided progress while a server computes"
+    return f"pulls: request/reply messages that the servers answer (message; {why})"

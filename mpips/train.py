@@ -32,7 +32,7 @@ from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
-from mpips.startup import checked_model
+from mpips.startup import checked_model, pull_line
 from mpips.text import plural
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
@@ -86,7 +86,7 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"
-            f" {plural(steps, 'step')}; sync {cfg.train.sync}; pulls by {pull}", flush=True,
+            f" {plural(steps, 'step')}; sync {cfg.train.sync}", flush=True,
         )
         if layout.data_servers:
             from mpips.data.assign import DataAssignment
@@ -181,6 +181,8 @@ def _run_worker(
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
+    if lead:  # only now: the windows may have fallen back to message pulls
+        print(pull_line(cfg.train.pull, pull, worker.pull_mode), flush=True)
     ckpt.restore_worker(index)
     stats = worker.run()
     progress.close()

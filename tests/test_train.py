@@ -79,6 +79,7 @@ def test_config_file_with_cli_override(tmp_path):
     out = run_train(4, "--config", str(cfg), "--steps", "3", "--data-dir", str(tmp_path), timeout=90, check=True)
     assert "2 parameter servers + 0 data servers + 2 workers" in out.stdout
     assert re.search(r"^steps\s+3$", out.stdout, re.M)
+    assert "pulls: one-sided MPI_Get from the servers' windows (rma)\n" in out.stdout
 
 
 def test_final_parameters_are_the_same_for_one_and_two_servers(tmp_path):
@@ -114,6 +115,10 @@ def test_falls_back_to_message_pulls_where_the_transport_has_no_rma(tmp_path):
         pytest.skip("OMPI_MCA_btl selects the transport of Open MPI only")
     out = run_train(4, "--epochs", "5", "--data-dir", str(tmp_path), env={"OMPI_MCA_btl": "self,tcp"},
                     timeout=180, check=True)
-    assert "no RMA windows on this MPI transport" in out.stderr
+    assert "no RMA windows on this MPI transport (MPI_ERR_WIN: invalid window, on 3 of 3 ranks)" in out.stderr
     assert "message pulls" in out.stderr
+    # the start-up says what the windows decided, not what was asked for
+    assert "pulls by rma" not in out.stdout and "(rma)" not in out.stdout
+    assert ("pulls: request/reply messages that the servers answer (message; no RMA windows on this MPI"
+            " transport)\n") in out.stdout
     assert float(re.search(r"held-out accuracy\s+([0-9.]+)", out.stdout).group(1)) >= 0.9

@@ -22,7 +22,7 @@ import traceback
 import torch
 from mpi4py import MPI
 
-from mpips import faults
+from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption
 from mpips.config import Config, parse_args
 from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, check the launch, run this rank's role; bad input exits 2 (said once), a crash aborts."""
     argv = sys.argv[1:] if argv is None else list(argv)
     comm = MPI.COMM_WORLD
+    if MPI.get_vendor()[0] == "Open MPI" and comm.Get_size() > 1:
+        stderr_filter.install()  # a dead peer must not flood the terminal
     report = Reporter(comm, speaks(comm.Get_rank(), comm.Get_size(), os.environ), MPI.Get_processor_name(),
                       debug="--debug" in argv)
     who = {"role": "role not yet assigned"}

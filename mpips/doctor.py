@@ -592,6 +592,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--busy", type=float, default=1.0, metavar="SECONDS",
                         help="how long the RMA probe's target computes without MPI (default 1)")
+    parser.add_argument("--launcher", action="store_true",
+                        help="print only the path of the launcher (mpirun) of the MPI that mpi4py uses; "
+                             "exit status 1 when there is none (used by jobs/run.sh)")
     parser.add_argument("--rma-probe", action="store_true",
                         help="run only the passive RMA probe (2+ ranks); rank 0 prints it as JSON")
     return parser.parse_args(argv)
@@ -600,6 +603,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every check, print the report on rank 0, and return the exit status."""
     args = _parse_args(argv)
+    if args.launcher:
+        return _print_launcher()
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError) as exc:
@@ -617,6 +622,25 @@ def main(argv: list[str] | None = None) -> int:
     if comm.Get_rank() == 0:
         print(_report(findings), flush=True)
     return comm.allreduce(status, op=MPI.MAX)
+
+
+def _print_launcher() -> int:
+    """``--launcher``: which MPI mpi4py was built for needs no MPI_Init, so none is made."""
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:
+        print(f"mpips.doctor: cannot import mpi4py: {exc}", file=sys.stderr)
+        return 1
+    vendor = MPI.get_vendor()[0]
+    launcher = matching_launcher(vendor)
+    if launcher is None:
+        print(f"mpips.doctor: no mpirun of {vendor} (the MPI mpi4py uses) on PATH", file=sys.stderr)
+        return 1
+    print(launcher)
+    return 0
 
 
 if __name__ == "__main__":

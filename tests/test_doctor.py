@@ -88,6 +88,19 @@ def test_matching_launcher_is_of_the_mpi_that_mpi4py_uses(monkeypatch, versions,
     assert doctor.matching_launcher(vendor) == expected
 
 
+def test_launcher_option_prints_the_launcher_without_initialising_mpi():
+    done = subprocess.run([sys.executable, "-m", "mpips.doctor", "--launcher"], env=mpi_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    version = subprocess.run([done.stdout.strip(), "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert ("Open MPI" in version) == ("Open MPI" in _mpi4py_vendor())
+
+
+def _mpi4py_vendor() -> str:
+    code = "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; print(MPI.get_vendor()[0])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+
+
 def test_probe_result_describes_itself():
     assert ProbeResult(True, 0.0005, 1.0, 1 << 20).describe().startswith(
         "yes: a 1 MiB Get took 0.50 ms")

@@ -85,10 +85,13 @@ def install(environ: Mapping[str, str] = os.environ) -> bool:
 def main() -> None:
     """The child: stdin -> ``collapse_repeats`` -> stdout, line by line, bytes kept as they were.
 
-    It outlives the SIGTERM that ends its process's group (mpirun ending a job) to forward what
-    is left and its count of dropped lines; it ends when the pipe does, or on SIGKILL.
+    It ignores the signals a launcher sends its process's group: SIGUSR1 and SIGTERM ask the job
+    to checkpoint (a dead filter would turn the rank's next write to stderr into BrokenPipeError),
+    and after the SIGTERM that ends a job it still forwards what is left. It ends when the pipe
+    does, or on SIGKILL.
     """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGALRM):
         signal.signal(sig, signal.SIG_IGN)
     source = io.TextIOWrapper(sys.stdin.buffer, errors="surrogateescape", newline="")
     out = io.TextIOWrapper(sys.stdout.buffer, errors="surrogateescape", newline="", line_buffering=True)

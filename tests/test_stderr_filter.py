@@ -59,3 +59,22 @@ def test_filter_can_be_switched_off():
             f"os.write(2, {FLOOD.encode()!r} * 5)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == FLOOD * 5
+
+
+def test_filter_outlives_the_signals_a_launcher_sends_the_process_group():
+    """mpirun forwards SIGUSR1 (checkpoint and stop) to the rank's group: the rank must still be
+    able to write to stderr afterwards."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from mpips.stderr_filter import install\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+        "assert install()\n"
+        "time.sleep(0.5)\n"  # the child has installed its handlers
+        "os.killpg(os.getpgrp(), signal.SIGUSR1)\n"
+        "time.sleep(0.2)\n"
+        "print('still here', file=sys.stderr, flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert (done.returncode, done.stderr) == (0, "still here\n")

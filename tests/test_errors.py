@@ -169,8 +169,8 @@ FACTORY_CONTRACT = r" \(is its folder on PYTHONPATH on every node\?\)"
 
 # id, ranks, flags, environment, the one line the user sees
 CASES = [
-    ("lr", 4, ["--lr", "-1"], {}, r"mpips: bad configuration: --lr must be positive \(got -1.0\)"),
-    ("sync-choice", 4, ["--sync", "foo"], {},
+    ("lr", 3, ["--lr", "-1"], {}, r"mpips: bad configuration: --lr must be positive \(got -1.0\)"),
+    ("sync-choice", 3, ["--sync", "foo"], {},
      r"mpips: bad configuration: argument --sync: invalid choice: 'foo' \(choose from 'bsp', 'asp', 'ssp'\)"
      r" \(see python -m mpips.train --help\)"),
     ("no-module", 4, ["--model", "nosuchpkg.mod:make"], {},

@@ -208,13 +208,16 @@ class ParameterWindow:
             self._wins.append(MPI.Win.Create(self._bell_memory, 8, comm=self.comm))
         except MPI.Exception as exc:
             error = exc.Get_error_string()
-        if self.comm.allreduce(int(not error), op=MPI.MIN):
+        errors = self.comm.allgather(error)
+        if not any(errors):
             return True
         for win in self._wins:
             win.Free()
         self._wins = []
-        if error and self.comm.Get_rank() == 0:
-            log.warning("no RMA windows on this MPI transport (%s): pulls go by messages", error)
+        if self.comm.Get_rank() == 0:  # said once, whichever ranks failed
+            failed = [e for e in errors if e]
+            log.warning("no RMA windows on this MPI transport (%s, on %d of %d ranks): pulls go by messages",
+                        failed[0], len(failed), len(errors))
         return False
 
     @property

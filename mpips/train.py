@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
+from mpips.chunking import chunk_count
 from mpips.config import Config, ConfigError, parse_args
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
@@ -29,7 +30,8 @@ from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
-from mpips.shard import ShardPlan
+from mpips.shard import FLOAT_BYTES, ShardPlan
+from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
 
@@ -43,6 +45,14 @@ def choose_pull(mode: str) -> str:
     if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
         return "rma"
     return "message"
+
+
+def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
+    """How the largest shard travels, for --dry-run and the start-up lines."""
+    largest = max(plan.shard_numel(s) for s in range(plan.servers)) * FLOAT_BYTES
+    count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
+    return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
+            f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
 
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
@@ -79,6 +89,7 @@ def run(cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None) -> int:
     if rank == 0:
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
+        print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
@@ -130,7 +141,7 @@ def _run_server(cfg, layout, comms, ps_comm, plan, model, steps, pull, ckpt, dog
         comm=ps_comm, servers=comms.role, index=index,
         workers=[_ps_rank(layout, r) for r in layout.workers], init=flat[lo:hi].copy(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt,
+        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
@@ -179,7 +190,7 @@ def _run_worker(
         source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
-        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
+        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()

@@ -148,7 +148,7 @@ class ParameterServer:
         backoff, last_progress = Backoff(), time.monotonic()
         while active:
             ready = self.receiver.poll()
-            moved = bool(ready)
+            moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
             self.stats.max_queue = max(self.stats.max_queue, len(ready))
             self.window.status[Slot.QUEUE] = len(ready)
             for w, header, payload in ready:

@@ -127,14 +127,23 @@ class Backoff:
         self.delay = min(self.high, self.delay * 2)
 
 
-def wait_for(ready: Callable[[], bool], what: str | Callable[[], str], timeout: float) -> None:
+def wait_for(
+    ready: Callable[[], bool], what: str | Callable[[], str], timeout: float,
+    moved: Callable[[], bool] | None = None,
+) -> None:
     """Poll ``ready()`` with backoff until it is true; StallError after ``timeout`` seconds.
 
     ``what`` (or what it returns, called at the timeout) names the peers, window or tag waited for.
+    ``moved()``, called after each ``ready()`` that is false, says whether something advanced
+    (a chunk arrived): then the backoff and the stall clock start over, so a transfer of many
+    chunks is polled at the short interval while it flows.
     """
     backoff, start = Backoff(), time.monotonic()
     while not ready():
-        if time.monotonic() - start > timeout:
+        if moved is not None and moved():
+            backoff.reset()
+            start = time.monotonic()
+        elif time.monotonic() - start > timeout:
             since = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - start)))
             raise StallError(f"no progress for {timeout:.0f} s while waiting for"
                              f" {what() if callable(what) else what}, since {since}")
@@ -150,18 +159,26 @@ def _bytes_of(array: np.ndarray) -> np.ndarray:
 
 
 def send_chunks(
-    comm: MPI.Comm, data: np.ndarray, dest: int, tag: int, chunk_bytes: int, *, first_tag: int | None = None
+    comm: MPI.Comm, data: np.ndarray, dest: int, tag: int, chunk_bytes: int, *, first_tag: int | None = None,
+    synchronous_last: bool = False,
 ) -> list[MPI.Request]:
     """``Isend`` the bytes of ``data`` to ``dest`` in chunks, in order; one request per chunk.
 
     ``first_tag``: the tag of the first chunk, where it differs from the others' (a push).
+    ``synchronous_last``: send the last chunk with ``Issend``, whose request completes only once
+    the receiver has matched it. Chunks at or below the MPI's eager limit (4 KiB on shared
+    memory) otherwise complete as soon as they are buffered, and a sender that bounds what it has
+    in flight by completed requests would not be bounded at all.
     ``data`` must stay unchanged until every request has completed.
     """
     raw = _bytes_of(data)
-    return [
-        comm.Isend([raw[a:b], MPI.BYTE], dest=dest, tag=first_tag if a == 0 and first_tag is not None else tag)
-        for a, b in chunks(raw.size, chunk_bytes)
-    ]
+    cuts = chunks(raw.size, chunk_bytes)
+    requests = []
+    for i, (a, b) in enumerate(cuts):
+        send = comm.Issend if synchronous_last and i == len(cuts) - 1 else comm.Isend
+        chunk_tag = first_tag if i == 0 and first_tag is not None else tag
+        requests.append(send([raw[a:b], MPI.BYTE], dest=dest, tag=chunk_tag))
+    return requests
 
 
 def recv_chunks(comm: MPI.Comm, out: np.ndarray, source: int, tag: int, chunk_bytes: int) -> list[MPI.Request]:
@@ -184,9 +201,18 @@ def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_byte
 
 
 def wait_all(requests: list[MPI.Request], what: str | Callable[[], str], timeout: float = 300.0) -> None:
-    """Wait for every request with backoff; StallError naming ``what`` after ``timeout`` seconds."""
-    if requests:
-        wait_for(lambda: MPI.Request.Testall(requests), what, timeout)
+    """Wait for every request with backoff; StallError naming ``what`` after ``timeout`` seconds
+    in which none completed."""
+    left, completed = sum(r != MPI.REQUEST_NULL for r in requests), 0
+
+    def ready() -> bool:
+        nonlocal left, completed
+        done = MPI.Request.Testsome(requests)  # completed ones become REQUEST_NULL
+        completed = len(done) if done else 0
+        left -= completed
+        return done is None or left <= 0
+
+    wait_for(ready, what, timeout, moved=lambda: completed > 0)
 
 
 @dataclass(frozen=True)
@@ -419,6 +445,8 @@ class Pusher:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         """``max_payload[s]``: the largest payload in bytes that server index ``s`` is sent."""
+        if chunk_bytes < HEADER_BYTES:
+            raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
         self.comm, self.servers, self.chunk_bytes = comm, servers, chunk_bytes
         self.buffers = [
             [np.empty(HEADER_BYTES + n, dtype=np.uint8) for _ in range(max_inflight)]
@@ -452,8 +480,9 @@ class Pusher:
             at += raw.size
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
+        # the last chunk synchronous: a push counts as in flight until the server has taken it in
         requests = send_chunks(self.comm, buf[:n], self.servers[s], Tag.PUSH_DATA, self.chunk_bytes,
-                               first_tag=Tag.PUSH)
+                               first_tag=Tag.PUSH, synchronous_last=True)
         self.pending[s].append((requests, n))
         self.bytes_sent += n
 
@@ -469,6 +498,16 @@ def wait_request(req: MPI.Request, what: str = "a send to complete", timeout: fl
     return status
 
 
+@dataclass
+class _Incoming:
+    """A push whose first chunk (and header) is in; the rest is being received."""
+
+    header: PushHeader
+    requests: list[MPI.Request]  # one per chunk after the first
+    sizes: list[int]  # their expected sizes in bytes
+    left: int  # chunks still to come
+
+
 class PushReceiver:
     """Server side: the first chunk of each worker's next push is received ahead; ``poll`` returns
     the pushes that are complete.
@@ -479,13 +518,17 @@ class PushReceiver:
     """
 
     def __init__(self, comm: MPI.Comm, workers: list[int], max_payload: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if chunk_bytes < HEADER_BYTES:
+            raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
         self.comm, self.workers, self.max_payload = comm, workers, max_payload
         self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
         self.first = min(self.chunk_bytes, HEADER_BYTES + max_payload)  # bytes of a push's first chunk
         self.buffers = [np.empty(HEADER_BYTES + max_payload, dtype=np.uint8) for _ in workers]
         self.requests = [MPI.REQUEST_NULL] * len(workers)  # first chunks
-        # worker -> (validated header, requests of the rest of its push, their expected sizes)
-        self.receiving: dict[int, tuple[PushHeader, list[MPI.Request], list[int]]] = {}
+        # worker -> the push being received: validated header, a request and expected size per
+        # chunk after the first, how many of them are still to come
+        self.receiving: dict[int, _Incoming] = {}
+        self.progressed = False  # the last poll saw a chunk arrive
         self.bytes_received = 0
         for w in range(len(workers)):
             self.repost(w)
@@ -498,38 +541,47 @@ class PushReceiver:
         """Completed pushes as (worker index, validated header, payload bytes view).
 
         The caller must ``repost(w)`` once it has consumed the payload of worker ``w``.
+        ``progressed`` tells whether any chunk arrived (poll again soon).
 
         Raises:
             MalformedMessage: naming the worker, for a push that fails validation.
         """
         statuses: list[MPI.Status] = []
         done = MPI.Request.Testsome(self.requests, statuses)
+        self.progressed = bool(done)
         for w, st in zip(done or [], statuses, strict=True):
             nbytes = st.Get_count(MPI.BYTE)
             header = PushHeader.decode_first(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload,
                                              first=self.first)
             rest = self.buffers[w][nbytes : HEADER_BYTES + header.length]
             requests = recv_chunks(self.comm, rest, self.workers[w], Tag.PUSH_DATA, self.chunk_bytes)
-            self.receiving[w] = (header, requests, [b - a for a, b in chunks(rest.size, self.chunk_bytes)])
+            sizes = [b - a for a, b in chunks(rest.size, self.chunk_bytes)]
+            self.receiving[w] = _Incoming(header, requests, sizes, left=len(requests))
         out = []
         for w in sorted(self.receiving):
-            header, requests, sizes = self.receiving[w]
-            statuses = [MPI.Status() for _ in requests]
-            if requests and not MPI.Request.Testall(requests, statuses):
+            incoming = self.receiving[w]
+            if incoming.left:
+                statuses = []
+                done = MPI.Request.Testsome(incoming.requests, statuses)
+                for i, st in zip(done or [], statuses, strict=True):
+                    if st.Get_count(MPI.BYTE) != incoming.sizes[i]:
+                        raise MalformedMessage(
+                            f"malformed push from worker {w}: chunk {i + 2} of its push for step"
+                            f" {incoming.header.step} has {st.Get_count(MPI.BYTE)} bytes, expected"
+                            f" {incoming.sizes[i]} (a different --chunk-bytes?)"
+                        )
+                incoming.left -= len(done or [])
+                self.progressed |= bool(done)
+            if incoming.left:
                 continue
             del self.receiving[w]
-            for i, (got, size) in enumerate(zip((st.Get_count(MPI.BYTE) for st in statuses), sizes, strict=True)):
-                if got != size:
-                    raise MalformedMessage(
-                        f"malformed push from worker {w}: chunk {i + 2} of its push (step {header.step}) had"
-                        f" {got} bytes, expected {size} (a different --chunk-bytes?)"
-                    )
+            header = incoming.header
             self.bytes_received += HEADER_BYTES + header.length
             out.append((w, header, self.buffers[w][HEADER_BYTES : HEADER_BYTES + header.length]))
         return out
 
     def cancel(self) -> None:
-        for req in [*self.requests, *(r for _, reqs, _ in self.receiving.values() for r in reqs)]:
+        for req in [*self.requests, *(r for incoming in self.receiving.values() for r in incoming.requests)]:
             if req != MPI.REQUEST_NULL:
                 req.Cancel()
                 req.Wait()
@@ -561,6 +613,9 @@ class PullServer:
         current = self.window.published()
         status = current[:HEADER_BYTES].view(np.int64)
         clock, mark = int(status[Slot.CLOCK]), int(status[Slot.CHECKPOINT])
+        if self.sending:  # replies in flight: a chunk that completed is progress (poll again soon)
+            moved |= bool(MPI.Request.Testsome(self.sending))
+            self.sending = [r for r in self.sending if r != MPI.REQUEST_NULL]
         still = []
         for source, need in self.waiting:
             if clock >= need or mark:  # a checkpoint mark: the waiting worker must see it and join

@@ -78,3 +78,10 @@ def test_readme_documents_every_flag():
     flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     flags -= {"--help", "--config"} | {f for f in flags if f.startswith("--no-")}
     assert flags <= documented, f"flags missing from README's table: {sorted(flags - documented)}"
+
+
+@pytest.mark.parametrize("value", ["63", str(2**30 + 1)])
+def test_chunk_bytes_stay_between_a_push_header_and_1_gib(value):
+    with pytest.raises(ConfigError, match=r"--chunk-bytes must be between 64 \(a push header\) and 1073741824"):
+        parse_args(["--chunk-bytes", value])
+    assert parse_args(["--chunk-bytes", "64"]).train.chunk_bytes == 64

@@ -203,3 +203,32 @@ def test_chunked_window_and_message_pulls_read_the_whole_shard():
         assert int(status[0, Slot.VERSION]) == 1 and np.array_equal(shard, want)
     comm.Barrier()
     window.free()
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.mark.timeout(400)
+def test_a_shard_over_2_gib_is_pushed_and_pulled_intact():
+    """2**29 + 16 float32 (2 GiB + 64 bytes) through Pusher/PushReceiver, a window pull and a
+    message pull, at the default chunk size; without chunks each would be one MPI call of more than
+    2**31-1 bytes (MPI_ERR_ARG). Memory: one receive buffer on the server, no extra copies."""
+    import json
+
+    from helpers import REPO, run_mpi
+
+    if _available_gib() < 10:
+        pytest.skip(f"needs about 10 GiB of free memory (8 GiB of buffers), {_available_gib():.1f} available")
+    out = run_mpi(2, [str(REPO / "tests" / "big_shard_job.py")], timeout=360, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    shard = 2.0  # GiB
+    print(json.dumps(result))  # shown with -s or on failure: seconds per phase, peak RSS per rank
+    assert result["server"]["after_push_gib"] < shard + 0.5  # the receive buffer, nothing more
+    assert result["worker"]["after_push_gib"] < 2 * shard + 0.5  # the gradient and one send buffer
+    assert result["server"]["peak_gib"] < 3 * shard + 0.5  # the window's private copy + 2 published
+    assert result["worker"]["peak_gib"] < 2 * shard + 0.5

@@ -18,8 +18,9 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "MIN_CHUNK_BYTES", "chunk_c
 MAX_CHUNK_BYTES = 2**30
 # A push's 64-byte header travels in its first chunk (mpips.transport.HEADER_BYTES).
 MIN_CHUNK_BYTES = 64
-# Measured with window pulls, pushes and message pulls of 1 MB to 1 GB on the 2-core VM; see README
-# "How it works": from 1 MiB up, pulls and pushes run at the speed of one unchunked transfer.
+# Window pulls, message pulls and pushes of 1 MB to 1 GB between 2 ranks (README "How it works"):
+# chunks of 1 MiB to 1 GiB all ran within the noise of one call per transfer, 256 KiB lost at 1 GB.
+# 4 MiB (BytePS's choice too) costs nothing measurable and stays small enough to overlap later.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 

@@ -20,12 +20,15 @@ the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` byte
 as it always was. The server validates the header as soon as the first chunk is in, before it
 receives the rest into its buffer for that worker, and checks every chunk's length; nothing is
 applied before the whole push is in and valid (``MalformedMessage`` otherwise, naming the worker).
+The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
+server has matched it, whatever the MPI's eager limit.
 
 A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32 shard;
 a window pull ``Rget``s the status block, then the shard in chunks, under one shared lock. A
 message pull (tag ``PULL_REQUEST``, one int64: the clock needed) is answered with the same bytes
 (status block + shard) in chunks, tag ``PULL_REPLY``. The final parameters go from each server
-to the lead worker in chunks, tag ``FINAL``.
+to the lead worker in chunks, tag ``FINAL``; checkpoint pieces, where h5py has no MPI-IO, go to
+rank 0 in chunks, tag ``CHECKPOINT``.
 """
 
 from __future__ import annotations
@@ -490,12 +493,6 @@ class Pusher:
         for s, queue in enumerate(self.pending):
             while queue:
                 self._wait(s, queue.popleft()[0])
-
-
-def wait_request(req: MPI.Request, what: str = "a send to complete", timeout: float = 300.0) -> MPI.Status:
-    status = MPI.Status()
-    wait_for(lambda: req.Test(status), what, timeout)
-    return status
 
 
 @dataclass

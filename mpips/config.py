@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import tomllib
 
+from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
 __all__ = [
     "CheckpointConfig",
     "Config",
@@ -121,6 +123,11 @@ class TrainConfig:
         "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"
     )
     max_inflight: int = _opt(2, "pushes a worker may have outstanding per server")
+    chunk_bytes: int = _opt(
+        DEFAULT_CHUNK_BYTES, "largest piece of any one transfer (push, pull, final gather, checkpoint write), in"
+        f" bytes, {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} (1 GiB): no MPI call carries more, so shards over 2 GiB"
+        " train on MPI-3.1 libraries; smaller chunks cost a call each"
+    )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")
     dry_run: bool = _opt(False, "print the role map and shard plan, then exit")
@@ -173,6 +180,8 @@ class Config:
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),
             (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
+            (MIN_CHUNK_BYTES <= self.train.chunk_bytes <= MAX_CHUNK_BYTES,
+             f"--chunk-bytes must be between {MIN_CHUNK_BYTES} (a push header) and {MAX_CHUNK_BYTES} (1 GiB)"),
             (self.train.threads >= 1, "--threads must be at least 1"),
             (self.train.stall_timeout > 0, "--stall-timeout must be positive"),
             (self.checkpoint.checkpoint_every >= 0, "--checkpoint-every must be 0 or more"),

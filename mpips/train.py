@@ -25,6 +25,7 @@ from mpi4py import MPI
 
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
+from mpips.chunking import chunk_count
 from mpips.config import Config, parse_args
 from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks
@@ -33,9 +34,10 @@ from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
-from mpips.shard import ShardPlan
+from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
 from mpips.text import plural
+from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
 
@@ -49,6 +51,14 @@ def choose_pull(mode: str) -> str:
     if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
         return "rma"
     return "message"
+
+
+def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
+    """How the largest shard travels, for --dry-run and the start-up lines."""
+    largest = max(plan.shard_numel(s) for s in range(plan.servers)) * FLOAT_BYTES
+    count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
+    return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
+            f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
 
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
@@ -90,6 +100,7 @@ def run(
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
         print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
+        print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"
@@ -165,7 +176,7 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
         comm=ps_comm, servers=comms.role, index=index,
         workers=[_ps_rank(layout, r) for r in layout.workers], init=init.pop(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt,
+        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
@@ -214,7 +225,7 @@ def _run_worker(
         source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
-        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
+        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()

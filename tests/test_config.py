@@ -114,3 +114,10 @@ def test_help_states_the_factory_contract():
     for words in ("`input_shape`: a tuple of ints", "`num_classes`: an int", "only if the factory's",
                   "parameters are all float32", "`(B, num_classes)`"):
         assert words in section, words
+
+
+@pytest.mark.parametrize("value", ["63", str(2**30 + 1)])
+def test_chunk_bytes_stay_between_a_push_header_and_1_gib(value):
+    with pytest.raises(ConfigError, match=r"--chunk-bytes must be between 64 \(a push header\) and 1073741824"):
+        parse_args(["--chunk-bytes", value])
+    assert parse_args(["--chunk-bytes", "64"]).train.chunk_bytes == 64

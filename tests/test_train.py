@@ -43,6 +43,18 @@ def test_dry_run_prints_the_role_map_or_says_why_not(nprocs, tmp_path):
     assert "step 1/" not in out.stdout  # a dry run trains nothing
 
 
+def test_dry_run_takes_a_shard_over_2_gib_and_says_how_it_travels(tmp_path):
+    """One server holds a 2 GiB + 64-byte parameter: the dry run plans it and says how many
+    chunks of --chunk-bytes it moves in (each MPI call within the MPI-3.1 count limit)."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    out = run_train(2, "--dry-run", "--data-servers", "0", "--model", "bigmodels:over_2gib",
+                    "--data-dir", str(tmp_path), env={"PYTHONPATH": path}, timeout=120, check=True)
+    assert "536,871,578 parameters" in out.stdout  # 2**29 + 16, and 650 in the 64 -> 10 head
+    assert ("transfers: at most 4,194,304 bytes per MPI call (--chunk-bytes); the largest shard"
+            " (2,048.00 MiB) moves in 513 chunks per pull and per push") in out.stdout
+    assert "WARNING" not in out.stderr and "step 1/" not in out.stdout
+
+
 def test_saved_model_loads_into_plain_torch_and_reproduces_the_accuracy(tmp_path):
     save, metrics = tmp_path / "model.pt", tmp_path / "m.jsonl"
     out = run_train(4, "--servers", "2", "--data-servers", "0", "--epochs", "8", "--save", str(save),

@@ -4,6 +4,7 @@
 #   bash jobs/run.sh                          # the default job: 4 ranks, MLP on UCI digits
 #   NP=6 bash jobs/run.sh --servers 2         # any `python -m mpips.train --help` flags
 #   MPIPS_TIMEOUT=3600 bash jobs/run.sh ...   # wall-clock limit in seconds (default 900)
+#   MPIRUN=/opt/mpi/bin/mpirun bash jobs/run.sh  # this launcher (default: the one of mpi4py's MPI)
 #
 # Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGHUP to this script stop the job at its next step
 # boundary, every rank: with --checkpoint-dir it writes a checkpoint there and this script exits
@@ -21,8 +22,11 @@ source "$here/jobs/env.sh"
 
 limit=${MPIPS_TIMEOUT:-900}
 grace=${MPIPS_STOP_GRACE:-120}  # seconds from the stop request to a hard kill of the job
+# The launcher of the MPI that mpi4py was built for: Debian's plain `mpirun` is whichever MPI
+# update-alternatives picked, and under another MPI's launcher every rank runs alone.
+mpirun=${MPIRUN:-$(python -m mpips.doctor --launcher || echo mpirun)}
 set -m  # job control: mpirun gets its own process group, so Ctrl-C reaches this script, not mpirun
-mpirun -n "${NP:-4}" python -m mpips.train "$@" &
+"$mpirun" -n "${NP:-4}" python -m mpips.train "$@" &
 job=$!
 set +m
 

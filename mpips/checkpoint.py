@@ -15,7 +15,9 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
                             config, and the sha256 of every piece each rank wrote
 
 It is written collectively through MPI-IO (h5py ``driver="mpio"``) by servers and workers when
-h5py has it, else gathered to one writer; under a temporary name, renamed when complete; the
+h5py has it, else sent to one writer piece by piece; either way in slabs of at most
+``--chunk-bytes`` (HDF5 1.10's MPI-IO driver fails a single write over 2 GiB, and a message that
+large fails on MPI-3.1); under a temporary name, renamed when complete; the
 newest ``--keep`` are kept and the one just written is never deleted. A run writes one at its
 last step too. Data servers save nothing: a worker's samples are a function of its step (the
 EpochPlan is a pure, seeded plan), so they serve whatever step a worker asks for next.
@@ -48,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -64,7 +67,7 @@ from mpi4py import MPI
 from mpips import faults
 from mpips.config import Config, ConfigError
 from mpips.shard import ShardPlan
-from mpips.transport import Slot, wait_for
+from mpips.transport import DEFAULT_CHUNK_BYTES, Slot, Tag, chunks, recv_chunks, send_chunks, wait_all, wait_for
 
 __all__ = [
     "REQUEUE_STATUS",
@@ -110,7 +113,7 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array)).hexdigest()  # hashes the buffer: no copy
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -171,34 +174,81 @@ class Piece:
         }
 
 
+def slabs(shape: tuple[int, ...], itemsize: int, limit: int) -> list[tuple[int | slice, ...]]:
+    """Indices into an array of ``shape`` that cover it in order, each at most ``limit`` bytes.
+
+    Blocks of whole rows where a row fits in ``limit``, else (2-D) column ranges of one row.
+    """
+    if 0 in shape:
+        return []
+    row = itemsize * math.prod(shape[1:])  # bytes of one row (one element for 1-D)
+    if row <= limit:
+        per = limit // row * row
+        return [(slice(a // row, b // row),) for a, b in chunks(shape[0] * row, per)]
+    if len(shape) != 2:
+        raise ValueError(f"cannot cut a {shape} array into slabs of {limit} bytes")
+    per = limit // itemsize * itemsize
+    return [(r, slice(a // itemsize, b // itemsize)) for r in range(shape[0]) for a, b in chunks(row, per)]
+
+
+def _write(handle: h5py.Dataset, start: int, data: np.ndarray, chunk_bytes: int) -> None:
+    """Rows ``start:start+len(data)`` of ``handle`` := ``data``, one slab at a time."""
+    for index in slabs(data.shape, data.dtype.itemsize, chunk_bytes):
+        rows, *rest = index
+        at = slice(start + rows.start, start + rows.stop) if isinstance(rows, slice) else start + rows
+        handle[(at, *rest)] = data[index]
+
+
+def has_mpio() -> bool:
+    """Whether this h5py writes through MPI-IO (parallel HDF5)."""
+    return bool(h5py.get_config().mpi)
+
+
 def write_collective(
-    comm: MPI.Comm, path: Path, pieces: list[Piece], manifest: dict[str, Any]
+    comm: MPI.Comm, path: Path, pieces: list[Piece], manifest: dict[str, Any],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 600.0,
 ) -> None:
-    """Collective over ``comm``: write every rank's pieces and the manifest into ``path``."""
-    metas = [m for rank_metas in comm.allgather([p.meta() for p in pieces]) for m in rank_metas]
+    """Collective over ``comm``: write every rank's pieces and the manifest into ``path``.
+
+    Each piece goes in slabs of at most ``chunk_bytes``. Without MPI-IO, rank 0 writes alone: the
+    other ranks send it their pieces in chunks, one rank after another; ``timeout`` bounds a
+    sender's wait for its turn.
+    """
+    by_rank = comm.allgather([p.meta() for p in pieces])
+    metas = [m for rank_metas in by_rank for m in rank_metas]
     datasets = {m["dataset"]: (tuple(m["shape"]), m["dtype"]) for m in metas}
     manifest = dict(manifest, pieces=sorted(metas, key=lambda m: (m["dataset"], m["start"])))
     text = json.dumps(comm.bcast(manifest, root=0), sort_keys=True)
-    if h5py.get_config().mpi:
+    if has_mpio():
         with h5py.File(path, "w", driver="mpio", comm=comm) as f:
             handles = {
                 n: f.create_dataset(n, shape=s, dtype=np.dtype(d))
                 for n, (s, d) in sorted(datasets.items())
             }
             for p in pieces:
-                handles[p.name][p.start : p.start + len(p.data)] = p.data
+                _write(handles[p.name], p.start, p.data, chunk_bytes)
             f.attrs["manifest"] = text
         return
-    gathered = comm.gather(pieces, root=0)  # no MPI-IO in this h5py: one writer
-    if comm.Get_rank() == 0:
-        with h5py.File(path, "w") as f:
-            handles = {
-                n: f.create_dataset(n, shape=s, dtype=np.dtype(d))
-                for n, (s, d) in sorted(datasets.items())
-            }
-            for p in (p for rank_pieces in gathered for p in rank_pieces):
-                handles[p.name][p.start : p.start + len(p.data)] = p.data
-            f.attrs["manifest"] = text
+    # no MPI-IO in this h5py: one writer, receiving one piece at a time
+    if comm.Get_rank() != 0:
+        requests = [r for p in pieces for r in send_chunks(comm, p.data, 0, Tag.CHECKPOINT, chunk_bytes)]
+        wait_all(requests, f"rank 0 to receive this rank's checkpoint pieces for {path.name} (one writer:"
+                 " h5py without MPI-IO)", timeout)
+        return
+    with h5py.File(path, "w") as f:
+        handles = {
+            n: f.create_dataset(n, shape=s, dtype=np.dtype(d))
+            for n, (s, d) in sorted(datasets.items())
+        }
+        for p in pieces:
+            _write(handles[p.name], p.start, p.data, chunk_bytes)
+        for rank, theirs in enumerate(by_rank[1:], start=1):
+            for m in theirs:
+                data = np.empty((m["stop"] - m["start"], *m["shape"][1:]), dtype=np.dtype(m["dtype"]))
+                wait_all(recv_chunks(comm, data, rank, Tag.CHECKPOINT, chunk_bytes),
+                         f"rank {rank}'s checkpoint piece {m['dataset']}[{m['start']}:] for {path.name}", timeout)
+                _write(handles[m["dataset"]], m["start"], data, chunk_bytes)
+        f.attrs["manifest"] = text
 
 
 def publish(tmp: Path, final: Path, keep: int) -> None:
@@ -546,7 +596,8 @@ class Checkpointing:
         tmp = directory / f".{final.name}.tmp"
         ranks = comm.allgather((self.role, self.index, self._position))
         positions = [p for _, _, p in sorted(r for r in ranks if r[0] == "worker")]
-        write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions))
+        write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions),
+                         chunk_bytes=self.cfg.train.chunk_bytes)
         comm.Barrier()
         if comm.Get_rank() == 0:
             publish(tmp, final, self.cfg.checkpoint.keep)

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import tomllib
 
+from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
 __all__ = [
     "CheckpointConfig",
     "Config",
@@ -55,7 +57,13 @@ class RoleConfig:
 class ModelConfig:
     """Which network to train."""
 
-    model: str = _opt("mlp", "mlp | cnn | gpt | package.module:factory (a callable returning an nn.Module)")
+    model: str = _opt(
+        "mlp", "mlp | cnn | gpt | package.module:factory: mpips imports package.module and calls factory with"
+        " the keywords input_shape (tuple of ints, one sample's shape) and num_classes (int), each only if"
+        " the factory's signature names it; it must return an nn.Module with float32"
+        " parameters whose output for a batch of B samples has num_classes as its last dimension"
+        " (B x num_classes; text: B x T x 256)"
+    )
     hidden: int = _opt(128, "MLP hidden width")
     gpt_layers: int = _opt(2, "GPT: transformer blocks")
     gpt_width: int = _opt(128, "GPT: embedding width")
@@ -115,10 +123,18 @@ class TrainConfig:
         "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"
     )
     max_inflight: int = _opt(2, "pushes a worker may have outstanding per server")
+    chunk_bytes: int = _opt(
+        DEFAULT_CHUNK_BYTES, "largest piece of any one transfer (push, pull, final gather, checkpoint write), in"
+        f" bytes, {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} (1 GiB): no MPI call carries more, so shards over 2 GiB"
+        " train on MPI-3.1 libraries; smaller chunks cost a call each"
+    )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")
     dry_run: bool = _opt(False, "print the role map and shard plan, then exit")
     stall_timeout: float = _opt(120.0, "abort when no progress is made for this many seconds")
+    debug: bool = _opt(
+        False, "bad configuration, dataset or model: print the traceback too (a crash always prints its own)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -164,6 +180,8 @@ class Config:
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),
             (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
+            (MIN_CHUNK_BYTES <= self.train.chunk_bytes <= MAX_CHUNK_BYTES,
+             f"--chunk-bytes must be between {MIN_CHUNK_BYTES} (a push header) and {MAX_CHUNK_BYTES} (1 GiB)"),
             (self.train.threads >= 1, "--threads must be at least 1"),
             (self.train.stall_timeout > 0, "--stall-timeout must be positive"),
             (self.checkpoint.checkpoint_every >= 0, "--checkpoint-every must be 0 or more"),
@@ -176,8 +194,17 @@ class Config:
         ]
         for ok, message in checks:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(self._with_value(message))
         return self
+
+    def _with_value(self, message: str) -> str:
+        """``message``, plus the value given when it names one flag: "--lr must be positive (got -1)"."""
+        flag = message.split()[0]
+        fields = _fields()
+        name = flag[2:].replace("-", "_")
+        if not flag.startswith("--") or name not in fields or " / " in message:
+            return message
+        return f"{message} (got {getattr(getattr(self, fields[name][0]), name)!r})"
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -209,8 +236,16 @@ def _scalar_type(tp: Any) -> tuple[Any, tuple[str, ...] | None]:
     return tp, None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing its usage and exiting, so that the
+    job reports a bad flag in one line, once (``mpips.errors``), like any other bad input."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise ConfigError(f"{message} (see python -m mpips.train --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m mpips.train",
         description="Train a PyTorch model with MPI parameter servers. Launch under mpirun or srun.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

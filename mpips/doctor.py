@@ -37,7 +37,10 @@ __all__ = [
     "cuda_aware",
     "end_session",
     "find_loaded_libmpi",
+    "LauncherClaim",
+    "launcher_claim",
     "launcher_world_size",
+    "matching_launcher",
     "main",
     "rma_passive_progress",
     "run_bounded",
@@ -152,24 +155,80 @@ def cuda_aware(libmpi: str | None = None) -> bool | None:
     return bool(query())
 
 
-def launcher_world_size(environ: Mapping[str, str]) -> int | None:
-    """How many processes the launcher says it started, from the variables it sets.
+@dataclass(frozen=True)
+class LauncherClaim:
+    """What a launcher's environment variables say about this process.
 
-    A world size that differs from this means mpirun and mpi4py belong to different MPI
-    libraries: every process then initialises alone, as rank 0 of a world of one.
+    Attributes:
+        launcher: who set them, in words ("Open MPI's mpirun", "srun", ...).
+        size_var: the variable that gave the size, e.g. ``OMPI_COMM_WORLD_SIZE``.
+        size: how many processes the launcher started.
+        rank: this process's number among them, or None where the launcher set none.
+    """
+
+    launcher: str
+    size_var: str
+    size: int
+    rank: int | None
+
+
+# (size variable, rank variable, launcher), most specific first: mpirun under Slurm starts its
+# daemons with srun, so its ranks carry srun's variables too, with srun's (smaller) counts.
+_LAUNCHER_VARS = (
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "Open MPI's mpirun"),
+    ("PMI_SIZE", "PMI_RANK", "a PMI launcher (MPICH's or Intel MPI's mpiexec, srun --mpi=pmi2)"),
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "srun"),
+)
+
+
+def launcher_claim(environ: Mapping[str, str]) -> LauncherClaim | None:
+    """How many processes the launcher says it started, and which one this is.
 
     Args:
         environ: the process environment.
 
     Returns:
-        ``OMPI_COMM_WORLD_SIZE`` (Open MPI) or ``PMI_SIZE`` (MPICH, Intel MPI, srun with PMI2),
-        or None when no launcher set either.
+        From ``OMPI_COMM_WORLD_SIZE``/``_RANK`` (Open MPI), ``PMI_SIZE``/``PMI_RANK`` (MPICH, Intel
+        MPI, srun with PMI2) or ``SLURM_STEP_NUM_TASKS``/``SLURM_PROCID`` (srun), the first set;
+        None when no launcher set any.
     """
-    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        value = environ.get(name, "")
-        if value.isdigit():
-            return int(value)
+    for size_var, rank_var, launcher in _LAUNCHER_VARS:
+        size = environ.get(size_var, "")
+        if size.isdigit():
+            rank = environ.get(rank_var, environ.get("PMIX_RANK", ""))
+            return LauncherClaim(launcher, size_var, int(size), int(rank) if rank.isdigit() else None)
     return None
+
+
+def launcher_world_size(environ: Mapping[str, str]) -> int | None:
+    """How many processes the launcher says it started (``launcher_claim``), or None.
+
+    A world size that differs from this means the launcher and mpi4py belong to different MPI
+    libraries (or srun lacks the PMI plugin the MPI needs): every process then initialises
+    alone, as rank 0 of a world of one.
+    """
+    claim = launcher_claim(environ)
+    return claim.size if claim is not None else None
+
+
+def matching_launcher(vendor: str) -> str | None:
+    """The launcher of the MPI that mpi4py uses: ``mpirun`` on PATH if it is of that MPI, else the
+    MPI's own (``mpirun.mpich``, ``mpirun.openmpi`` on Debian and Ubuntu), else None.
+
+    Args:
+        vendor: ``mpi4py.MPI.get_vendor()[0]``, e.g. "Open MPI" or "MPICH".
+    """
+    for name in dict.fromkeys(("mpirun", _OWN_MPIRUN.get(vendor, "mpirun"))):
+        path = shutil.which(name)
+        version = _mpirun_version(path) if path is not None else ""
+        if version and _same_mpi(version, vendor):
+            return path
+    return None
+
+
+def _same_mpi(version: str, vendor: str) -> bool:
+    """Is an mpirun whose ``--version`` says ``version`` of the MPI ``vendor``?"""
+    return ("Open MPI" in version) == (vendor == "Open MPI")
 
 
 def rma_passive_progress(comm: Any, busy_s: float = 1.0, nbytes: int = 1 << 20) -> ProbeResult:
@@ -286,7 +345,7 @@ def _mpirun_finding(mpirun: str | None, version: str, vendor: str) -> Finding:
         return Finding("mpirun", "none on PATH", WARN, (
             "load the MPI module (or put its bin/ first on PATH); under Slurm, srun works too",))
     value = f"{mpirun}: {version or 'no --version answer'}"
-    if ("Open MPI" in version) != (vendor == "Open MPI"):
+    if not _same_mpi(version, vendor):
         return Finding("mpirun", value, WARN, (
             f"this mpirun is not of the {vendor} that mpi4py loaded: launched by it, every rank "
             "would be rank 0 of its own world. Use the matching mpirun (`module load` it) or "
@@ -533,6 +592,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--busy", type=float, default=1.0, metavar="SECONDS",
                         help="how long the RMA probe's target computes without MPI (default 1)")
+    parser.add_argument("--launcher", action="store_true",
+                        help="print only the path of the launcher (mpirun) of the MPI that mpi4py uses; "
+                             "exit status 1 when there is none (used by jobs/run.sh)")
     parser.add_argument("--rma-probe", action="store_true",
                         help="run only the passive RMA probe (2+ ranks); rank 0 prints it as JSON")
     return parser.parse_args(argv)
@@ -541,6 +603,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run every check, print the report on rank 0, and return the exit status."""
     args = _parse_args(argv)
+    if args.launcher:
+        return _print_launcher()
     try:
         from mpi4py import MPI
     except (ImportError, RuntimeError) as exc:
@@ -558,6 +622,25 @@ def main(argv: list[str] | None = None) -> int:
     if comm.Get_rank() == 0:
         print(_report(findings), flush=True)
     return comm.allreduce(status, op=MPI.MAX)
+
+
+def _print_launcher() -> int:
+    """``--launcher``: which MPI mpi4py was built for needs no MPI_Init, so none is made."""
+    try:
+        import mpi4py
+
+        mpi4py.rc.initialize = False
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:
+        print(f"mpips.doctor: cannot import mpi4py: {exc}", file=sys.stderr)
+        return 1
+    vendor = MPI.get_vendor()[0]
+    launcher = matching_launcher(vendor)
+    if launcher is None:
+        print(f"mpips.doctor: no mpirun of {vendor} (the MPI mpi4py uses) on PATH", file=sys.stderr)
+        return 1
+    print(launcher)
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from mpips.text import plural
+
 if TYPE_CHECKING:
     from mpi4py import MPI
 
@@ -62,9 +64,10 @@ class RoleLayout:
         workers = world_size - servers - data_servers
         if workers < 1:
             raise LayoutError(
-                f"{world_size} ranks cannot hold {servers} servers + {data_servers} data servers"
-                f" + at least 1 worker: launch with at least {servers + data_servers + 1} ranks"
-                " (mpirun -n N) or lower --servers / --data-servers"
+                f"{plural(world_size, 'rank')} cannot hold {plural(servers, 'parameter server')}"
+                f" + {plural(data_servers, 'data server')} + at least 1 worker: launch with at least"
+                f" {servers + data_servers + 1} ranks (mpirun -n {servers + data_servers + 1})"
+                " or lower --servers / --data-servers"
             )
         free = {h: [r for r in range(world_size) if hosts[r] == h] for h in dict.fromkeys(hosts)}
 
@@ -108,8 +111,8 @@ class RoleLayout:
     def describe(self) -> str:
         """Human-readable role map, one line per rank."""
         lines = [
-            f"role map: {self.world_size} ranks = {len(self.servers)} parameter servers"
-            f" + {len(self.data_servers)} data servers + {len(self.workers)} workers",
+            f"role map: {plural(self.world_size, 'rank')} = {plural(len(self.servers), 'parameter server')}"
+            f" + {plural(len(self.data_servers), 'data server')} + {plural(len(self.workers), 'worker')}",
             f"{'rank':>5}  {'host':<20} {'role':<12} {'index':>5} {'local':>5}",
         ]
         for r in range(self.world_size):

@@ -1,4 +1,13 @@
-"""Built-in models and loading a user's model from ``package.module:factory``. Pure torch."""
+"""Built-in models, loading a user's model from ``package.module:factory``, and the start-up check
+that a model fits its data. Pure torch.
+
+The factory contract: ``--model package.module:factory`` imports ``package.module`` and calls
+``factory`` with the keywords ``input_shape`` (tuple of ints: one sample's shape, e.g.
+``(1, 8, 8)``; text: ``(context,)`` of byte ids) and ``num_classes`` (int; text: 256), each only
+if the factory's signature names it. It must return an ``nn.Module`` with float32 parameters
+whose output for a batch of B samples ends in ``num_classes`` (``(B, num_classes)``; text:
+``(B, T, 256)``), the logits ``F.cross_entropy`` takes. Anything else is a ``ModelError``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +22,14 @@ from torch import nn
 
 from mpips.config import ModelConfig
 
-__all__ = ["ByteGPT", "DataSpec", "build_model", "loss_and_correct"]
+__all__ = ["ByteGPT", "DataSpec", "ModelError", "build_model", "check_model", "loss_and_correct"]
+
+
+class ModelError(ValueError):
+    """The model cannot be built, or does not fit the data; the message names the model and why.
+
+    Bad input, like a bad flag: the job reports it once and exits with status 2.
+    """
 
 
 @dataclass(frozen=True)
@@ -91,36 +107,102 @@ class ByteGPT(nn.Module):
 def _user_factory(path: str, spec: DataSpec) -> nn.Module:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"--model {path!r}: expected mlp, cnn, gpt or package.module:factory")
+        raise ModelError(f"--model {path!r}: expected mlp, cnn, gpt or package.module:factory")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"--model {path!r}: cannot load factory: {exc}") from exc
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while it is imported
+        raise ModelError(f"--model {path!r}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+                         " (is its folder on PYTHONPATH on every node?)") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        what = "has no" if factory is None else "has a non-callable"
+        raise ModelError(f"--model {path!r}: module {module_name} ({module.__file__}) {what} {attr!r}")
     offered = {"input_shape": spec.input_shape, "num_classes": spec.num_classes}
-    params = inspect.signature(factory).parameters
-    model = factory(**{k: v for k, v in offered.items() if k in params})
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: v for k, v in offered.items() if k in params}
+    call = f"{attr}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"--model {path!r}: {call} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {path!r}: factory returned {type(model).__name__}, not nn.Module")
+        raise ModelError(f"--model {path!r}: {call} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec, seed: int) -> nn.Module:
     """Build the model with parameters initialised from ``seed`` (same seed, same start)."""
     torch.manual_seed(seed)
+    if cfg.model in ("mlp", "cnn") and spec.kind == "text":
+        raise ModelError(f"--model {cfg.model} needs a classification dataset; for text use --model gpt")
     if cfg.model == "mlp":
         model = MLP(spec, cfg.hidden)
     elif cfg.model == "cnn":
+        if len(spec.input_shape) != 3:
+            raise ModelError(f"--model cnn needs image samples (C, H, W), the dataset's are {spec.input_shape}")
         model = CNN(spec)
     elif cfg.model == "gpt":
         if spec.kind != "text":
-            raise ValueError("--model gpt needs a text dataset (e.g. --dataset pytext)")
+            raise ModelError("--model gpt needs a text dataset (e.g. --dataset pytext)")
+        if cfg.gpt_width % cfg.gpt_heads:
+            raise ModelError(f"--gpt-width {cfg.gpt_width} must be a multiple of --gpt-heads {cfg.gpt_heads}")
         model = ByteGPT(spec.input_shape[0], cfg.gpt_layers, cfg.gpt_width, cfg.gpt_heads)
     else:
         model = _user_factory(cfg.model, spec)
-    bad = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+    named = list(model.named_parameters())
+    if not named:
+        raise ModelError(f"--model {cfg.model!r}: the model has no parameters to train")
+    bad = [n for n, p in named if p.dtype != torch.float32]
     if bad:
-        raise ValueError(f"mpips trains float32 parameters; these are not: {', '.join(bad)}")
+        raise ModelError(f"--model {cfg.model!r}: mpips trains float32 parameters; these are not:"
+                         f" {', '.join(f'{n} ({p.dtype})' for n, p in named if n in bad)} (call .float() on the model)")
     return model
+
+
+def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, name: str, where: str) -> None:
+    """Does ``model`` accept these samples and return what the loss needs? Raises ModelError if not.
+
+    One forward under ``torch.no_grad`` in eval mode (training mode is restored; no buffer such as
+    BatchNorm's running statistics moves), then the loss the workers will compute.
+
+    Args:
+        model: the freshly built model.
+        x, y: a few samples of the dataset as the workers will feed them (float32 or byte ids).
+        spec: the dataset's shape and class count.
+        name: the ``--model`` value, for the message.
+        where: the dataset, for the message (its file).
+    """
+    for pname, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ModelError(f"--model {name!r}: parameter {pname} holds NaN or Inf before training")
+    what = f"{len(x)} samples of shape {tuple(x.shape[1:])} ({x.dtype}) from {where}"
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise ModelError(f"--model {name!r} rejects {what}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"--model {name!r} returned {got} for {what}; the loss needs float logits")
+    classes = spec.num_classes
+    want = f"({len(x)}, {classes})" if spec.kind == "classification" else f"({len(x)}, {y.shape[1]}, {classes})"
+    if out.dim() < 2 or out.shape[-1] != classes or out.numel() != y.numel() * classes:
+        raise ModelError(f"--model {name!r} returned shape {tuple(out.shape)} for {what}; cross-entropy over"
+                         f" {classes} classes needs {want}: the last layer must have {classes} outputs")
+    try:
+        loss, _ = loss_and_correct(out, y)
+    except Exception as exc:
+        raise ModelError(f"--model {name!r}: the loss rejects its output for {what}: {type(exc).__name__}: {exc}"
+                         ) from exc
+    if not torch.isfinite(loss):
+        raise ModelError(f"--model {name!r}: the loss of the untrained model on {what} is {loss.item()}")
 
 
 def loss_and_correct(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

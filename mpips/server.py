@@ -2,8 +2,8 @@
 
 Lifecycle (collective steps are over the parameter-server communicator, servers + workers):
 ``start()`` creates the window (collective) -> ``serve()`` applies gradients until every worker
-has sent its stop message -> ``finish()`` gathers the final shard to the lead worker and frees
-the window (collective).
+has sent its stop message -> ``finish()`` sends the final shard to the lead worker (in chunks)
+and frees the window (collective).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mpips.config import OptimConfig
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.transport import (
+    DEFAULT_CHUNK_BYTES,
     Backoff,
     Codec,
     MalformedMessage,
@@ -31,6 +32,9 @@ from mpips.transport import (
     PushReceiver,
     Slot,
     StallError,
+    Tag,
+    send_chunks,
+    wait_all,
 )
 
 if TYPE_CHECKING:
@@ -67,24 +71,25 @@ class ParameterServer:
         batch_size: per-worker batch (samples above this in a header are rejected).
         pull: "rma" or "message".
         stall_timeout: seconds without any push before the server reports a stall.
+        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
     """
 
     def __init__(
         self, *, comm: MPI.Comm, servers: MPI.Comm, index: int, workers: list[int], init: np.ndarray,
         plan: ShardPlan, optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str,
-        stall_timeout: float, checkpoints: Checkpointing | None = None,
+        stall_timeout: float, checkpoints: Checkpointing | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
         self.init, self.plan, self.cfg, self.sync = init, plan, optim, sync
         self.total_steps, self.batch_size, self.pull_mode = total_steps, batch_size, pull
-        self.stall_timeout, self.checkpoints = stall_timeout, checkpoints
+        self.stall_timeout, self.checkpoints, self.chunk_bytes = stall_timeout, checkpoints, chunk_bytes
         self.stats = ServerStats()
         self.clocks = [0] * len(workers)  # steps each worker has completed, as received here
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         n = self.init.size
-        self.window = ParameterWindow(self.comm, n, init=self.init)
+        self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes)
         self.init = None  # the window holds the values now
         self.param = torch.from_numpy(self.window.params)
         # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
@@ -96,10 +101,12 @@ class ParameterServer:
             for r in self.runs
         ]
         self.optimizer = build_optimizer(self.pieces, self.cfg)
-        self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n + len(self.pieces))
+        self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n + len(self.pieces),
+                                     chunk_bytes=self.chunk_bytes)
         if not self.window.rma:
             self.pull_mode = "message"
-        self.pull_server = PullServer(self.comm, self.window) if self.pull_mode == "message" else None
+        self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
+                            if self.pull_mode == "message" else None)
         self.window.publish()
         mib = 4 * n / 2**20
         log.info(
@@ -142,7 +149,7 @@ class ParameterServer:
         backoff, last_progress = Backoff(), time.monotonic()
         while active:
             ready = self.receiver.poll()
-            moved = bool(ready)
+            moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
             self.stats.max_queue = max(self.stats.max_queue, len(ready))
             self.window.status[Slot.QUEUE] = len(ready)
             for w, header, payload in ready:
@@ -188,7 +195,8 @@ class ParameterServer:
         faults.at("shutdown")
         if self.pull_server is not None:
             self.pull_server.close()
-        self.comm.Gatherv(self.window.params, None, root=lead)
+        wait_all(send_chunks(self.comm, self.window.params, lead, Tag.FINAL, self.chunk_bytes),
+                 f"the lead worker (rank {lead}) to receive the final shard", self.stall_timeout)
         self.comm.gather(self.stats, root=lead)
         self.window.free()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mpips.text import plural
+
 __all__ = ["Piece", "ShardPlan", "TensorSpec"]
 
 FLOAT_BYTES = 4  # parameters travel and are stored as float32
@@ -139,8 +141,8 @@ class ShardPlan:
     def describe(self, optimizer_factor: float = 1.0) -> str:
         """Bytes per server and imbalance, for --dry-run and the start-up log."""
         lines = [
-            f"shard plan: {len(self.tensors)} tensors, {self.numel:,} parameters"
-            f" ({self.numel * FLOAT_BYTES / 2**20:.2f} MiB) over {self.servers} servers,"
+            f"shard plan: {plural(len(self.tensors), 'tensor')}, {plural(self.numel, 'parameter')}"
+            f" ({self.numel * FLOAT_BYTES / 2**20:.2f} MiB) over {plural(self.servers, 'server')},"
             f" imbalance {100 * self.imbalance():.2f}%",
             f"{'server':>6} {'elements':>12} {'MiB':>9} {'with optimizer state':>21} {'tensors':>8}",
         ]

@@ -5,8 +5,10 @@
     mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
     srun python -m mpips.train --config run.toml            # on a Slurm allocation
 
-Any exception on any rank prints one line naming the rank, host, role and cause (the traceback
-goes to that rank's stderr) and calls MPI Abort, so the job ends instead of hanging.
+Bad input (configuration, launcher, dataset, model) is said once, in one line, and every rank
+exits with status 2 (``mpips.errors``; the traceback only with ``--debug``). Any other exception
+on any rank prints one line naming the rank, host, role and cause (the traceback goes to that
+rank's stderr) and calls MPI Abort with status 1, so the job ends instead of hanging.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips import faults
+from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
-from mpips.config import Config, ConfigError, parse_args
-from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
-from mpips.layout import LayoutError, Role, RoleComms, RoleLayout
+from mpips.chunking import chunk_count
+from mpips.config import Config, parse_args
+from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks
+from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
-from mpips.models import build_model
 from mpips.optim import STATE_FACTOR
 from mpips.server import ParameterServer
-from mpips.shard import ShardPlan
+from mpips.shard import FLOAT_BYTES, ShardPlan
+from mpips.startup import checked_model, pull_line
+from mpips.text import plural
+from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
 
@@ -46,6 +52,14 @@ def choose_pull(mode: str) -> str:
     if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
         return "rma"
     return "message"
+
+
+def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
+    """How the largest shard travels, for --dry-run and the start-up lines."""
+    largest = max(plan.shard_numel(s) for s in range(plan.servers)) * FLOAT_BYTES
+    count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
+    return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
+            f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
 
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
@@ -81,16 +95,17 @@ def run(
     epoch_plan = data.plan(len(layout.workers), cfg.data.batch_size, cfg.train.seed)
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
-    model = build_model(cfg.model, data.spec, cfg.train.seed) if role != Role.DATA else None
+    model = agree(comm, lambda: checked_model(cfg, data, role != Role.DATA, rank == layout.lead_worker), dog.blocking)
     plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
     if rank == 0:
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
         print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
+        print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
-            f" {epoch_plan.steps_per_epoch} steps per epoch of {epoch_plan.global_batch};"
-            f" {steps} steps; sync {cfg.train.sync}; pulls by {pull}", flush=True,
+            f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"
+            f" {plural(steps, 'step')}; sync {cfg.train.sync}", flush=True,
         )
         if layout.data_servers:
             from mpips.data.assign import DataAssignment
@@ -162,7 +177,7 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
         comm=ps_comm, servers=comms.role, index=index,
         workers=[_ps_rank(layout, r) for r in layout.workers], init=init.pop(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt,
+        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
@@ -211,10 +226,12 @@ def _run_worker(
         source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
-        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None,
+        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
+    if lead:  # only now: the windows may have fallen back to message pulls
+        print(pull_line(cfg.train.pull, pull, worker.pull_mode), flush=True)
     resumed = ckpt.worker_state(worker.state_dict())
     if resumed is not None:
         worker.load_state_dict(resumed)
@@ -298,27 +315,31 @@ def _setup_logging(rank: int, role: Role, layout: RoleLayout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except ConfigError as exc:
-        print(f"mpips: bad configuration: {exc}", file=sys.stderr)
-        return 2
+    """Parse, check the launch, run this rank's role; bad input exits 2 (said once), a crash aborts."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
+    if MPI.get_vendor()[0] == "Open MPI" and comm.Get_size() > 1:
+        stderr_filter.install()  # a dead peer must not flood the terminal
+    report = Reporter(comm, speaks(comm.Get_rank(), comm.Get_size(), os.environ), MPI.Get_processor_name(),
+                      debug="--debug" in argv)
     who = {"role": "role not yet assigned"}
     try:
-        # first: SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
+        try:
+            with report.quiet_unless_speaker():
+                cfg = parse_args(argv)
+        except SystemExit as exc:  # --help, printed by one rank
+            return exc.code if isinstance(exc.code, int) else 0
+        report.debug = report.debug or cfg.train.debug
+        check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
+        # SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
         status = run(cfg, comm, who, Preemption.install())
         # The run is over, and a stop request has nothing left to stop: a late SIGUSR1 (Slurm's
         # --signal=USR1@T comes up to ~30 s late) must not kill this rank in its shutdown, where
         # Python restores the default action, terminate, of the handlers it installed.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         return status
-    except (LayoutError, ConfigError, DatasetError) as exc:  # the same on every rank: say it once
-        if rank == 0:
-            what = "dataset" if isinstance(exc, DatasetError) else "configuration"
-            print(f"mpips: bad {what}: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except INPUT_ERRORS as exc:  # the same on every rank: said once, status 2
+        return report.bad_input(exc)
     except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
         _abort(comm, exc, who["role"])
         return 1

@@ -3,9 +3,32 @@
 Roles call these classes and never MPI point-to-point or RMA directly. Buffers are plain,
 contiguous numpy arrays (host memory), so other buffer kinds can replace them later.
 
-Wire format of a push (one message, tag PUSH): a 64-byte header (``PushHeader``) followed by
-``length`` payload bytes (the gradient slice for one server, encoded by ``codec``). A window
-holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32 shard.
+Chunks. No MPI call here moves more than ``chunk_bytes`` bytes (``--chunk-bytes``, capped at
+``MAX_CHUNK_BYTES``, 1 GiB; see ``mpips.chunking``): Open MPI 4.1 is MPI-3.1, whose counts are C
+ints, so one call of more than 2**31-1 elements fails. Every transfer goes through
+``send_chunks`` / ``recv_chunks`` / ``get_chunks``, which cut a buffer's bytes with
+``chunks(nbytes, chunk_bytes)`` into consecutive ranges of ``chunk_bytes`` (the last shorter)
+and move each range as bytes (``MPI.BYTE``) with one call. MPI keeps the messages of one
+sender, tag and communicator in order, so the chunks of a transfer need no sequence numbers;
+sender and receiver cut with the same ``chunk_bytes`` (one setting for the whole job).
+
+Wire format of a push (worker -> server): the bytes of a 64-byte header (``PushHeader``)
+followed by ``length`` payload bytes (for ``Codec.RAW32``: the float32 gradient slice of the
+server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient),
+cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
+the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` bytes is one message,
+as it always was. The server validates the header as soon as the first chunk is in, before it
+receives the rest into its buffer for that worker, and checks every chunk's length; nothing is
+applied before the whole push is in and valid (``MalformedMessage`` otherwise, naming the worker).
+The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
+server has matched it, whatever the MPI's eager limit.
+
+A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32 shard;
+a window pull ``Rget``s the status block, then the shard in chunks, under one shared lock. A
+message pull (tag ``PULL_REQUEST``, one int64: the clock needed) is answered with the same bytes
+(status block + shard) in chunks, tag ``PULL_REPLY``. The final parameters go from each server
+to the lead worker in chunks, tag ``FINAL``; checkpoint pieces, where h5py has no MPI-IO, go to
+rank 0 in chunks, tag ``CHECKPOINT``.
 """
 
 from __future__ import annotations
@@ -22,9 +45,12 @@ import numpy as np
 from mpi4py import MPI
 
 from mpips import faults
+from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, chunks
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
     "HEADER_BYTES",
+    "MAX_CHUNK_BYTES",
     "Backoff",
     "Codec",
     "MalformedMessage",
@@ -37,6 +63,11 @@ __all__ = [
     "Slot",
     "StallError",
     "Tag",
+    "chunks",
+    "get_chunks",
+    "recv_chunks",
+    "send_chunks",
+    "wait_all",
     "wait_for",
 ]
 
@@ -51,6 +82,9 @@ class Tag(IntEnum):
     PUSH = 11
     PULL_REQUEST = 12
     PULL_REPLY = 13
+    PUSH_DATA = 14  # the chunks of a push after its first (which has tag PUSH and the header)
+    FINAL = 15  # server -> lead worker at shutdown: the final shard
+    CHECKPOINT = 16  # rank -> rank 0: checkpoint pieces, where h5py has no MPI-IO
     DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
     DATA = 22  # data server -> worker: the samples
 
@@ -96,18 +130,92 @@ class Backoff:
         self.delay = min(self.high, self.delay * 2)
 
 
-def wait_for(ready: Callable[[], bool], what: str | Callable[[], str], timeout: float) -> None:
+def wait_for(
+    ready: Callable[[], bool], what: str | Callable[[], str], timeout: float,
+    moved: Callable[[], bool] | None = None,
+) -> None:
     """Poll ``ready()`` with backoff until it is true; StallError after ``timeout`` seconds.
 
     ``what`` (or what it returns, called at the timeout) names the peers, window or tag waited for.
+    ``moved()``, called after each ``ready()`` that is false, says whether something advanced
+    (a chunk arrived): then the backoff and the stall clock start over, so a transfer of many
+    chunks is polled at the short interval while it flows.
     """
     backoff, start = Backoff(), time.monotonic()
     while not ready():
-        if time.monotonic() - start > timeout:
+        if moved is not None and moved():
+            backoff.reset()
+            start = time.monotonic()
+        elif time.monotonic() - start > timeout:
             since = time.strftime("%H:%M:%S", time.localtime(time.time() - (time.monotonic() - start)))
             raise StallError(f"no progress for {timeout:.0f} s while waiting for"
                              f" {what() if callable(what) else what}, since {since}")
         backoff.wait()
+
+
+# -- chunked transfers: the only MPI calls that move shards ---------------------------------------
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """A uint8 view (no copy) of a C-contiguous array."""
+    if not array.flags.c_contiguous:
+        raise ValueError("chunked transfers need C-contiguous buffers")
+    return array.reshape(-1).view(np.uint8)
+
+
+def send_chunks(
+    comm: MPI.Comm, data: np.ndarray, dest: int, tag: int, chunk_bytes: int, *, first_tag: int | None = None,
+    synchronous_last: bool = False,
+) -> list[MPI.Request]:
+    """``Isend`` the bytes of ``data`` to ``dest`` in chunks, in order; one request per chunk.
+
+    ``first_tag``: the tag of the first chunk, where it differs from the others' (a push).
+    ``synchronous_last``: send the last chunk with ``Issend``, whose request completes only once
+    the receiver has matched it. Chunks at or below the MPI's eager limit (4 KiB on shared
+    memory) otherwise complete as soon as they are buffered, and a sender that bounds what it has
+    in flight by completed requests would not be bounded at all.
+    ``data`` must stay unchanged until every request has completed.
+    """
+    raw = _bytes_of(data)
+    cuts = chunks(raw.size, chunk_bytes)
+    requests = []
+    for i, (a, b) in enumerate(cuts):
+        send = comm.Issend if synchronous_last and i == len(cuts) - 1 else comm.Isend
+        chunk_tag = first_tag if i == 0 and first_tag is not None else tag
+        requests.append(send([raw[a:b], MPI.BYTE], dest=dest, tag=chunk_tag))
+    return requests
+
+
+def recv_chunks(comm: MPI.Comm, out: np.ndarray, source: int, tag: int, chunk_bytes: int) -> list[MPI.Request]:
+    """``Irecv`` into the bytes of ``out`` from ``source`` in chunks, as ``send_chunks`` cut them."""
+    raw = _bytes_of(out)
+    return [comm.Irecv([raw[a:b], MPI.BYTE], source=source, tag=tag) for a, b in chunks(raw.size, chunk_bytes)]
+
+
+def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_bytes: int) -> list[MPI.Request]:
+    """``Rget`` bytes ``disp .. disp + out.nbytes`` of ``target``'s window into ``out``, in chunks.
+
+    Call inside a passive-target epoch (a lock on ``target``); the window's disp_unit must be 1.
+    Displacements are MPI_Aint, so windows over 2 GiB are fine (measured: Open MPI 4.1).
+    """
+    raw = _bytes_of(out)
+    return [
+        win.Rget([raw[a:b], MPI.BYTE], target, (disp + a, b - a, MPI.BYTE))
+        for a, b in chunks(raw.size, chunk_bytes)
+    ]
+
+
+def wait_all(requests: list[MPI.Request], what: str | Callable[[], str], timeout: float = 300.0) -> None:
+    """Wait for every request with backoff; StallError naming ``what`` after ``timeout`` seconds
+    in which none completed."""
+    left, completed = sum(r != MPI.REQUEST_NULL for r in requests), 0
+
+    def ready() -> bool:
+        nonlocal left, completed
+        done = MPI.Request.Testsome(requests)  # completed ones become REQUEST_NULL
+        completed = len(done) if done else 0
+        left -= completed
+        return done is None or left <= 0
+
+    wait_for(ready, what, timeout, moved=lambda: completed > 0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +263,21 @@ class PushHeader:
             raise MalformedMessage(f"malformed push from worker {worker}: " + "; ".join(problems))
         return cls(step, w, codec, samples, clock, length, norm, loss, applied)
 
+    @classmethod
+    def decode_first(cls, buf: np.ndarray, nbytes: int, *, worker: int, max_payload: int, first: int) -> PushHeader:
+        """Parse and validate the first chunk of a push: ``nbytes`` received, at most ``first``.
+
+        A full first chunk whose header announces more payload than it holds starts a longer
+        push: every field is checked as ``decode`` checks it, the length against ``max_payload``
+        (the receiver then checks the size of every chunk that follows). Anything else is a
+        whole push and goes through ``decode``.
+        """
+        if nbytes == first and nbytes >= HEADER_BYTES:
+            length = cls._FORMAT.unpack_from(buf, 0)[7]
+            if nbytes < HEADER_BYTES + length <= HEADER_BYTES + max_payload:
+                return cls.decode(buf, HEADER_BYTES + length, worker=worker, max_payload=max_payload)
+        return cls.decode(buf, nbytes, worker=worker, max_payload=max_payload)
+
 
 class ParameterWindow:
     """A server's shard, published to workers through two RMA windows (a versioned double buffer).
@@ -172,9 +295,12 @@ class ParameterWindow:
     collective over ``comm``.
     """
 
-    def __init__(self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None):
+    def __init__(
+        self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         """``init``: the shard's initial values; a contiguous float32 vector becomes the working copy."""
-        self.comm = comm
+        self.comm, self.chunk_bytes = comm, chunk_bytes
         n = shard_elements
         # server's working copy: ``init`` itself where it is a float32 vector (no second copy);
         # set before the windows exist, so no pull can see uninitialised memory
@@ -208,13 +334,16 @@ class ParameterWindow:
             self._wins.append(MPI.Win.Create(self._bell_memory, 8, comm=self.comm))
         except MPI.Exception as exc:
             error = exc.Get_error_string()
-        if self.comm.allreduce(int(not error), op=MPI.MIN):
+        errors = self.comm.allgather(error)
+        if not any(errors):
             return True
         for win in self._wins:
             win.Free()
         self._wins = []
-        if error and self.comm.Get_rank() == 0:
-            log.warning("no RMA windows on this MPI transport (%s): pulls go by messages", error)
+        if self.comm.Get_rank() == 0:  # said once, whichever ranks failed
+            failed = [e for e in errors if e]
+            log.warning("no RMA windows on this MPI transport (%s, on %d of %d ranks): pulls go by messages",
+                        failed[0], len(failed), len(errors))
         return False
 
     @property
@@ -261,7 +390,8 @@ class ParameterWindow:
         both = np.empty((len(targets), 2, HEADER_BYTES // 8), dtype=np.int64)
         for b in (0, 1):
             self._lock_all(targets, [b] * len(targets))
-            reqs = [self.wins[b].Rget(both[i, b], t, (0, HEADER_BYTES, MPI.BYTE)) for i, t in enumerate(targets)]
+            reqs = [r for i, t in enumerate(targets)
+                    for r in get_chunks(self.wins[b], both[i, b], t, 0, self.chunk_bytes)]
             MPI.Request.Waitall(reqs)
             self._unlock_all(targets, [b] * len(targets))
         newest = [int(np.argmax(both[i, :, Slot.VERSION])) for i in range(len(targets))]
@@ -283,8 +413,8 @@ class ParameterWindow:
         self._lock_all(targets, which)
         reqs = []
         for i, (t, b) in enumerate(zip(targets, which, strict=True)):
-            reqs.append(self.wins[b].Rget(status[i], t, (0, HEADER_BYTES, MPI.BYTE)))
-            reqs.append(self.wins[b].Rget(shards[i], t, (HEADER_BYTES, 4 * shards[i].size, MPI.BYTE)))
+            reqs += get_chunks(self.wins[b], status[i], t, 0, self.chunk_bytes)
+            reqs += get_chunks(self.wins[b], shards[i], t, HEADER_BYTES, self.chunk_bytes)
         MPI.Request.Waitall(reqs)
         self._unlock_all(targets, which)
 
@@ -322,22 +452,30 @@ class ParameterWindow:
 class Pusher:
     """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server."""
 
-    def __init__(self, comm: MPI.Comm, servers: list[int], max_payload: list[int], max_inflight: int):
+    def __init__(
+        self, comm: MPI.Comm, servers: list[int], max_payload: list[int], max_inflight: int,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         """``max_payload[s]``: the largest payload in bytes that server index ``s`` is sent."""
-        self.comm, self.servers = comm, servers
+        if chunk_bytes < HEADER_BYTES:
+            raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
+        self.comm, self.servers, self.chunk_bytes = comm, servers, chunk_bytes
         self.buffers = [
             [np.empty(HEADER_BYTES + n, dtype=np.uint8) for _ in range(max_inflight)]
             for n in max_payload
         ]
-        self.pending: list[deque[tuple[MPI.Request, int]]] = [deque() for _ in servers]
+        # per server, the pushes in flight: (one request per chunk, bytes)
+        self.pending: list[deque[tuple[list[MPI.Request], int]]] = [deque() for _ in servers]
         self.next_slot = [0] * len(servers)
         self.bytes_sent = 0
+
+    def _wait(self, s: int, requests: list[MPI.Request]) -> None:
+        wait_all(requests, f"a push to server index {s} (rank {self.servers[s]}) to be received")
 
     def _free_slot(self, s: int) -> np.ndarray:
         queue = self.pending[s]
         if len(queue) == len(self.buffers[s]):
-            req, _ = queue.popleft()
-            wait_request(req)
+            self._wait(s, queue.popleft()[0])
         slot = self.next_slot[s]
         self.next_slot[s] = (slot + 1) % len(self.buffers[s])
         return self.buffers[s][slot]
@@ -354,68 +492,118 @@ class Pusher:
             at += raw.size
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
-        req = self.comm.Isend(buf[:n], dest=self.servers[s], tag=Tag.PUSH)
-        self.pending[s].append((req, n))
+        # the last chunk synchronous: a push counts as in flight until the server has taken it in
+        requests = send_chunks(self.comm, buf[:n], self.servers[s], Tag.PUSH_DATA, self.chunk_bytes,
+                               first_tag=Tag.PUSH, synchronous_last=True)
+        self.pending[s].append((requests, n))
         self.bytes_sent += n
 
     def drain(self) -> None:
-        for queue in self.pending:
+        for s, queue in enumerate(self.pending):
             while queue:
-                wait_request(queue.popleft()[0])
+                self._wait(s, queue.popleft()[0])
 
 
-def wait_request(req: MPI.Request, what: str = "a send to complete", timeout: float = 300.0) -> MPI.Status:
-    status = MPI.Status()
-    wait_for(lambda: req.Test(status), what, timeout)
-    return status
+@dataclass
+class _Incoming:
+    """A push whose first chunk (and header) is in; the rest is being received."""
+
+    header: PushHeader
+    requests: list[MPI.Request]  # one per chunk after the first
+    sizes: list[int]  # their expected sizes in bytes
+    left: int  # chunks still to come
 
 
 class PushReceiver:
-    """Server side: one receive posted ahead per worker; ``poll`` returns the ready ones."""
+    """Server side: the first chunk of each worker's next push is received ahead; ``poll`` returns
+    the pushes that are complete.
 
-    def __init__(self, comm: MPI.Comm, workers: list[int], max_payload: int):
+    One receive buffer per worker, as large as the largest push (header + ``max_payload``). When a
+    first chunk arrives its header is validated, then the rest of the push is received into the
+    same buffer, chunk by chunk (all posted at once; MPI keeps them in order).
+    """
+
+    def __init__(self, comm: MPI.Comm, workers: list[int], max_payload: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if chunk_bytes < HEADER_BYTES:
+            raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
         self.comm, self.workers, self.max_payload = comm, workers, max_payload
+        self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
+        self.first = min(self.chunk_bytes, HEADER_BYTES + max_payload)  # bytes of a push's first chunk
         self.buffers = [np.empty(HEADER_BYTES + max_payload, dtype=np.uint8) for _ in workers]
-        self.requests = [MPI.REQUEST_NULL] * len(workers)
+        self.requests = [MPI.REQUEST_NULL] * len(workers)  # first chunks
+        # worker -> the push being received: validated header, a request and expected size per
+        # chunk after the first, how many of them are still to come
+        self.receiving: dict[int, _Incoming] = {}
+        self.progressed = False  # the last poll saw a chunk arrive
         self.bytes_received = 0
         for w in range(len(workers)):
             self.repost(w)
 
     def repost(self, w: int) -> None:
-        self.requests[w] = self.comm.Irecv(self.buffers[w], source=self.workers[w], tag=Tag.PUSH)
+        self.requests[w] = self.comm.Irecv([self.buffers[w][: self.first], MPI.BYTE], source=self.workers[w],
+                                           tag=Tag.PUSH)
 
     def poll(self) -> list[tuple[int, PushHeader, np.ndarray]]:
         """Completed pushes as (worker index, validated header, payload bytes view).
 
         The caller must ``repost(w)`` once it has consumed the payload of worker ``w``.
+        ``progressed`` tells whether any chunk arrived (poll again soon).
+
+        Raises:
+            MalformedMessage: naming the worker, for a push that fails validation.
         """
         statuses: list[MPI.Status] = []
         done = MPI.Request.Testsome(self.requests, statuses)
-        out = []
+        self.progressed = bool(done)
         for w, st in zip(done or [], statuses, strict=True):
             nbytes = st.Get_count(MPI.BYTE)
-            self.bytes_received += nbytes
-            header = PushHeader.decode(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload)
+            header = PushHeader.decode_first(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload,
+                                             first=self.first)
+            rest = self.buffers[w][nbytes : HEADER_BYTES + header.length]
+            requests = recv_chunks(self.comm, rest, self.workers[w], Tag.PUSH_DATA, self.chunk_bytes)
+            sizes = [b - a for a, b in chunks(rest.size, self.chunk_bytes)]
+            self.receiving[w] = _Incoming(header, requests, sizes, left=len(requests))
+        out = []
+        for w in sorted(self.receiving):
+            incoming = self.receiving[w]
+            if incoming.left:
+                statuses = []
+                done = MPI.Request.Testsome(incoming.requests, statuses)
+                for i, st in zip(done or [], statuses, strict=True):
+                    if st.Get_count(MPI.BYTE) != incoming.sizes[i]:
+                        raise MalformedMessage(
+                            f"malformed push from worker {w}: chunk {i + 2} of its push for step"
+                            f" {incoming.header.step} has {st.Get_count(MPI.BYTE)} bytes, expected"
+                            f" {incoming.sizes[i]} (a different --chunk-bytes?)"
+                        )
+                incoming.left -= len(done or [])
+                self.progressed |= bool(done)
+            if incoming.left:
+                continue
+            del self.receiving[w]
+            header = incoming.header
+            self.bytes_received += HEADER_BYTES + header.length
             out.append((w, header, self.buffers[w][HEADER_BYTES : HEADER_BYTES + header.length]))
         return out
 
     def cancel(self) -> None:
-        for req in self.requests:
+        for req in [*self.requests, *(r for incoming in self.receiving.values() for r in incoming.requests)]:
             if req != MPI.REQUEST_NULL:
                 req.Cancel()
                 req.Wait()
+        self.receiving.clear()
 
 
 class PullServer:
     """Server side of message-based pulls, for MPI libraries without passive-target progress.
 
-    A worker sends the clock it needs; the reply (status block + shard) goes out once this
-    server's clock reaches it. Replies are sent from the published buffer, so the server must
-    call ``flush()`` before it publishes again.
+    A worker sends the clock it needs; the reply (status block + shard, in chunks) goes out once
+    this server's clock reaches it. Replies are sent from the published buffer, so the server
+    must call ``flush()`` before it publishes again.
     """
 
-    def __init__(self, comm: MPI.Comm, window: ParameterWindow):
-        self.comm, self.window = comm, window
+    def __init__(self, comm: MPI.Comm, window: ParameterWindow, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.comm, self.window, self.chunk_bytes = comm, window, chunk_bytes
         self.request_buf = np.zeros(1, dtype=np.int64)
         self.request = comm.Irecv(self.request_buf, source=MPI.ANY_SOURCE, tag=Tag.PULL_REQUEST)
         self.waiting: list[tuple[int, int]] = []  # (source rank, needed clock)
@@ -431,10 +619,13 @@ class PullServer:
         current = self.window.published()
         status = current[:HEADER_BYTES].view(np.int64)
         clock, mark = int(status[Slot.CLOCK]), int(status[Slot.CHECKPOINT])
+        if self.sending:  # replies in flight: a chunk that completed is progress (poll again soon)
+            moved |= bool(MPI.Request.Testsome(self.sending))
+            self.sending = [r for r in self.sending if r != MPI.REQUEST_NULL]
         still = []
         for source, need in self.waiting:
             if clock >= need or mark:  # a checkpoint mark: the waiting worker must see it and join
-                self.sending.append(self.comm.Isend(current, dest=source, tag=Tag.PULL_REPLY))
+                self.sending += send_chunks(self.comm, current, source, Tag.PULL_REPLY, self.chunk_bytes)
                 moved = True
             else:
                 still.append((source, need))
@@ -442,8 +633,7 @@ class PullServer:
         return moved
 
     def flush(self) -> None:
-        for req in self.sending:
-            wait_request(req, "a pull reply to be received")
+        wait_all(self.sending, "a pull reply to be received")
         self.sending.clear()
 
     def close(self) -> None:
@@ -455,27 +645,31 @@ class PullServer:
 class MessagePuller:
     """Worker side of message-based pulls (see PullServer)."""
 
-    def __init__(self, comm: MPI.Comm, servers: list[int], shard_sizes: list[int], stall_timeout: float):
-        self.comm, self.servers, self.timeout = comm, servers, stall_timeout
+    def __init__(
+        self, comm: MPI.Comm, servers: list[int], shard_sizes: list[int], stall_timeout: float,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.comm, self.servers, self.timeout, self.chunk_bytes = comm, servers, stall_timeout, chunk_bytes
         self.buffers = [np.empty(HEADER_BYTES + 4 * n, dtype=np.uint8) for n in shard_sizes]
         self.need = np.zeros(1, dtype=np.int64)
 
     def pull(self, need: int, status: np.ndarray, shards: list[np.ndarray]) -> None:
         self.need[0] = need
-        reqs = [
-            self.comm.Irecv(b, source=s, tag=Tag.PULL_REPLY)
+        replies = [
+            recv_chunks(self.comm, b, s, Tag.PULL_REPLY, self.chunk_bytes)
             for b, s in zip(self.buffers, self.servers, strict=True)
         ]
         sends = [self.comm.Isend(self.need, dest=s, tag=Tag.PULL_REQUEST) for s in self.servers]
-        wait_for(lambda: MPI.Request.Testall(reqs + sends), lambda: self._lagging(need, reqs, status), self.timeout)
+        every = [r for rs in replies for r in rs] + sends
+        wait_for(lambda: MPI.Request.Testall(every), lambda: self._lagging(need, replies, status), self.timeout)
         for i, b in enumerate(self.buffers):
             status[i] = b[:HEADER_BYTES].view(np.int64)
             shards[i][:] = b[HEADER_BYTES:].view(np.float32)
 
-    def _lagging(self, need: int, replies: list[MPI.Request], status: np.ndarray) -> str:
+    def _lagging(self, need: int, replies: list[list[MPI.Request]], status: np.ndarray) -> str:
         """Which servers have not replied, for the stall message (as the window path names them)."""
-        late = [(s, rank) for s, (req, rank) in enumerate(zip(replies, self.servers, strict=True))
-                if not req.Get_status()]
+        late = [(s, rank) for s, (reqs, rank) in enumerate(zip(replies, self.servers, strict=True))
+                if not all(req.Get_status() for req in reqs)]
         return (f"the servers to reach clock {need} (pull replies; clocks as of the last pull): "
                 + ", ".join(f"server {s} (rank {rank} of the parameter-server communicator)"
                             f" at clock {int(status[s, Slot.CLOCK])}" for s, rank in late))

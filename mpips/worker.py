@@ -28,6 +28,7 @@ from mpips.models import loss_and_correct
 from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.transport import (
+    DEFAULT_CHUNK_BYTES,
     HEADER_BYTES,
     Codec,
     MessagePuller,
@@ -35,6 +36,9 @@ from mpips.transport import (
     Pusher,
     PushHeader,
     Slot,
+    Tag,
+    recv_chunks,
+    wait_all,
     wait_for,
 )
 
@@ -162,6 +166,7 @@ class Worker:
         total_steps: global steps to run (``load_state_dict`` sets where to start).
         pull: "rma" or "message".
         checkpoints: checkpoint and stop requests (``mpips.checkpoint.Checkpointing``).
+        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
     """
 
     def __init__(
@@ -169,6 +174,7 @@ class Worker:
         epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
         max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
         checkpoints: Checkpointing, eval_every: int = 0, on_eval: Callable[[int], None] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
         self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
@@ -176,7 +182,7 @@ class Worker:
         self.max_inflight, self.stall_timeout = max_inflight, stall_timeout
         self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
         self.stats = WorkerStats()
-        self.checkpoints = checkpoints
+        self.checkpoints, self.chunk_bytes = checkpoints, chunk_bytes
         self.position = 0  # the next step this worker computes
         self.data_wait = 0.0
         self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
@@ -186,13 +192,13 @@ class Worker:
         plan = self.flat.plan
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
         runs = [len(plan.server_pieces(s)) for s in range(plan.servers)]
-        self.window = ParameterWindow(self.comm, 0)
+        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes)
         self.pusher = Pusher(self.comm, self.servers, [4 * n + r for n, r in zip(sizes, runs, strict=True)],
-                             self.max_inflight)
+                             self.max_inflight, chunk_bytes=self.chunk_bytes)
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
-            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout)
+            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes)
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
@@ -300,16 +306,13 @@ class Worker:
         self.source.close()
         final = server_stats = None
         me = self.comm.Get_rank()
-        if me == lead:
+        if me == lead:  # every server sends its shard here, in chunks
             plan = self.flat.plan
             final = np.empty(plan.numel, dtype=np.float32)
-            counts = [0] * self.comm.Get_size()
-            displs = [0] * self.comm.Get_size()
-            for s, rank in enumerate(self.servers):
-                counts[rank], displs[rank] = plan.shard_numel(s), plan.bounds[s]
-            self.comm.Gatherv(np.empty(0, np.float32), [final, counts, displs, MPI.FLOAT], root=lead)
-        else:
-            self.comm.Gatherv(np.empty(0, np.float32), None, root=lead)
+            requests = [r for s, rank in enumerate(self.servers)
+                        for r in recv_chunks(self.comm, final[slice(*plan.shard_range(s))], rank, Tag.FINAL,
+                                             self.chunk_bytes)]
+            wait_all(requests, "the final shards of every server", self.stall_timeout)
         gathered = self.comm.gather(None, root=lead)
         if me == lead:
             server_stats = [gathered[r] for r in self.servers]

@@ -1,5 +1,7 @@
 """Config: flags, files, validation. No MPI."""
 
+from pathlib import Path
+
 import pytest
 
 from mpips.config import ConfigError, parse_args
@@ -78,3 +80,44 @@ def test_readme_documents_every_flag():
     flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     flags -= {"--help", "--config"} | {f for f in flags if f.startswith("--no-")}
     assert flags <= documented, f"flags missing from README's table: {sorted(flags - documented)}"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sync", "foo"], r"^argument --sync: invalid choice: 'foo' \(choose from 'bsp', 'asp', 'ssp'\)"
+                            r" \(see python -m mpips.train --help\)$"),
+        (["--lr", "fast"], r"^argument --lr: invalid float value: 'fast' \(see python -m mpips.train --help\)$"),
+        (["--learning-rate", "1"], r"^unrecognized arguments: --learning-rate 1 \(see"),
+        (["--lr", "-1"], r"^--lr must be positive \(got -1.0\)$"),
+        (["--batch-size", "0"], r"^--batch-size must be at least 1 \(got 0\)$"),
+    ],
+)
+def test_a_bad_flag_is_one_config_error_not_a_usage_dump(argv, message, capsys):
+    """argparse would print its whole usage and exit; the job says one line instead (mpips.errors)."""
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_help_states_the_factory_contract():
+    from mpips.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for words in ("package.module:factory", "the keywords input_shape (tuple of ints", "num_classes (int)",
+                  "each only if the factory's signature names it", "nn.Module with float32 parameters"):
+        assert words in text, words
+    assert parse_args(["--debug"]).train.debug and not parse_args([]).train.debug
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("### Your own model")
+    section = readme[start:readme.index("\n## ", start)]
+    for words in ("`input_shape`: a tuple of ints", "`num_classes`: an int", "only if the factory's",
+                  "parameters are all float32", "`(B, num_classes)`"):
+        assert words in section, words
+
+
+@pytest.mark.parametrize("value", ["63", str(2**30 + 1)])
+def test_chunk_bytes_stay_between_a_push_header_and_1_gib(value):
+    with pytest.raises(ConfigError, match=r"--chunk-bytes must be between 64 \(a push header\) and 1073741824"):
+        parse_args(["--chunk-bytes", value])
+    assert parse_args(["--chunk-bytes", "64"]).train.chunk_bytes == 64

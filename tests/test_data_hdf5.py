@@ -107,7 +107,9 @@ def test_assignment_replicates_and_balances(servers, workers, replicas):
     assert sum(load) == pytest.approx(sum(sizes))
     assert max(load) - min(load) <= max(sizes)  # within one partition's worth
     assert all(a.workers_of(s) for s in range(servers))
-    assert "data assignment" in a.describe()
+    head = a.describe().splitlines()[0]
+    assert head.startswith(f"data assignment: 8 partitions x {replicas} replica{'s' if replicas > 1 else ''}"
+                           f" on {servers} data server{'s' if servers > 1 else ''}; {workers} worker")
 
 
 def _edit(path, fn):

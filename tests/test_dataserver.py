@@ -228,7 +228,7 @@ def test_default_job_runs_through_the_data_server(tmp_path):
         cwd=tmp_path,
         check=True,
     )
-    assert "data assignment: 16 partitions x 1 replicas on 1 data servers" in out.stdout
+    assert "data assignment: 16 partitions x 1 replica on 1 data server; 2 workers" in out.stdout
     acc = float(re.search(r"held-out accuracy\s+([0-9.]+)", out.stdout).group(1))
     assert acc >= 0.95, out.stdout[-1500:]
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -12,9 +12,11 @@ from helpers import mpi_env, run_mpi
 
 from mpips import doctor
 from mpips.doctor import (
+    LauncherClaim,
     ProbeResult,
     cuda_aware,
     find_loaded_libmpi,
+    launcher_claim,
     launcher_world_size,
     rma_passive_progress,
 )
@@ -59,6 +61,44 @@ def test_launcher_world_size():
     assert launcher_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4
     assert launcher_world_size({"PMI_SIZE": "6", "PMI_RANK": "2"}) == 6
     assert launcher_world_size({"HOME": "/root"}) is None
+    assert launcher_world_size({"SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8"}) == 8  # srun
+
+
+def test_launcher_claim_says_who_started_this_process_and_its_number():
+    assert launcher_claim({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}) == LauncherClaim(
+        "Open MPI's mpirun", "OMPI_COMM_WORLD_SIZE", 4, 3)
+    assert launcher_claim({"PMI_SIZE": "6", "PMI_RANK": "0"}).rank == 0
+    assert launcher_claim({"SLURM_STEP_NUM_TASKS": "2", "PMIX_RANK": "1"}) == LauncherClaim(
+        "srun", "SLURM_STEP_NUM_TASKS", 2, 1)
+    # mpirun inside a Slurm allocation: its ranks carry srun's variables for mpirun's daemons too
+    both = {"OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_RANK": "5", "SLURM_STEP_NUM_TASKS": "2"}
+    assert launcher_claim(both).size == 16
+    assert launcher_claim({"SLURM_NTASKS": "8"}) is None  # a batch script: one process is legitimate
+
+
+@pytest.mark.parametrize("versions, vendor, expected", [
+    ({"mpirun": "mpirun (Open MPI) 4.1.4"}, "Open MPI", "/bin/mpirun"),
+    ({"mpirun": "mpirun (Open MPI) 4.1.4", "mpirun.mpich": "HYDRA build details:"}, "MPICH", "/bin/mpirun.mpich"),
+    ({"mpirun": "mpirun (Open MPI) 4.1.4"}, "MPICH", None),
+    ({}, "Open MPI", None),
+])
+def test_matching_launcher_is_of_the_mpi_that_mpi4py_uses(monkeypatch, versions, vendor, expected):
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: f"/bin/{name}" if name in versions else None)
+    monkeypatch.setattr(doctor, "_mpirun_version", lambda path: versions[path.removeprefix("/bin/")])
+    assert doctor.matching_launcher(vendor) == expected
+
+
+def test_launcher_option_prints_the_launcher_without_initialising_mpi():
+    done = subprocess.run([sys.executable, "-m", "mpips.doctor", "--launcher"], env=mpi_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    version = subprocess.run([done.stdout.strip(), "--version"], capture_output=True, text=True, timeout=60).stdout
+    assert ("Open MPI" in version) == ("Open MPI" in _mpi4py_vendor())
+
+
+def _mpi4py_vendor() -> str:
+    code = "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; print(MPI.get_vendor()[0])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
 
 
 def test_probe_result_describes_itself():

@@ -1,9 +1,10 @@
 """The engine's promises, checked on real runs under mpirun (in-process, one job per test).
 
 (1) bsp with W workers and per-worker batch b ends with the same parameters as single-process
-training on batch W*b over the same samples in the same order; (2) under ssp the largest
-measured staleness never exceeds K, also with one slow worker; (3) asp and ssp reach the
-accuracy that bsp reaches on the default dataset.
+training on batch W*b over the same samples in the same order, also when every transfer moves
+in chunks of 1000 bytes; (2) under ssp the largest measured staleness never exceeds K, also with
+one slow worker; (3) asp and ssp reach the accuracy that bsp reaches on the default dataset, and
+still train in chunks of 1000 bytes.
 """
 
 import json
@@ -64,8 +65,14 @@ def single_process_reference(flags: list[str], workers: int) -> dict[str, torch.
         ["--optimizer", "momentum", "--lr", "0.05", "--weight-decay", "1e-3"],
         ["--optimizer", "adam", "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", "3"],
         ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--weight-decay", "0.1"],
+        # every transfer in chunks of 1000 bytes (not a multiple of 4: floats cut in two), about 100
+        # per push and pull: the same parameters
+        ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000"],
+        ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--weight-decay", "0.1",
+         "--pull", "message", "--chunk-bytes", "1000"],
     ],
-    ids=["sgd", "sgd-message-pull", "momentum", "adam-cosine", "adamw-clip"],
+    ids=["sgd", "sgd-message-pull", "momentum", "adam-cosine", "adamw-clip", "sgd-chunks-1000",
+         "adamw-clip-message-pull-chunks-1000"],
 )
 def test_bsp_equals_single_process_training_on_the_global_batch(optim):
     from mpi4py import MPI
@@ -174,4 +181,24 @@ def test_asp_and_ssp_reach_the_bsp_accuracy_on_digits():
     if comm.rank == 0:
         assert accuracy["bsp"] >= 0.95, accuracy
         assert accuracy["asp"] >= 0.95 and accuracy["ssp"] >= 0.95, accuracy
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=4, sizes=(4,))
+@pytest.mark.parametrize("sync, pull", [("asp", "rma"), ("ssp", "message")])
+def test_asp_and_ssp_train_in_chunks_of_1000_bytes(sync, pull):
+    """Every push and pull is about 100 chunks; asynchronous training still learns the digits."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    metrics = shared_tmpdir(comm) / "metrics.jsonl"
+    train_in_process(comm, ["--data-servers", "0", "--sync", sync, "--staleness", "2", "--pull", pull,
+                            "--chunk-bytes", "1000", "--epochs", "30", "--lr-schedule", "cosine",
+                            "--metrics", str(metrics)])
+    if comm.rank == 0:
+        end = events(metrics, "end")[0]
+        assert len(end["staleness"]) == end["applied"] == 3 * end["step"]  # every gradient applied
+        assert end["accuracy"] >= 0.9, end["accuracy"]  # default chunks: 0.93-0.97 at 30 epochs
+        if sync == "ssp":
+            assert end["max_staleness"] <= 2
     comm.Barrier()

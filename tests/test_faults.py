@@ -141,6 +141,24 @@ def test_fault_ends_the_job(ranks, fault, flags, patterns):
     assert end - start < LIMIT + 30
 
 
+def test_a_dead_server_does_not_flood_the_terminal():
+    """kill -9 of the parameter server while the workers read its window: Open MPI 4's shared-memory
+    transport prints a line per failed read and retries at once until mpirun ends the job (3,000 to
+    11,600 lines measured, mpips.stderr_filter). The job still ends at once, naming the dead rank."""
+    start = time.time()
+    result = run_train(3, *BASE, *SMALL, env={"MPIPS_FAULT": "rank=2,phase=push,step=3,kind=kill"},
+                       timeout=LIMIT + 60)
+    out = result.stdout + result.stderr
+    assert re.search(r"mpips: MPIPS_FAULT: kill at rank 2", out), out[-3000:]
+    assert result.returncode != 0
+    assert re.search(r"process rank 2 with PID \d+ on node \S+ exited on signal 9", out), out[-3000:]
+    lines = out.splitlines()
+    assert len(lines) < 50, f"{len(lines)} lines:\n" + "\n".join(lines[:60])
+    repeats = [line for line in lines if re.match(r"\[\S+:\d+\] ", line)]
+    assert len(repeats) <= 2 * 4, repeats  # per worker: the line twice, a note, maybe a count
+    assert time.time() - start < LIMIT + 30
+
+
 def test_fault_spec_parses_and_rejects():
     assert parse("rank=2,phase=push,step=5,kind=kill") == Fault(
         rank=2, phase="push", step=5, kind="kill"

@@ -27,8 +27,11 @@ def test_every_rank_has_exactly_one_role(world, servers, data):
 
 
 def test_error_names_the_counts():
-    with pytest.raises(LayoutError, match="6 ranks cannot hold 2 servers \\+ 4 data servers"):
+    with pytest.raises(LayoutError, match="6 ranks cannot hold 2 parameter servers \\+ 4 data servers"):
         RoleLayout.from_counts(6, 2, 4)
+    with pytest.raises(LayoutError, match=r"^1 rank cannot hold 1 parameter server \+ 1 data server \+ at least 1"
+                       r" worker: launch with at least 3 ranks \(mpirun -n 3\)"):
+        RoleLayout.from_counts(1, 1, 1)
 
 
 def test_servers_spread_across_nodes():
@@ -41,5 +44,15 @@ def test_servers_spread_across_nodes():
 
 def test_describe_lists_every_rank():
     text = RoleLayout.from_counts(3, 1, 0, hosts=["n1", "n1", "n2"]).describe()
-    assert "3 ranks = 1 parameter servers + 0 data servers + 2 workers" in text
+    assert text.splitlines()[0] == "role map: 3 ranks = 1 parameter server + 0 data servers + 2 workers"
     assert len(text.splitlines()) == 2 + 3
+    text = RoleLayout.from_counts(4, 2, 1).describe()
+    assert text.splitlines()[0] == "role map: 4 ranks = 2 parameter servers + 1 data server + 1 worker"
+
+
+def test_plural():
+    from mpips.text import plural
+
+    assert [plural(n, "server") for n in (0, 1, 2)] == ["0 servers", "1 server", "2 servers"]
+    assert plural(1, "replica") == "1 replica" and plural(26122, "parameter") == "26,122 parameters"
+    assert plural(2, "child", "children") == "2 children"

@@ -5,7 +5,7 @@ import torch
 
 from mpips.config import ModelConfig
 from mpips.data import EpochPlan, load_builtin
-from mpips.models import DataSpec, build_model, loss_and_correct
+from mpips.models import DataSpec, ModelError, build_model, check_model, loss_and_correct
 
 DIGITS = DataSpec("classification", (1, 8, 8), 10)
 
@@ -36,15 +36,88 @@ def test_gpt_predicts_next_bytes():
     torch.testing.assert_close(model(ids2)[:, :-1], logits[:, :-1])
 
 
-def test_user_factory(monkeypatch):
+def test_user_factory():
     model = build_model(ModelConfig(model="toymodels:tiny_linear"), DIGITS, seed=0)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("bad, message", [("nomodule:f", "cannot load factory"), ("toymodels", "expected mlp")])
-def test_bad_model_name(bad, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("nomodule:f", r"^--model 'nomodule:f': cannot import nomodule: ModuleNotFoundError: No module named"
+                       r" 'nomodule' \(is its folder on PYTHONPATH on every node\?\)$"),
+        ("toymodels", r"^--model 'toymodels': expected mlp, cnn, gpt or package.module:factory$"),
+        ("toymodels:nothing", r"^--model 'toymodels:nothing': module toymodels \(.*toymodels.py\) has no 'nothing'$"),
+        ("toymodels:raises", r"^--model 'toymodels:raises': raises\(input_shape=\(1, 8, 8\), num_classes=10\)"
+                             r" raised RuntimeError: out of ideas$"),
+        ("toymodels:returns_int", r"^--model 'toymodels:returns_int': returns_int\(num_classes=10\) returned int,"
+                                  r" not a torch.nn.Module$"),
+        ("toymodels:float64", r"^--model 'toymodels:float64': mpips trains float32 parameters; these are not:"
+                              r" 1.weight \(torch.float64\), 1.bias \(torch.float64\) \(call .float\(\)"),
+        ("gpt", r"^--model gpt needs a text dataset"),
+    ],
+)
+def test_bad_model_is_one_model_error(bad, message):
+    """Each mistake a user makes with --model is a ModelError whose one line says which and why."""
+    with pytest.raises(ModelError, match=message) as info:
         build_model(ModelConfig(model=bad), DIGITS, seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_factory_gets_only_the_keywords_it_names(monkeypatch):
+    import toymodels
+
+    seen = []
+
+    def factory(num_classes, hidden=5):
+        seen.append((num_classes, hidden))
+        return toymodels.tiny_linear((1, 8, 8), num_classes)
+
+    monkeypatch.setattr(toymodels, "only_classes", factory, raising=False)
+    build_model(ModelConfig(model="toymodels:only_classes"), DIGITS, seed=0)
+    assert seen == [(10, 5)]
+
+
+def _model(name, spec=DIGITS):
+    return build_model(ModelConfig(model=name), spec, seed=0)
+
+
+def test_check_model_accepts_models_that_fit():
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
+    for name in ("mlp", "cnn", "toymodels:tiny_linear"):
+        check_model(_model(name), x, y, DIGITS, name, "digits.h5")
+    text = DataSpec("text", (16,), 256)
+    gpt = build_model(ModelConfig(model="gpt", gpt_layers=1, gpt_width=32, gpt_heads=2, gpt_context=16), text, 0)
+    ids = torch.randint(0, 256, (2, 16))
+    check_model(gpt, ids, ids, text, "gpt", "pytext.h5")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("toymodels:wrong_width", r"^--model 'toymodels:wrong_width' returned shape \(2, 7\) for 2 samples of shape"
+                                  r" \(1, 8, 8\) \(torch.float32\) from digits.h5; cross-entropy over 10 classes"
+                                  r" needs \(2, 10\): the last layer must have 10 outputs$"),
+        ("toymodels:wrong_input", r"^--model 'toymodels:wrong_input' rejects 2 samples of shape \(1, 8, 8\)"
+                                  r" \(torch.float32\) from digits.h5: RuntimeError: mat1 and mat2 shapes"),
+    ],
+)
+def test_check_model_names_what_does_not_fit(name, message):
+    model = _model(name)
+    with pytest.raises(ModelError, match=message):
+        check_model(model, torch.randn(2, 1, 8, 8), torch.tensor([3, 9]), DIGITS, name, "digits.h5")
+    assert model.training  # the check leaves the model in training mode
+
+
+def test_check_model_refuses_non_finite_parameters_and_keeps_buffers():
+    model = _model("mlp")
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ModelError, match=r"parameter 1.weight holds NaN or Inf before training"):
+        check_model(model, torch.randn(2, 1, 8, 8), torch.tensor([3, 9]), DIGITS, "mlp", "digits.h5")
+    bn = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 10))
+    check_model(bn, torch.randn(2, 1, 8, 8), torch.tensor([3, 9]), DIGITS, "bn", "digits.h5")
+    assert int(bn[1].num_batches_tracked) == 0 and torch.equal(bn[1].running_mean, torch.zeros(64))
 
 
 def test_builtin_digits_and_split():

@@ -47,3 +47,10 @@ def test_describe_reports_bytes_and_imbalance():
 def test_locate_out_of_range():
     with pytest.raises(IndexError):
         ShardPlan.build([("w", (4,))], 2).locate(4)
+
+
+def test_describe_counts_in_words():
+    one = ShardPlan.build([("w", (3, 4))], 1).describe(2).splitlines()[0]
+    assert one.startswith("shard plan: 1 tensor, 12 parameters (0.00 MiB) over 1 server,")
+    two = ShardPlan.build([("w", (3, 4)), ("b", (1,))], 2).describe(2).splitlines()[0]
+    assert two.startswith("shard plan: 2 tensors, 13 parameters (0.00 MiB) over 2 servers,")

@@ -100,3 +100,135 @@ def test_push_reaches_server_validated_and_bounded_inflight():
         assert got == [(s, float(s)) for s in range(5)]
         assert "claims worker 7" in error
     comm.Barrier()
+
+
+# -- chunks: no MPI call moves more than chunk_bytes -------------------------------------------------
+CHUNK = 100  # bytes: not a multiple of 4, so chunk boundaries cut floats in two
+
+
+def _drain_rest(comm, nbytes: int, source: int) -> None:
+    """Receive the chunks after the first of a push the receiver refused, so none stays queued."""
+    from mpi4py import MPI
+
+    from mpips.transport import Tag, recv_chunks, wait_all
+
+    wait_all(recv_chunks(comm, np.empty(nbytes - CHUNK, np.uint8), source, Tag.PUSH_DATA, CHUNK), "the rest", 30)
+    assert not comm.Iprobe(source=source, tag=MPI.ANY_TAG)
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+def test_chunked_pushes_arrive_whole_and_the_header_is_checked_first():
+    """Pushes of 0 bytes to many chunks, each whole and in order; a bad header is refused as soon as
+    the first chunk is in, before the rest of the push is received."""
+    from mpi4py import MPI
+
+    from mpips.transport import Pusher, PushReceiver, wait_for
+
+    comm = MPI.COMM_WORLD
+    lengths = [0, 1, CHUNK - HEADER_BYTES, CHUNK - HEADER_BYTES + 1, 4000, 4001, 2 * CHUNK]
+    largest = max(lengths)
+    rng = np.random.default_rng(5)
+    payloads = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    if comm.rank == 1:
+        pusher = Pusher(comm, [0], [largest], max_inflight=2, chunk_bytes=CHUNK)
+        for step, p in enumerate(payloads):
+            pusher.push(0, header(step=step, worker=0, length=p.size), p)
+        pusher.push(0, header(step=9, worker=7, length=4000), payloads[4])  # claims another worker
+        pusher.drain()
+    elif comm.rank == 0:
+        rx = PushReceiver(comm, [1], max_payload=largest, chunk_bytes=CHUNK)
+        ready = []
+        for step, p in enumerate(payloads):
+            ready.clear()
+            wait_for(lambda: bool(ready.extend(rx.poll()) or ready), "a push", 30)
+            ((w, hdr, got),) = ready
+            assert (w, hdr.step, hdr.length) == (0, step, p.size)
+            assert np.array_equal(got, p), f"push {step} of {p.size} bytes"
+            rx.repost(w)
+        assert rx.bytes_received == sum(HEADER_BYTES + n for n in lengths)
+        with pytest.raises(MalformedMessage, match="malformed push from worker 0: claims worker 7"):
+            wait_for(lambda: bool(rx.poll()), "the bad push", 30)
+        assert not rx.receiving  # refused on its first chunk: nothing more was received for it
+        _drain_rest(comm, HEADER_BYTES + 4000, 1)
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+def test_a_push_shorter_than_its_header_says_is_refused_naming_the_worker():
+    """Every chunk after the first is checked for its size: a push that ends early is caught."""
+    from mpi4py import MPI
+
+    from mpips.transport import PushReceiver, Tag, send_chunks, wait_all, wait_for
+
+    comm = MPI.COMM_WORLD
+    if comm.rank == 1:
+        message = np.zeros(HEADER_BYTES + 900, np.uint8)
+        header(step=0, worker=0, length=1000).pack_into(message)  # 100 bytes fewer than it says
+        wait_all(send_chunks(comm, message, 0, Tag.PUSH_DATA, CHUNK, first_tag=Tag.PUSH), "the push", 30)
+    elif comm.rank == 0:
+        rx = PushReceiver(comm, [1], max_payload=1000, chunk_bytes=CHUNK)
+        with pytest.raises(MalformedMessage, match=r"malformed push from worker 0: chunk 10 of its push for step 0"
+                                                   r" has 64 bytes, expected 100"):
+            wait_for(lambda: bool(rx.poll()), "the push", 30)
+        rx.cancel()
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+def test_chunked_window_and_message_pulls_read_the_whole_shard():
+    from mpi4py import MPI
+
+    from mpips.transport import MessagePuller, ParameterWindow, PullServer, wait_for
+
+    comm = MPI.COMM_WORLD
+    n = 10_007
+    want = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    window = ParameterWindow(comm, n if comm.rank == 0 else 0, init=want if comm.rank == 0 else None,
+                             chunk_bytes=CHUNK)
+    if comm.rank == 0:
+        window.publish()
+    comm.Barrier()
+    if comm.rank == 0:
+        pulls = PullServer(comm, window, chunk_bytes=CHUNK)
+        wait_for(pulls.poll, "a pull request", 30)
+        pulls.close()
+    else:
+        status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
+        shard = np.zeros(n, dtype=np.float32)
+        window.pull([0], status, [shard])
+        assert int(status[0, Slot.VERSION]) == 1 and np.array_equal(shard, want)
+        shard[:] = 0
+        status[:] = 0
+        MessagePuller(comm, [0], [n], 30, chunk_bytes=CHUNK).pull(0, status, [shard])
+        assert int(status[0, Slot.VERSION]) == 1 and np.array_equal(shard, want)
+    comm.Barrier()
+    window.free()
+
+
+def _available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.mark.timeout(400)
+def test_a_shard_over_2_gib_is_pushed_and_pulled_intact():
+    """2**29 + 16 float32 (2 GiB + 64 bytes) through Pusher/PushReceiver, a window pull and a
+    message pull, at the default chunk size; without chunks each would be one MPI call of more than
+    2**31-1 bytes (MPI_ERR_ARG). Memory: one receive buffer on the server, no extra copies."""
+    import json
+
+    from helpers import REPO, run_mpi
+
+    if _available_gib() < 10:
+        pytest.skip(f"needs about 10 GiB of free memory (8 GiB of buffers), {_available_gib():.1f} available")
+    out = run_mpi(2, [str(REPO / "tests" / "big_shard_job.py")], timeout=360, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    shard = 2.0  # GiB
+    print(json.dumps(result))  # shown with -s or on failure: seconds per phase, peak RSS per rank
+    assert result["server"]["after_push_gib"] < shard + 0.5  # the receive buffer, nothing more
+    assert result["worker"]["after_push_gib"] < 2 * shard + 0.5  # the gradient and one send buffer
+    assert result["server"]["peak_gib"] < 3 * shard + 0.5  # the window's private copy + 2 published
+    assert result["worker"]["peak_gib"] < 2 * shard + 0.5

@@ -60,6 +60,14 @@ class DatasetHandle:
     def val_y(self) -> np.ndarray:
         return self.val.y
 
+    def sample(self, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` training samples as a worker gets them, (x, y), read without the cache."""
+        n = min(n, len(self.train))
+        if self.path is None or self.format is None:
+            return self.train.take(np.arange(n))
+        with DatasetFile(self.path) as f:
+            return self.format.to_xy(f.read_train(0, n), self.spec.input_shape[0] if self.spec.kind == "text" else 0)
+
     def plan(self, workers: int, batch_size: int, seed: int) -> EpochPlan:
         sizes = self.partitions.sizes if self.partitions is not None else None
         return EpochPlan(len(self.train), workers, batch_size, seed, sizes)
@@ -88,30 +96,39 @@ def open_dataset(
     """
     if path is None:
         path = materialise_builtin(dataset, context, data_dir, comm)
-    with DatasetFile(path) as f:
-        fmt, parts, samples = f.format, f.partitions, f.samples
-        if fmt.kind == "text" and context > fmt.max_context:
-            raise DatasetError(
-                f"{path}: windows hold a context of {fmt.max_context} bytes,"
-                f" --gpt-context is {context}"
-            )
-        need = math.ceil(data_servers / replicas) if data_servers else 1
-        if len(parts) < need:
-            raise DatasetError(
-                f"{path} has {len(parts)} partition(s), but {data_servers} data servers"
-                f" with --replicas"
-                f" {replicas} need at least {need}: re-create it with `python -m mpips.data prepare"
-                f" --partitions {data_servers}` or lower --data-servers"
-            )
-        problems = f.check_val() if verify else []
-        if verify:
-            rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-            mine = [msg for p in range(rank, len(parts), size) for msg in f.check_partition(p)]
-            problems += [m for ms in comm.allgather(mine) for m in ms] if comm is not None else mine
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    problems: list[str] = []
+    try:
+        with DatasetFile(path) as f:
+            fmt, parts, samples, name = f.format, f.partitions, f.samples, f.name
+            problems += _fit(path, f, context, data_servers, replicas) + f.check_classes()
+            if verify and not problems:
+                problems += f.check_val() if rank == 0 else []
+                problems += [msg for p in range(rank, len(parts), size) for msg in f.check_partition(p)]
+    except DatasetError as exc:  # e.g. the file is missing on this node only: still agree below
+        problems.append(str(exc))
+    if comm is not None:  # every rank reaches this, so every rank raises the same DatasetError
+        problems = list(dict.fromkeys(m for ms in comm.allgather(problems) for m in ms))
     if problems:
         extra = len(problems) - MAX_REPORTED
         more = f"\n  ... and {extra} more" if extra > 0 else ""
         raise DatasetError("\n  ".join(problems[:MAX_REPORTED]) + more)
     store = HDF5Store(path, fmt, samples, int(cache_mb * (1 << 20)), context)
     val = HeldOut(path, fmt, context)
-    return DatasetHandle(f.name, fmt.spec(context), store, val, path, fmt, parts)
+    return DatasetHandle(name, fmt.spec(context), store, val, path, fmt, parts)
+
+
+def _fit(path: str, f: DatasetFile, context: int, data_servers: int, replicas: int) -> list[str]:
+    """Does the file fit the job: the text context, and enough partitions for the data servers?"""
+    fmt, parts = f.format, f.partitions
+    if fmt.kind == "text" and context > fmt.max_context:
+        return [f"{path}: windows hold a context of {fmt.max_context} bytes, --gpt-context is {context}"]
+    need = math.ceil(data_servers / replicas) if data_servers else 1
+    if len(parts) < need:
+        return [
+            f"{path} has {len(parts)} partition(s), but {data_servers} data servers"
+            f" with --replicas"
+            f" {replicas} need at least {need}: re-create it with `python -m mpips.data prepare"
+            f" --partitions {data_servers}` or lower --data-servers"
+        ]
+    return []

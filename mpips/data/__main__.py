@@ -154,17 +154,23 @@ def _write(args: argparse.Namespace, source) -> None:
     parallel = comm if comm is not None and has_mpio() else None
     parts = args.partitions or default_partitions(source.fmt.record_bytes, len(source.train_ids))
     t0 = time.perf_counter()
+    error = None
     if parallel is not None or rank == 0:
-        write_dataset(
-            source,
-            args.output,
-            partitions=parts,
-            comm=parallel,
-            compression=args.compression,
-            chunk_mb=args.chunk_mb,
-        )
-    if comm is not None:
-        comm.Barrier()
+        try:
+            write_dataset(
+                source,
+                args.output,
+                partitions=parts,
+                comm=parallel,
+                compression=args.compression,
+                chunk_mb=args.chunk_mb,
+            )
+        except DatasetError as exc:
+            error = str(exc)
+    if comm is not None:  # rank 0 alone may have written: every rank learns how it went
+        error = next((e for e in comm.allgather(error) if e), None)
+    if error:
+        raise DatasetError(error)
     if rank == 0:
         n = len(source.train_ids) + len(source.val_ids)
         mb = n * source.fmt.record_bytes / 1e6
@@ -210,12 +216,13 @@ def inspect(path: str, verify: bool) -> int:
                     print(msg, file=sys.stderr)
             print(line)
         if verify:
-            for msg in f.check_val():
-                bad += 1
+            others = f.check_val() + f.check_classes()
+            for msg in others:
                 print(msg, file=sys.stderr)
-            print(
-                "verified: all partitions match" if not bad else f"verified: {bad} bad partition(s)"
-            )
+            parts = f"{bad} bad partition(s)" if bad else "all partitions match"
+            elsewhere = f"; {len(others)} problem(s) elsewhere in the file (above)" if others else ""
+            print(f"verified: {parts}{elsewhere}")
+            bad += len(others)
     return 1 if bad else 0
 
 
@@ -226,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             return inspect(args.file, args.verify)
         _write(args, _source(args) if args.command == "prepare" else _synth(args))
     except DatasetError as exc:
-        print(f"mpips.data: {exc}", file=sys.stderr)
+        comm = _world()
+        if comm is None or comm.Get_rank() == 0:  # the same on every rank: said once
+            print(f"mpips.data: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpips.text import plural
+
 __all__ = ["DataAssignment"]
 
 
@@ -77,9 +79,8 @@ class DataAssignment:
         load = self.load()
         mean = sum(load) / len(load)
         lines = [
-            f"data assignment: {len(self.sizes)} partitions x {self.replicas} replicas"
-            f" on {self.servers}"
-            f" data servers; {self.workers} workers; load imbalance"
+            f"data assignment: {plural(len(self.sizes), 'partition')} x {plural(self.replicas, 'replica')}"
+            f" on {plural(self.servers, 'data server')}; {plural(self.workers, 'worker')}; load imbalance"
             f" {100 * (max(load) / mean - 1) if mean else 0:.1f}%",
             f"{'data server':>11} {'rank':>5} {'partitions held':<28} {'samples/epoch':>13}"
             "  workers served",

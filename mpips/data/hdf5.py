@@ -46,6 +46,8 @@ __all__ = [
     "PartitionReader",
     "Partitions",
     "SampleFormat",
+    "describe_nonfinite",
+    "first_nonfinite",
 ]
 
 SCHEMA = "mpips.dataset"
@@ -170,12 +172,34 @@ class Partitions:
         return np.searchsorted(np.asarray(self.offsets), ids, side="right") - 1
 
 
-def _rows_crc(dset: h5py.Dataset, lo: int, hi: int, row_bytes: int) -> int:
-    """zlib.crc32 of rows [lo, hi), read in slabs of at most VERIFY_SLAB bytes."""
-    crc, step = 0, max(1, VERIFY_SLAB // max(1, row_bytes))
+def _scan_rows(dset: h5py.Dataset, lo: int, hi: int, row_bytes: int) -> tuple[int, int | None]:
+    """(zlib.crc32 of rows [lo, hi), the first row holding NaN or Inf or None), read in slabs of at
+    most VERIFY_SLAB bytes; only floating-point fields can hold a non-finite value."""
+    crc, step, bad = 0, max(1, VERIFY_SLAB // max(1, row_bytes)), None
+    floating = np.issubdtype(dset.dtype, np.floating)
     for a in range(lo, hi, step):
-        crc = zlib.crc32(np.ascontiguousarray(dset[a : min(hi, a + step)]).data, crc)
-    return crc
+        rows = np.ascontiguousarray(dset[a : min(hi, a + step)])
+        crc = zlib.crc32(rows.data, crc)
+        if floating and bad is None:
+            bad = first_nonfinite(rows)
+            bad = None if bad is None else a + bad
+    return crc, bad
+
+
+def first_nonfinite(rows: np.ndarray) -> int | None:
+    """Index of the first row of ``rows`` (samples along axis 0) holding NaN or Inf, else None."""
+    if not np.issubdtype(rows.dtype, np.floating) or len(rows) == 0:
+        return None
+    finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+    return None if finite.all() else int(np.argmin(finite))
+
+
+def describe_nonfinite(row: np.ndarray) -> str:
+    """"NaN at x[0, 3, 4] (2 NaN, 1 Inf in this sample)": where a sample is not finite."""
+    where = tuple(int(i) for i in np.argwhere(~np.isfinite(row))[0])
+    value = "NaN" if np.isnan(row[where]) else f"{row[where]}"
+    nans, infs = int(np.isnan(row).sum()), int(np.isinf(row).sum())
+    return f"{value} at x[{', '.join(map(str, where))}] ({nans} NaN, {infs} Inf in this sample)"
 
 
 class DatasetFile:
@@ -277,11 +301,11 @@ class DatasetFile:
         return {name: d[()] for name, d in self.val.items()}
 
     def check_partition(self, p: int) -> list[str]:
-        """Problems of partition ``p``: checksum mismatches and labels out of range."""
+        """Problems of partition ``p``: checksum mismatches, non-finite features, labels out of range."""
         lo, hi = self.partitions.range(p)
         problems = []
         for i, f in enumerate(self.format.fields):
-            got = _rows_crc(self.train[f.name], lo, hi, f.row_bytes)
+            got, bad = _scan_rows(self.train[f.name], lo, hi, f.row_bytes)
             if got != int(self.crc[p, i]):
                 problems.append(
                     f"{self.path}: partition {p} (samples {lo}..{hi - 1}) field {f.name!r}:"
@@ -289,6 +313,8 @@ class DatasetFile:
                     f" {int(self.crc[p, i]):#010x}; the file is"
                     " corrupt, re-create it with `python -m mpips.data prepare`"
                 )
+            if bad is not None:
+                problems.append(self._nonfinite("training", bad, self.train[f.name][bad]))
         if self.format.kind == "classification":
             y = self.train["y"][lo:hi]
             bad = np.nonzero((y < 0) | (y >= self.format.num_classes))[0]
@@ -300,16 +326,41 @@ class DatasetFile:
                 )
         return problems
 
+    def _nonfinite(self, split: str, sample: int, row: np.ndarray) -> str:
+        return (f"{self.path}: {split} sample {sample} has {describe_nonfinite(row)}: training on it"
+                " would make every gradient NaN; clean the source and re-create the file with"
+                " `python -m mpips.data prepare`")
+
     def check_val(self) -> list[str]:
+        """Problems of the held-out split: non-finite features, labels out of range."""
         if self.format.kind != "classification" or self.val_samples == 0:
             return []
+        problems = []
+        x = self.val["x"]
+        _, bad = _scan_rows(x, 0, self.val_samples, self.format.fields[0].row_bytes)
+        if bad is not None:
+            problems.append(self._nonfinite("held-out", bad, x[bad]))
         y = self.val["y"][()]
         bad = np.nonzero((y < 0) | (y >= self.format.num_classes))[0]
         if len(bad):
-            return [
+            problems.append(
                 f"{self.path}: held-out split: label {int(y[bad[0]])} of sample {int(bad[0])} is"
                 f" outside [0, {self.format.num_classes})"
-            ]
+            )
+        return problems
+
+    def check_classes(self) -> list[str]:
+        """Is the class count plausible? At least 2, and no more than there are samples."""
+        if self.format.kind != "classification":
+            return []
+        classes, samples = self.format.num_classes, self.samples + self.val_samples
+        if classes < 2:
+            return [f"{self.path}: {classes} class(es): a classifier needs at least 2; re-create the file"
+                    " with `python -m mpips.data prepare --num-classes C`"]
+        if classes > samples:
+            return [f"{self.path}: {classes} classes for {samples} samples: labels must be class indices"
+                    " 0..C-1 (not ids or regression targets); re-create the file with"
+                    " `python -m mpips.data prepare` from such labels"]
         return []
 
     def close(self) -> None:

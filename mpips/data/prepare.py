@@ -21,7 +21,15 @@ import h5py
 import numpy as np
 
 from mpips.data.builtin import load_builtin
-from mpips.data.hdf5 import VERSION, DatasetError, DatasetWriter, SampleFormat, iter_slabs
+from mpips.data.hdf5 import (
+    VERSION,
+    DatasetError,
+    DatasetWriter,
+    SampleFormat,
+    describe_nonfinite,
+    first_nonfinite,
+    iter_slabs,
+)
 
 __all__ = [
     "ArraySource",
@@ -63,6 +71,7 @@ class ArraySource:
     arrays: dict[str, Any]
     train_ids: np.ndarray
     val_ids: np.ndarray
+    origin: str = ""  # the input file the rows come from, for messages
 
     def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {f.name: np.asarray(self.arrays[f.name][ids]) for f in self.fmt.fields}
@@ -129,12 +138,49 @@ def array_source(
         raise DatasetError(f"cannot read {path}: {exc}") from exc
     if len(x) != len(y) or y.ndim != 1:
         raise DatasetError(f"{path}: {len(x)} inputs but labels of shape {y.shape}")
+    where = f"{path} (labels {labels})" if labels else path
     if not np.issubdtype(y.dtype, np.integer):
-        raise DatasetError(f"{path}: labels must be integers, got {y.dtype}")
+        raise DatasetError(f"{where}: labels must be integer class indices 0..C-1, got {y.dtype}")
     classes = num_classes if num_classes is not None else (int(np.max(y)) + 1 if len(y) else 0)
+    labels_ok(np.asarray(y), classes, where, given=num_classes is not None)
     fmt = SampleFormat.classification(x.shape[1:], x.dtype, classes)
     train, val = split_ids(len(y), val_fraction, seed, shuffle)
-    return ArraySource(Path(path).stem, fmt, {"x": x, "y": y}, train, val)
+    return ArraySource(Path(path).stem, fmt, {"x": x, "y": y}, train, val, origin=path)
+
+
+def labels_ok(y: np.ndarray, classes: int, where: str, given: bool) -> None:
+    """Labels are class indices in [0, classes), and the class count is plausible; DatasetError if not."""
+    source = "--num-classes" if given else "largest label + 1"
+    bad = np.nonzero((y < 0) | (y >= classes))[0]
+    if len(bad):
+        raise DatasetError(
+            f"{where}: label {int(y[bad[0]])} of sample {int(bad[0])} is outside [0, {classes})"
+            f" ({source} = {classes}; {len(bad)} such labels): labels must be class indices 0..C-1"
+        )
+    if classes < 2:
+        raise DatasetError(f"{where}: {classes} class(es) ({source}): a classifier needs at least 2")
+    if classes > len(y):
+        raise DatasetError(
+            f"{where}: {classes} classes ({source}) for {len(y)} samples: labels must be class"
+            " indices 0..C-1, not ids or regression targets"
+        )
+
+
+def _check_rows(
+    source: ArraySource | SynthSource, ids: np.ndarray, rows: dict[str, np.ndarray]
+) -> tuple[int, str] | None:
+    """(sample id, problem) of the first row about to be written with non-finite features, or None."""
+    if source.fmt.kind != "classification":
+        return None
+    bad = first_nonfinite(rows["x"])
+    if bad is None:
+        return None
+    where = getattr(source, "origin", "") or source.name
+    return int(ids[bad]), (
+        f"{where}: sample {int(ids[bad])} has {describe_nonfinite(rows['x'][bad])}: mpips refuses"
+        " non-finite features (every gradient of a batch holding one is NaN); clean or drop those"
+        " samples, then prepare again"
+    )
 
 
 def text_source(
@@ -208,17 +254,27 @@ def write_dataset(
     )
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     slab = max(1, SLAB_BYTES // max(1, source.fmt.record_bytes))
+    share = np.array_split(np.arange(n_val), size)[rank]
+    pieces = [(True, a, b) for p in range(rank, partitions, size) for a, b in iter_slabs(*writer.parts.range(p), slab)]
+    if len(share):
+        pieces += [(False, a, b) for a, b in iter_slabs(int(share[0]), int(share[-1]) + 1, slab)]
+    problem = None
     try:
-        for p in range(rank, partitions, size):
-            lo, hi = writer.parts.range(p)
-            for a, b in iter_slabs(lo, hi, slab):
-                writer.write_train(a, source.rows(source.train_ids[a:b]))
-        share = np.array_split(np.arange(n_val), size)[rank]
-        if len(share):
-            for a, b in iter_slabs(int(share[0]), int(share[-1]) + 1, slab):
-                writer.write_val(a, source.rows(source.val_ids[a:b]))
+        for train, a, b in pieces:
+            ids = (source.train_ids if train else source.val_ids)[a:b]
+            rows = source.rows(ids)
+            problem = _check_rows(source, ids, rows)
+            if problem:
+                break  # stop writing; still close collectively below
+            (writer.write_train if train else writer.write_val)(a, rows)
     finally:
         writer.close()
+    if comm is not None:  # every rank closed the file: agree on the first bad sample, raise it everywhere
+        problem = min((p for p in comm.allgather(problem) if p), default=None)
+    if problem:
+        if rank == 0:
+            Path(path).unlink(missing_ok=True)  # a half-written file must not look like a dataset
+        raise DatasetError(problem[1])
 
 
 def builtin_path(name: str, context: int, data_dir: str | None) -> Path:

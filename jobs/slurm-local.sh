@@ -53,8 +53,11 @@ install_packages() {
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
     fi
     local rc=0
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"; } \
-        >"$dir/log/apt.log" 2>&1 || rc=$?
+    # Another session may be installing at the same moment: wait for dpkg's lock, and go on with
+    # the package lists there are if their update fails (the install says what is missing).
+    local wait=(-o DPkg::Lock::Timeout=300)
+    apt-get "${wait[@]}" update -qq >"$dir/log/apt.log" 2>&1 || say "apt-get update failed (see $dir/log/apt.log)"
+    apt-get "${wait[@]}" install -y -qq --no-install-recommends "${need[@]}" >>"$dir/log/apt.log" 2>&1 || rc=$?
     if [ -n "$ours" ]; then rm -f "$policy"; fi
     [ "$rc" -eq 0 ] || die "apt-get install ${need[*]} failed: $(tail -n 5 "$dir/log/apt.log")"
 }

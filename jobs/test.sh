@@ -5,11 +5,14 @@
 #   bash jobs/test.sh -x -k transport   # extra arguments go to every pytest run
 #   MPIPS_TEST_SIZES="2 4" bash jobs/test.sh
 #
-# Stage 1 runs the tests not marked `mpi` with plain pytest; end-to-end tests start their own
-# mpirun (tests/helpers.py). Then, for each world size K, `mpirun -n K pytest --with-mpi` runs
-# the tests marked `mpi` whose sizes include K (MPIPS_EXACT_SIZE=1, see tests/conftest.py), so
-# no test runs twice. Each stage has a wall-clock limit; a failing rank aborts its stage at
-# once. Every stage runs even after a failure; the exit status is 1 if any failed.
+# Stage 1 runs the tests not marked `mpi` or `slurm` with plain pytest; end-to-end tests start
+# their own mpirun (tests/helpers.py). Then, for each world size K, `mpirun -n K pytest --with-mpi`
+# runs the tests marked `mpi` whose sizes include K (MPIPS_EXACT_SIZE=1, see tests/conftest.py), so
+# no test runs twice. Last, the tests marked `slurm` run the job scripts of jobs/slurm/ on a
+# private Slurm that they start (jobs/slurm-local.sh: needs root; installs the Slurm packages when
+# missing); MPIPS_SLURM_TESTS=0 leaves that stage out, and the summary says so. Each stage has a
+# wall-clock limit; a failing rank aborts its stage at once. Every stage runs even after a
+# failure; the exit status is 1 if any failed.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$here/jobs/env.sh"
@@ -35,7 +38,7 @@ stage() {
         | sed 's/^ *//; s/ *$//')
     case $rc in
         0) result="passed" ;;
-        5) result="no tests at this size" ;;  # pytest: nothing selected, not a failure
+        5) result="no tests selected" ;;  # pytest: nothing selected (at this size), not a failure
         124) result="FAILED: timed out after ${limit} s"; failed=1 ;;
         *) result="FAILED (exit status $rc)"; failed=1 ;;
     esac
@@ -45,11 +48,20 @@ stage() {
 total_start=$(now)
 stage "lint (ruff)" 120 ruff check mpips tests
 stage "unit + end-to-end (plain pytest)" 1800 \
-    python -m pytest -q -p no:cacheprovider -m "not mpi" "$@"
+    python -m pytest -q -p no:cacheprovider -m "not mpi and not slurm" "$@"
 for k in ${MPIPS_TEST_SIZES:-1 2 4 6}; do
     stage "mpi tests, $k rank(s)" 600 env MPIPS_EXACT_SIZE=1 \
         mpirun -n "$k" python -m pytest -q -p no:cacheprovider --with-mpi -m mpi "$@"
 done
+if [ "${MPIPS_SLURM_TESTS:-1}" = 0 ]; then
+    summary+=("$(printf '%-34s %s' "job scripts on a private Slurm" "not run (MPIPS_SLURM_TESTS=0)")")
+else
+    # The daemons live in $logs/slurm; stopped by the tests, and here again in case pytest was
+    # killed before its fixture could stop them (a timeout).
+    stage "job scripts on a private Slurm" 600 env MPIPS_SLURM_DIR="$logs/slurm" \
+        python -m pytest -q -p no:cacheprovider -m slurm -o faulthandler_timeout=590 "$@"
+    [ -f "$logs/slurm/slurm.conf" ] && bash "$here/jobs/slurm-local.sh" stop "$logs/slurm" 2>/dev/null
+fi
 
 printf '\n=== summary\n'
 printf '%s\n' "${summary[@]}"

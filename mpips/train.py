@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 
@@ -331,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         report.debug = report.debug or cfg.train.debug
         check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
         # SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
-        return run(cfg, comm, who, Preemption.install())
+        status = run(cfg, comm, who, Preemption.install())
+        # The run is over, and a stop request has nothing left to stop: a late SIGUSR1 (Slurm's
+        # --signal=USR1@T comes up to ~30 s late) must not kill this rank in its shutdown, where
+        # Python restores the default action, terminate, of the handlers it installed.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        return status
     except INPUT_ERRORS as exc:  # the same on every rank: said once, status 2
         return report.bad_input(exc)
     except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job

@@ -47,7 +47,7 @@ stage() {
 
 total_start=$(now)
 stage "lint (ruff)" 120 ruff check mpips tests
-stage "unit + end-to-end (plain pytest)" 900 \
+stage "unit + end-to-end (plain pytest)" 1800 \
     python -m pytest -q -p no:cacheprovider -m "not mpi and not slurm" "$@"
 for k in ${MPIPS_TEST_SIZES:-1 2 4 6}; do
     stage "mpi tests, $k rank(s)" 600 env MPIPS_EXACT_SIZE=1 \

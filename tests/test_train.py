@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def _run_sh(tmp_path, *flags, np_=3):
 def test_a_signal_to_run_sh_stops_every_rank_and_leaves_no_orphan(sig, checkpoint, status, tmp_path):
     """SIGTERM/SIGINT to jobs/run.sh: the job stops at its next step (checkpoint, exit 75; or a
     clean stop, exit 128 + signal, the model saved); no rank of it is left running."""
-    tag = f"mpips-signal-test-{tmp_path.name}"  # names this job's ranks for pgrep
+    tag = f"mpips-signal-test-{uuid.uuid4().hex}"  # names this job's ranks (only) for pgrep
     ck = tmp_path / "ck"
     flags = ["--data-servers", "0", "--steps", "100000", "--log-every", "1", "--stall-timeout", "20",
              "--data-dir", str(tmp_path), "--save", str(tmp_path / f"{tag}.pt")]

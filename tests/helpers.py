@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import pytest
 
 from mpips.doctor import end_session, run_bounded
 
-__all__ = ["REPO", "MpiRunTimeout", "mpi_env", "mpi_job", "run_mpi", "run_train"]
+__all__ = ["REPO", "MpiRunTimeout", "mpi_env", "mpi_job", "run_mpi", "run_train", "signal_at_line"]
 
 REPO = Path(__file__).resolve().parent.parent
 TAIL_LINES = 40
@@ -128,6 +129,32 @@ def mpi_job(nprocs: int, args: list[str], env: Mapping[str, str | None] | None =
             yield proc
         finally:
             end_session(proc)
+
+
+def signal_at_line(proc: subprocess.Popen[str], prefix: str, sig: int, wait: float = 90,
+                   finish: float = 60) -> tuple[str, float]:
+    """Read ``proc``'s output until a line starts with ``prefix``, send it ``sig``, let it end.
+
+    Returns:
+        All its output, and the seconds from the signal to its end.
+
+    Args:
+        proc: a process with stdout as a text pipe (``mpi_job``, or a job script).
+        prefix: the line to wait for, e.g. ``"step 3/"``; AssertionError (with the output so far)
+            if it has not come within ``wait`` seconds.
+        sig: the signal sent then.
+        finish: seconds the process then has to end (``subprocess.TimeoutExpired`` otherwise).
+    """
+    lines, deadline = [], time.monotonic() + wait
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    rest, _ = proc.communicate(timeout=finish)
+    return "".join(lines) + rest, time.monotonic() - t0
 
 
 @functools.cache

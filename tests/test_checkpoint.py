@@ -11,14 +11,13 @@ import json
 import logging
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, mpi_job, run_train
+from helpers import REPO, mpi_job, run_train, signal_at_line
 
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, publish, verify
 from mpips.config import parse_args
@@ -170,19 +169,8 @@ def test_preemption_signal_checkpoints_and_exits_75(tmp_path):
     ck = tmp_path / "ck"
     args = ["-m", "mpips.train", *FLAGS[:2], "--steps", "5000", "--stall-timeout", "10",
             "--log-every", "1", "--checkpoint-dir", str(ck)]
-    lines = []
     with mpi_job(3, args, cwd=REPO) as proc:  # leaving the block ends the job, ranks included
-        deadline = time.monotonic() + 90
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 3/"):
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
-        t0 = time.monotonic()
-        rest, _ = proc.communicate(timeout=60)
-        elapsed = time.monotonic() - t0
-    out = "".join(lines) + rest
+        out, elapsed = signal_at_line(proc, "step 3/", signal.SIGUSR1)  # mpirun forwards it to every rank
     assert proc.returncode == REQUEUE_STATUS, out[-3000:]
     assert elapsed < 30
     ((step, path),) = list_checkpoints(ck)
@@ -240,17 +228,8 @@ def test_async_run_preempted_and_resumed_reaches_the_uninterrupted_accuracy(sync
     flags = ["--data-servers", "0", "--sync", sync, "--staleness", "2", "--epochs", "60",
              "--lr-schedule", "cosine", "--checkpoint-dir", str(ck), "--checkpoint-every", "150",
              "--stall-timeout", "20", "--log-every", "10"]
-    lines = []
     with mpi_job(4, ["-m", "mpips.train", *flags], cwd=REPO) as proc:
-        deadline = time.monotonic() + 120
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 400/"):
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        proc.send_signal(signal.SIGUSR1)
-        rest, _ = proc.communicate(timeout=60)
-    out = "".join(lines) + rest
+        out, _ = signal_at_line(proc, "step 400/", signal.SIGUSR1, wait=120)
     assert proc.returncode == REQUEUE_STATUS, out[-3000:]
     found = list_checkpoints(ck)
     assert len(found) >= 2  # periodic ones (every 150 steps of the slowest worker), then the stop

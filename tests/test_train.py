@@ -6,13 +6,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_train
+from helpers import REPO, run_train, signal_at_line
 
 from mpips.checkpoint import list_checkpoints, verify
 from mpips.config import ModelConfig
@@ -181,18 +180,10 @@ def test_a_signal_to_run_sh_stops_every_rank_and_leaves_no_orphan(sig, checkpoin
     flags += ["--checkpoint-dir", str(ck)] if checkpoint else []
     proc = _run_sh(tmp_path, *flags)
     try:
-        lines, deadline = [], time.monotonic() + 90
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step 3/"):
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        proc.send_signal(sig)
-        rest, _ = proc.communicate(timeout=60)
+        out, _ = signal_at_line(proc, "step 3/", sig)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines) + rest
     assert proc.returncode == status, out[-3000:]
     assert subprocess.run(["pgrep", "-f", tag], capture_output=True).returncode == 1  # none left
     assert (tmp_path / f"{tag}.pt").exists()

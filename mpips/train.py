@@ -38,6 +38,7 @@ from mpips.server import ParameterServer
 from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
 from mpips.text import plural
+from mpips.trace import NULL_TRACER, Tracer
 from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
@@ -122,19 +123,28 @@ def run(
         ckpt = Checkpointing.setup(cfg, comm, counts, plan, module, steps, preemption)
         comms = RoleComms.split(comm, layout)
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    with dog.blocking("start-up: measuring clock offsets for --trace (ping-pongs with rank 0)"):
+        tracer = Tracer.start(comm, role.value, layout.index_of(rank), enabled=bool(cfg.train.trace))
+    ckpt.tracer = tracer
     try:
         if role == Role.SERVER:
             # a server keeps its shard's values only, and they become its working copy (``[...]``:
             # no reference is left here once the server owns them)
             init = [shard_values(model, plan, layout.index_of(rank))]
             model = None
-            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog)
+            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog, tracer)
         elif role == Role.WORKER:
-            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog)
+            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, tracer)
         else:
             from mpips.dataserver import run_data_server
 
-            run_data_server(cfg, layout, comms, data, epoch_plan, steps)
+            run_data_server(cfg, layout, comms, data, epoch_plan, steps, tracer)
+        if cfg.train.trace:
+            with dog.blocking("shutdown: gathering every rank's trace spans to rank 0 (--trace)"):
+                tracer.write(comm, cfg.train.trace)
+            if rank == 0:
+                print(f"trace of {comm.Get_size()} ranks written to {cfg.train.trace}"
+                      " (open it in https://ui.perfetto.dev, or run python -m mpips.report)", flush=True)
     finally:
         comms.free()
         ps_comm.Free()
@@ -170,7 +180,9 @@ def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.nda
     return out
 
 
-def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog) -> None:
+def _run_server(
+    cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog, tracer=NULL_TRACER
+) -> None:
     index = layout.index_of(comms.world.Get_rank())
     ckpt.bind(ps_comm, "server", index)
     server = ParameterServer(
@@ -179,7 +191,8 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
         pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
     )
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+    server.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         server.start()
     resumed = ckpt.server_state(server.state_dict())  # any --servers: the flat vector is re-cut here
     if resumed is not None:
@@ -191,7 +204,8 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
 
 
 def _run_worker(
-    cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog
+    cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog,
+    tracer=NULL_TRACER,
 ) -> None:
     world = comms.world
     rank = world.Get_rank()
@@ -228,7 +242,8 @@ def _run_worker(
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
         eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
     )
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+    worker.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         worker.start()
     if lead:  # only now: the windows may have fallen back to message pulls
         print(pull_line(cfg.train.pull, pull, worker.pull_mode), flush=True)
@@ -241,7 +256,8 @@ def _run_worker(
                       " (collective over servers and workers)"):
         final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
     if lead:
-        _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
+        with tracer.span("final evaluation and report"):
+            _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.close()
 
 

@@ -280,7 +280,7 @@ def plot_throughput(m: Metrics, path: Path) -> None:
         ax.plot(centres, total, color="black", linewidth=2.2, label="all workers")
         wall = max(e["time"] for e in m.steps) - m.t0
         if wall > 0:
-            mean = sum(e["samples"] for e in m.steps) / wall
+            mean = sum(e["samples"] for e in m.steps if e["time"] > m.t0) / wall
             ax.axhline(mean, color="black", linestyle=":", linewidth=1,
                        label=f"all workers, first step to last: {mean:,.0f} samples/s")
     ax.set_xlabel("wall time (s, from the first step)")
@@ -457,7 +457,8 @@ def summary(m: Metrics, trace: tuple[dict[int, str], list[Span], dict[str, Any]]
                  f" {wall:.2f} s from the first step to the last")
     if all("samples" in e for e in m.steps) and wall > 0:
         samples = sum(e["samples"] for e in m.steps)
-        lines.append(f"throughput: {samples / wall:,.0f} samples/s over all workers ({samples:,} samples)")
+        after = sum(e["samples"] for e in m.steps if e["time"] > m.t0)  # computed between the first and last
+        lines.append(f"throughput: {after / wall:,.0f} samples/s over all workers ({samples:,} samples)")
     during, final = m.split_evals()
     if final is not None or during:
         e, what = (final, "final parameters") if final is not None else (during[-1], "last evaluation")

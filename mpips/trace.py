@@ -159,8 +159,11 @@ class Tracer:
         """Collective over ``comm`` when ``enabled``: measure clock offsets, return this rank's tracer."""
         if not enabled:
             return NULL_TRACER
+        zero = (time.perf_counter(), time.time())  # rank 0: before any rank can record a span
         offset, uncertainty = measure_offsets(comm)
-        return cls(comm.Get_rank(), role, index, offset, uncertainty)
+        tracer = cls(comm.Get_rank(), role, index, offset, uncertainty)
+        tracer.zero = zero
+        return tracer
 
     def now(self) -> float:
         """This rank's clock, in the units ``record`` takes."""
@@ -265,8 +268,15 @@ def measure_offsets(comm: Any, rounds: int = ROUNDS) -> tuple[float, float]:
 
 
 def chrome_trace(ranks: Sequence[RankTrace], zero: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
-    """The Chrome trace event document of ``ranks`` (``zero``: rank 0's clock and Unix time at ts 0)."""
+    """The Chrome trace event document of ``ranks``.
+
+    ``zero``: rank 0's clock and the Unix time at that instant; ts 0 is there, or at the earliest
+    span if one starts before it, so that no ``ts`` is negative.
+    """
     origin, epoch = zero
+    earliest = min((float(rt.start.min()) for rt in ranks if len(rt.start)), default=origin)
+    if earliest < origin:
+        origin, epoch = earliest, epoch - (origin - earliest)
     events: list[dict[str, Any]] = []
     for rt in sorted(ranks, key=lambda r: r.rank):
         label = f"{rt.role} {rt.index} (rank {rt.rank})"

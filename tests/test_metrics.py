@@ -1,0 +1,31 @@
+"""mpips.metrics: numbers a person can read, the plain progress line, the final table."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpips.metrics import Progress, format_table, readable
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (10010.4, "10,010"), (1234567, "1,234,567"), (123.456, "123.5"), (2.30812, "2.308"), (0.43125, "0.4313"),
+    (0.0, "0"), (0.00001234, "1.23e-05"), (float("nan"), "nan"), ("x", "x"),
+])
+def test_readable_numbers(value, text):
+    assert readable(value) == text
+
+
+def test_progress_line_off_a_terminal_shows_readable_fields_every_n_steps(capsys):
+    progress = Progress(total=20, every=10)  # pytest's stderr is not a terminal: plain lines
+    for step in range(20):
+        progress.update(step, loss=0.43125, samples_per_s=10010.4, staleness=2, data_wait_s=0.00041)
+    progress.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "step 10/20 loss 0.4313, samples/s 10,010, staleness 2, data wait 0.41 ms",
+        "step 20/20 loss 0.4313, samples/s 10,010, staleness 2, data wait 0.41 ms",
+    ]
+
+
+def test_final_table_has_no_exponents():
+    table = format_table({"held-out accuracy": 0.98333, "samples/s (all workers)": 10010.4, "steps": 690}, "t")
+    assert "0.9833" in table and "10,010" in table and "e+" not in table

@@ -348,10 +348,11 @@ def plot_bytes(m: Metrics, path: Path) -> None:
 def _span_colors(names: list[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab20"]
+    cmap = colormaps["tab20"]  # ten hues, each dark then light: the ten largest spans get ten hues
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
     out = {UNTRACED: (0.85, 0.85, 0.85, 1.0)}
     for i, name in enumerate(n for n in names if n != UNTRACED):
-        out[name] = cmap(i % 20)
+        out[name] = cmap(order[i % 20])
     return out
 
 
@@ -444,7 +445,7 @@ def plot_timeline(labels: dict[int, str], spans: list[Span], own: dict[int, dict
 def _shares(times: dict[str, float], top: int = 5) -> str:
     total = sum(times.values())
     parts = sorted(times.items(), key=lambda kv: -kv[1])[:top]
-    return ", ".join(f"{name} {v / total:.0%}" for name, v in parts if total > 0)
+    return ", ".join(f"{name} {v / total:.0%}" for name, v in parts if total > 0 and v / total >= 0.005)
 
 
 def summary(m: Metrics, trace: tuple[dict[int, str], list[Span], dict[str, Any]] | None) -> str:

@@ -3,6 +3,7 @@
     mpirun -n 4 python -m mpips.train                       # MLP on digits: 1 server, 1 data server, 2 workers
     mpirun -n 6 python -m mpips.train --servers 2 --sync ssp --staleness 2
     mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
+    mpirun -n 4 python -m mpips.train --metrics m.jsonl --trace t.json   # then: see mpips.report
     srun python -m mpips.train --config run.toml            # on a Slurm allocation
 
 Bad input (configuration, launcher, dataset, model) is said once, in one line, and every rank

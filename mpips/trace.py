@@ -34,10 +34,11 @@ context manager. The README states the measured overhead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 ROUNDS = 8  # ping-pongs per rank at start-up; the shortest round trip is kept
-MAX_SPANS = 2_000_000  # per rank: ~40 MB of buffers; a longer run keeps its first spans
+MAX_SPANS = 1_000_000  # per rank: 28 MB of buffers (the default job records ~3,500); later spans are counted
 IDLE_GAP = 1e-3  # seconds: idle spans closer than this to the previous idle span are merged
 
 
@@ -213,14 +214,35 @@ class Tracer:
         )
 
     def write(self, comm: Any, path: str | os.PathLike[str]) -> None:
-        """Collective over ``comm``: gather every rank's spans to rank 0, which writes ``path``."""
-        gathered = comm.gather(self.collect(), root=0)
-        if comm.Get_rank() == 0:
-            doc = chrome_trace(gathered, zero=self.zero)
+        """Collective over ``comm``: rank 0 writes every rank's spans to ``path``.
+
+        Rank 0 takes one rank's spans at a time and writes them out before the next, so it holds
+        one rank's spans beyond its own, never the whole job's.
+        """
+        mine = self.collect()
+        dup = comm.Dup()
+        try:
+            earliest = dup.gather(float(mine.start.min()) if len(mine.start) else math.inf, root=0)
+            if dup.Get_rank() != 0:
+                dup.send(mine, dest=0, tag=4)
+                return
+            origin, epoch = _origin(self.zero, min(earliest))
             tmp = f"{os.fspath(path)}.tmp"
+            ranks = {}
             with open(tmp, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
+                f.write('{"displayTimeUnit":"ms","traceEvents":[\n')
+                first = True
+                for r in range(dup.Get_size()):
+                    rt = mine if r == 0 else dup.recv(source=r, tag=4)
+                    for event in _events(rt, origin):
+                        f.write(("" if first else ",\n") + json.dumps(event, separators=(",", ":")))
+                        first = False
+                    ranks[str(rt.rank)] = _rank_data(rt)
+                    del rt
+                f.write('\n],"otherData":' + json.dumps(_other(epoch, ranks)) + "}\n")
             os.replace(tmp, path)
+        finally:
+            dup.Free()
 
 
 def estimate_offset(samples: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
@@ -267,38 +289,49 @@ def measure_offsets(comm: Any, rounds: int = ROUNDS) -> tuple[float, float]:
         dup.Free()
 
 
+def _origin(zero: tuple[float, float], earliest: float) -> tuple[float, float]:
+    """ts 0 and its Unix time: rank 0's ``zero``, or the earliest span if one starts before it."""
+    origin, epoch = zero
+    if earliest < origin:
+        return earliest, epoch - (origin - earliest)
+    return origin, epoch
+
+
+def _events(rt: RankTrace, origin: float) -> Iterator[dict[str, Any]]:
+    """The metadata and complete events of one rank, ``ts`` in microseconds from ``origin``."""
+    label = f"{rt.role} {rt.index} (rank {rt.rank})"
+    yield {"ph": "M", "name": "process_name", "pid": rt.rank, "tid": 0, "args": {"name": label}}
+    yield {"ph": "M", "name": "process_sort_index", "pid": rt.rank, "tid": 0, "args": {"sort_index": rt.rank}}
+    yield {"ph": "M", "name": "thread_name", "pid": rt.rank, "tid": 0, "args": {"name": rt.role}}
+    ts = np.round((rt.start - origin) * 1e6, 1).tolist()
+    dur = np.round((rt.end - rt.start) * 1e6, 1).tolist()
+    for i, t, d, s in zip(rt.name_ids.tolist(), ts, dur, rt.step.tolist(), strict=True):
+        event = {"ph": "X", "name": rt.names[i], "cat": rt.role, "pid": rt.rank, "tid": 0, "ts": t, "dur": d}
+        if s >= 0:
+            event["args"] = {"step": s}
+        yield event
+
+
+def _rank_data(rt: RankTrace) -> dict[str, Any]:
+    return {"role": rt.role, "index": rt.index, "clock_offset_us": rt.offset * 1e6,
+            "clock_uncertainty_us": rt.uncertainty * 1e6, "dropped_spans": rt.dropped}
+
+
+def _other(epoch: float, ranks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"producer": "mpips", "epoch_at_zero": epoch, "ranks": ranks}
+
+
 def chrome_trace(ranks: Sequence[RankTrace], zero: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
-    """The Chrome trace event document of ``ranks``.
+    """The Chrome trace event document of ``ranks``, as ``Tracer.write`` writes it.
 
     ``zero``: rank 0's clock and the Unix time at that instant; ts 0 is there, or at the earliest
     span if one starts before it, so that no ``ts`` is negative.
     """
-    origin, epoch = zero
-    earliest = min((float(rt.start.min()) for rt in ranks if len(rt.start)), default=origin)
-    if earliest < origin:
-        origin, epoch = earliest, epoch - (origin - earliest)
-    events: list[dict[str, Any]] = []
-    for rt in sorted(ranks, key=lambda r: r.rank):
-        label = f"{rt.role} {rt.index} (rank {rt.rank})"
-        events.append({"ph": "M", "name": "process_name", "pid": rt.rank, "tid": 0, "args": {"name": label}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": rt.rank, "tid": 0,
-                       "args": {"sort_index": rt.rank}})
-        events.append({"ph": "M", "name": "thread_name", "pid": rt.rank, "tid": 0, "args": {"name": rt.role}})
-        ts = np.round((rt.start - origin) * 1e6, 1).tolist()
-        dur = np.round((rt.end - rt.start) * 1e6, 1).tolist()
-        for i, t, d, s in zip(rt.name_ids.tolist(), ts, dur, rt.step.tolist(), strict=True):
-            event = {"ph": "X", "name": rt.names[i], "cat": rt.role, "pid": rt.rank, "tid": 0, "ts": t, "dur": d}
-            if s >= 0:
-                event["args"] = {"step": s}
-            events.append(event)
+    earliest = min((float(rt.start.min()) for rt in ranks if len(rt.start)), default=math.inf)
+    origin, epoch = _origin(zero, earliest)
+    ordered = sorted(ranks, key=lambda r: r.rank)
     return {
-        "traceEvents": events,
         "displayTimeUnit": "ms",
-        "otherData": {
-            "producer": "mpips",
-            "epoch_at_zero": epoch,
-            "ranks": {str(rt.rank): {"role": rt.role, "index": rt.index, "clock_offset_us": rt.offset * 1e6,
-                                     "clock_uncertainty_us": rt.uncertainty * 1e6, "dropped_spans": rt.dropped}
-                      for rt in ranks},
-        },
+        "traceEvents": [e for rt in ordered for e in _events(rt, origin)],
+        "otherData": _other(epoch, {str(rt.rank): _rank_data(rt) for rt in ordered}),
     }

@@ -70,7 +70,7 @@ _SHOWN = {
 
 
 class Progress:
-    """tqdm bar on a terminal, a plain line every ``every`` steps otherwise.
+    """tqdm bar when stdout is a terminal, a plain line every ``every`` steps otherwise.
 
     ``update(step, loss=..., samples_per_s=..., staleness=..., data_wait_s=...)`` shows those
     values in readable units (``samples/s 10,010``, ``data wait 0.41 ms``); other keywords are
@@ -81,10 +81,12 @@ class Progress:
     def __init__(self, total: int, every: int, enabled: bool = True, unit: str = "step"):
         self.total, self.every, self.enabled, self.unit = total, max(1, every), enabled, unit
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        # stdout, not stderr: under Open MPI's mpirun a rank's stdout is a terminal when mpirun's
+        # is, its stderr never is (a pipe)
+        if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stdout)
 
     @staticmethod
     def fields(**shown: Any) -> dict[str, str]:
@@ -105,6 +107,15 @@ class Progress:
         elif (step + 1) % self.every == 0 or step + 1 == self.total:
             fields = ", ".join(f"{k} {v}" for k, v in text.items())
             print(f"{self.unit} {step + 1}/{self.total} {fields}".rstrip(), flush=True)
+
+    def write(self, line: str) -> None:
+        """Print ``line`` (when enabled) above the bar, which stays whole and at the bottom."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

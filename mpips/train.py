@@ -234,7 +234,7 @@ def _run_worker(
             return
         loss, acc = result
         metrics.event("eval", step, loss=loss, accuracy=acc)
-        print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
+        progress.write(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}")
 
     worker = Worker(
         comm=ps_comm, index=index, servers=[_ps_rank(layout, r) for r in layout.servers], flat=flat,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 
 from mpips.metrics import Progress, format_table, readable
@@ -29,3 +32,24 @@ def test_progress_line_off_a_terminal_shows_readable_fields_every_n_steps(capsys
 def test_final_table_has_no_exponents():
     table = format_table({"held-out accuracy": 0.98333, "samples/s (all workers)": 10010.4, "steps": 690}, "t")
     assert "0.9833" in table and "10,010" in table and "e+" not in table
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_shows_the_same_fields_and_keeps_printed_lines_whole(monkeypatch):
+    out = _Terminal()
+    monkeypatch.setattr(sys, "stdout", out)  # under mpirun a rank's stdout is the terminal, not stderr
+    progress = Progress(total=4, every=1)
+    assert progress.bar is not None
+    for step in range(4):
+        progress.update(step, samples_per_s=10010.4, staleness=2, data_wait_s=0.00041)
+        if step == 1:
+            progress.write("eval step 2: held-out loss 0.5000 accuracy 0.9000")
+    progress.close()
+    text = out.getvalue()
+    assert "samples/s=10,010" in text and "staleness=2" in text and "data wait=0.41 ms" in text
+    assert "4/4" in text
+    assert "\neval step 2: held-out loss 0.5000 accuracy 0.9000\n" in text.replace("\r", "\n")

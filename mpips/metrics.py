@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["MetricsLog", "Progress", "format_table", "readable"]
+__all__ = ["MetricsLog", "Progress", "format_table", "on_terminal", "readable"]
 
 
 class MetricsLog:
@@ -69,8 +69,21 @@ _SHOWN = {
 }
 
 
+def on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal someone looks at: a tty with a known width.
+
+    Under Open MPI's mpirun a rank's stdout is always a pseudo-terminal (its stderr a pipe), even
+    when mpirun's output goes to a file; its width is then 0, and mpirun's own when mpirun runs
+    on a terminal. So stdout with a width, not ``isatty()`` alone, and not stderr.
+    """
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO), or closed
+        return False
+
+
 class Progress:
-    """tqdm bar when stdout is a terminal, a plain line every ``every`` steps otherwise.
+    """tqdm bar on stdout when it is a terminal (``on_terminal``), a plain line every ``every`` steps otherwise.
 
     ``update(step, loss=..., samples_per_s=..., staleness=..., data_wait_s=...)`` shows those
     values in readable units (``samples/s 10,010``, ``data wait 0.41 ms``); other keywords are
@@ -81,9 +94,7 @@ class Progress:
     def __init__(self, total: int, every: int, enabled: bool = True, unit: str = "step"):
         self.total, self.every, self.enabled, self.unit = total, max(1, every), enabled, unit
         self.bar = None
-        # stdout, not stderr: under Open MPI's mpirun a rank's stdout is a terminal when mpirun's
-        # is, its stderr never is (a pipe)
-        if enabled and sys.stdout.isatty():
+        if enabled and on_terminal(sys.stdout):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stdout)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import pytest
 
-from mpips.metrics import Progress, format_table, readable
+from mpips import metrics
+from mpips.metrics import Progress, format_table, on_terminal, readable
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -34,6 +36,25 @@ def test_final_table_has_no_exponents():
     assert "0.9833" in table and "10,010" in table and "e+" not in table
 
 
+def test_a_terminal_is_a_tty_with_a_width_as_open_mpi_gives_ranks_one():
+    import fcntl
+    import struct
+    import termios
+
+    assert not on_terminal(io.StringIO())
+    main, tty = os.openpty()
+    try:
+        with os.fdopen(tty, "w", closefd=False) as stream:
+            # mpirun writing to a file or a pipe: the rank's stdout is still a pty, of width 0
+            fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert stream.isatty() and not on_terminal(stream)
+            fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))  # mpirun on a terminal
+            assert on_terminal(stream)
+    finally:
+        os.close(main)
+        os.close(tty)
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -41,7 +62,8 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_on_a_terminal_shows_the_same_fields_and_keeps_printed_lines_whole(monkeypatch):
     out = _Terminal()
-    monkeypatch.setattr(sys, "stdout", out)  # under mpirun a rank's stdout is the terminal, not stderr
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(metrics, "on_terminal", lambda stream: stream is out)  # a StringIO has no width
     progress = Progress(total=4, every=1)
     assert progress.bar is not None
     for step in range(4):

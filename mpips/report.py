@@ -483,6 +483,12 @@ def summary(m: Metrics, trace: tuple[dict[int, str], list[Span], dict[str, Any]]
                 by_role[role][k] += v
         for role in sorted(by_role):
             lines.append(f"  {role + ':':<13}{_shares(by_role[role])}")
+        # who waits for whom: the rank that waits least is the one the others wait for
+        waiting = {r: sum(v for k, v in t.items() if "wait" in k) / max(1e-12, sum(t.values()))
+                   for r, t in own.items()}
+        busy = min(waiting, key=waiting.get)
+        lines.append(f"least waiting (what the others likely wait for): {labels.get(busy, f'rank {busy}')},"
+                     f" {waiting[busy]:.0%} of its time in wait spans; its own time: {_shares(own[busy], top=3)}")
         uncertain = [v.get("clock_uncertainty_us", 0.0) for v in other.get("ranks", {}).values()]
         if uncertain:
             lines.append(f"clocks aligned to rank 0 within {max(uncertain):,.0f} us (half the best round trip)")

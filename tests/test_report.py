@@ -63,6 +63,19 @@ def test_summary_names_the_slowest_worker_and_the_largest_staleness(tmp_path):
     assert "throughput: 3,200 samples/s over all workers (1,920 samples)" in text
 
 
+def test_summary_with_a_trace_names_the_rank_the_others_wait_for(tmp_path):
+    _synthetic_metrics(tmp_path / "m.jsonl")
+    labels = {0: "worker 0 (rank 0)", 1: "worker 1 (rank 1)", 2: "server 0 (rank 2)"}
+    spans = [Span(0, "wait for parameters", 0.0, 0.8), Span(0, "forward/backward", 0.8, 1.0),
+             Span(1, "wait for parameters", 0.0, 0.7), Span(1, "forward/backward", 0.7, 1.0),
+             Span(2, "wait for pushes", 0.0, 0.1), Span(2, "apply", 0.1, 1.0)]
+    other = {"ranks": {"0": {"role": "worker"}, "1": {"role": "worker"}, "2": {"role": "server"}}}
+    text = summary(load_metrics(tmp_path / "m.jsonl"), (labels, spans, other))
+    assert "least waiting (what the others likely wait for): server 0 (rank 2), 10% of its time" in text
+    assert "  server:      apply 90%, wait for pushes 10%" in text
+    assert "  worker:      wait for parameters 75%, forward/backward 25%" in text
+
+
 def test_report_without_a_trace_writes_the_metric_plots_and_tensorboard_only_where_installed(tmp_path, capsys):
     _synthetic_metrics(tmp_path / "m.jsonl")
     try:
@@ -148,3 +161,4 @@ def test_a_traced_run_has_spans_from_every_rank_and_role_and_the_report_shows_it
     for role in ("worker:", "server:", "data-server:"):
         assert f"  {role}" in text
     assert "slowest worker: worker " in text
+    assert "least waiting (what the others likely wait for): " in text

@@ -178,6 +178,7 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
         workers=[_ps_rank(layout, r) for r in layout.workers], init=init.pop(), plan=plan,
         optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
         pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
+        compression=cfg.compression, seed=cfg.train.seed,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
@@ -227,6 +228,7 @@ def _run_worker(
         total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
         stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
         eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
+        compression=cfg.compression, seed=cfg.train.seed,
     )
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
@@ -264,6 +266,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     loss, acc = result if result is not None else (None, None)
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     servers = worker.server_stats
+    pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
     rows = {
         "steps": steps,
         "held-out loss": none if loss is None else loss,
@@ -276,6 +279,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
         "max staleness applied": max(s.max_staleness for s in servers),
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
+        "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
     print(format_table(rows, "final metrics"), flush=True)
     if result is not None:
@@ -283,7 +287,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.event(
         "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
         dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
-        staleness=[x for s in servers for x in s.staleness],
+        staleness=[x for s in servers for x in s.staleness], bytes_pushed=pushed, bytes_pulled=pulled,
     )
     _save_model(cfg, flat)
 

@@ -14,8 +14,9 @@ sender and receiver cut with the same ``chunk_bytes`` (one setting for the whole
 
 Wire format of a push (worker -> server): the bytes of a 64-byte header (``PushHeader``)
 followed by ``length`` payload bytes (for ``Codec.RAW32``: the float32 gradient slice of the
-server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient),
-cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
+server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient; for
+a compressed push, one self-describing record per chunk of the slice, then the same mask: see
+``mpips.compression``), cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
 the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` bytes is one message,
 as it always was. The server validates the header as soon as the first chunk is in, before it
 receives the rest into its buffer for that worker, and checks every chunk's length; nothing is
@@ -91,6 +92,14 @@ class Tag(IntEnum):
 
 class Codec(IntEnum):
     RAW32 = 0  # float32 values, one per shard element, then one uint8 per tensor run: has a gradient
+    # mpips.compression's codecs (their ``wire_id``): one record per chunk of the gradient slice,
+    # then the tensor-run mask; the server validates every record before use (parse_payload)
+    FP16 = 1
+    BF16 = 2
+    TOPK = 3
+    RANDOMK = 4
+    QSGD = 5
+    SIGN = 6
     JOIN = 254  # no payload: asp/ssp checkpoint join; step = position, clock_seen = the mark seen
     STOP = 255  # no payload: this worker is done (shutdown is a message)
 

@@ -1,0 +1,265 @@
+"""The codecs of ``mpips.compression``: round trips and their error bounds, bytes per codec,
+unbiasedness (qsgd, randomk), error feedback keeping every gradient's mass, and validation that
+refuses malformed payloads (fuzzed). Plain pytest, no MPI."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpips.compression import (
+    CODECS,
+    RECORD_BYTES,
+    ErrorFeedback,
+    PayloadError,
+    chunk_ranges,
+    chunk_seed,
+    make_codec,
+    parse_payload,
+    payload_bound,
+)
+from mpips.transport import Codec
+
+N = 1000
+
+
+def _x(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_wire_ids_are_the_push_header_codecs():
+    for name in CODECS[1:]:
+        assert Codec[name.upper()] == make_codec(name).wire_id
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [("fp16", 2 * N), ("bf16", 2 * N), ("topk", 10 * 6), ("randomk", 10 * 4), ("qsgd", N), ("sign", N // 8)],
+)
+def test_record_bytes(name, body):
+    """16-byte record header + the body, padded to 4 bytes; topk 1% with uint16 indices."""
+    record = make_codec(name, ratio=0.01).encode(_x(), seed=1)
+    assert record.nbytes == RECORD_BYTES + (body + 3) // 4 * 4
+
+
+def test_topk_uses_int32_indices_above_65536_elements():
+    n = 2**16 + 1
+    record = make_codec("topk", ratio=0.001).encode(_x(n), seed=0)
+    k = math.ceil(0.001 * n)
+    assert record.nbytes == RECORD_BYTES + 8 * k
+
+
+@pytest.mark.parametrize(("name", "bound"), [("fp16", 2**-11), ("bf16", 2**-8)])
+def test_half_precision_round_trip_is_within_rounding(name, bound):
+    x = _x()
+    y = make_codec(name).roundtrip(x)
+    assert torch.all((y - x).abs() <= bound * x.abs())
+
+
+def test_fp16_saturates_instead_of_overflowing():
+    y = make_codec("fp16").roundtrip(torch.tensor([1e6, -1e6, 1.0]))
+    assert y.tolist() == [65504.0, -65504.0, 1.0]
+
+
+def test_topk_keeps_exactly_the_largest_entries():
+    x = _x()
+    y = make_codec("topk", ratio=0.05).roundtrip(x)
+    kept = y != 0
+    assert int(kept.sum()) == 50
+    assert torch.equal(y[kept], x[kept])  # values exact
+    assert x[kept].abs().min() >= x[~kept].abs().max()
+
+
+def test_sign_sends_the_sign_scaled_by_the_mean_magnitude():
+    x = _x()
+    y = make_codec("sign").roundtrip(x)
+    scale = float(x.abs().mean())
+    assert torch.allclose(y, torch.where(x >= 0, scale, -scale))
+
+
+def test_qsgd_error_is_within_one_level_of_the_norm():
+    x = _x()
+    y = make_codec("qsgd", levels=8).roundtrip(x, seed=3)
+    norm = float(x.norm())
+    assert torch.all((y - x).abs() <= norm / 8 * (1 + 1e-6))
+    assert torch.all(torch.sign(y) * torch.sign(x) >= 0)  # never flips a sign
+
+
+@pytest.mark.parametrize("name", ["qsgd", "randomk"])
+def test_unbiased_codecs_average_to_the_input(name):
+    """Mean of 2000 encodings with different chunk seeds: within 5 standard errors of x."""
+    x = _x(64)
+    codec = make_codec(name, ratio=0.25, levels=2)
+    draws = torch.stack([codec.roundtrip(x, seed=chunk_seed(0, s, 0, 0, 0)) for s in range(2000)]).double()
+    mean, stderr = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert torch.all((mean - x.double()).abs() <= 5 * stderr + 1e-6)
+    # and it is noisy (the test can fail): one draw is far from x
+    assert float((draws[0] - x.double()).norm()) > 0.1 * float(x.norm())
+
+
+def test_randomk_indices_come_from_the_seed_alone():
+    """The server regenerates them: same seed, same entries; another seed, others."""
+    codec = make_codec("randomk", ratio=0.1)
+    x = _x()
+    a, b, c = (codec.roundtrip(x, seed=s) != 0 for s in (7, 7, 8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and int(a.sum()) == 100
+
+
+def test_randomk_with_error_feedback_sends_values_unscaled():
+    x = _x()
+    y = make_codec("randomk", ratio=0.1, error_feedback=True).roundtrip(x, seed=1)
+    assert torch.equal(y[y != 0], x[y != 0])
+
+
+@pytest.mark.parametrize("name", [c for c in CODECS if c != "none"])
+def test_error_feedback_keeps_every_gradients_mass(name):
+    """Over 30 steps and 3 chunks: what was sent plus the residual is the sum of the gradients
+    (float64 sums). The residual update rounds in float32: at most 2 roundings of the corrected
+    gradient per step, so the bound is 30 x 2 x 2**-24 x its largest magnitude; a lost entry
+    would be off by about 1."""
+    codec = make_codec(name, ratio=0.02, levels=4, error_feedback=True)
+    n, ranges = 900, [(0, 400), (400, 800), (800, 900)]
+    ef = ErrorFeedback(codec, n)
+    total, sent = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    largest = 0.0
+    for step in range(30):
+        g = _x(n, seed=step) * (1 + step % 3)
+        total += g.double()
+        for c, (lo, hi) in enumerate(ranges):
+            seed = chunk_seed(0, step, 0, 0, c)
+            largest = max(largest, float((g[lo:hi] + ef.residual[lo:hi]).abs().max()))
+            record = ef.encode(g[lo:hi], seed, lo)
+            sent[lo:hi] += parse_payload(codec, record, [(0, hi - lo)], [seed], 0)[0].dense(
+                torch.zeros(hi - lo)).double()
+    err = (sent + ef.residual.double() - total).abs().max()
+    assert err <= 30 * 2 * 2**-24 * largest
+    if name in ("topk", "randomk", "sign"):  # something was held back: the residual is not zero
+        assert float(ef.residual.abs().max()) > 0
+
+
+def test_error_feedback_eventually_sends_a_small_entry():
+    """top-k alone never sends an entry that is always small; with error feedback it accumulates."""
+    codec = make_codec("topk", ratio=0.5)
+    ef = ErrorFeedback(codec, 2)
+    g = torch.tensor([1.0, 0.3])
+    got = torch.zeros(2)
+    for _ in range(10):
+        record = ef.encode(g, 0, 0)
+        got += parse_payload(codec, record, [(0, 2)], [0], 0)[0].dense(torch.zeros(2))
+    assert got[1] > 0 and float(codec.roundtrip(g)[1]) == 0.0
+
+
+def test_error_feedback_state_round_trips():
+    codec = make_codec("sign")
+    a, b = ErrorFeedback(codec, N), ErrorFeedback(codec, N)
+    a.encode(_x(), 0, 0)
+    b.load_state_dict({"residual": a.state_dict()["residual"].clone()})
+    x = _x(seed=5)
+    assert np.array_equal(a.encode(x, 0, 0), b.encode(x, 0, 0))
+    with pytest.raises(ValueError, match="residual of 3 elements"):
+        b.load_state_dict({"residual": torch.zeros(3)})
+
+
+# -- whole payloads and their validation -----------------------------------------------------------
+def _payload(name: str, n: int = 300, chunk_bytes: int = 400, runs: int = 2):
+    codec = make_codec(name, ratio=0.05, levels=8)
+    ranges = chunk_ranges(n, chunk_bytes)
+    seeds = [chunk_seed(1, 2, 3, 0, c) for c in range(len(ranges))]
+    g = _x(n)
+    records = [codec.encode(g[a:b], s) for (a, b), s in zip(ranges, seeds, strict=True)]
+    payload = np.concatenate([*records, np.array([1, 0] * (runs // 2), np.uint8)])
+    return codec, ranges, seeds, g, payload
+
+
+@pytest.mark.parametrize("name", [c for c in CODECS if c != "none"])
+def test_payload_round_trip_in_chunks_and_its_bound(name):
+    codec, ranges, seeds, g, payload = _payload(name)
+    assert len(ranges) == 3  # 100 elements per chunk of 400 bytes
+    grad, mask = parse_payload(codec, payload, ranges, seeds, 2)
+    assert mask.tolist() == [1, 0]
+    want = torch.cat([codec.roundtrip(g[a:b], s) for (a, b), s in zip(ranges, seeds, strict=True)])
+    assert torch.equal(grad.dense(torch.zeros(300)), want)
+    acc = torch.ones(300)
+    grad.add_into(acc, alpha=2.0)
+    assert torch.allclose(acc, 1 + 2 * want)
+    assert payload.size <= payload_bound(codec, ranges, 2)
+
+
+def _rejects(codec, payload, ranges, seeds, match):
+    with pytest.raises(PayloadError, match=match):
+        parse_payload(codec, payload, ranges, seeds, 2)
+
+
+def test_malformed_payloads_are_refused_with_the_reason():
+    codec, ranges, seeds, _, payload = _payload("topk")
+    rec = RECORD_BYTES + 5 * 6 + 2  # one chunk's record: 5 values, 5 uint16 indices, padding
+    bad = payload.copy()
+    struct.pack_into("<I", bad, 0, 99)
+    _rejects(codec, bad, ranges, seeds, "chunk 0 .*record for 99 elements")
+    bad = payload.copy()
+    struct.pack_into("<I", bad, 4, 101)
+    _rejects(codec, bad, ranges, seeds, "count 101 is not valid")
+    bad = payload.copy()
+    struct.pack_into("<f", bad, rec + 12, float("nan"))
+    _rejects(codec, bad, ranges, seeds, "chunk 1 .*scale nan")
+    bad = payload.copy()
+    bad[RECORD_BYTES + 20 : RECORD_BYTES + 22] = np.frombuffer(struct.pack("<H", 100), np.uint8)
+    _rejects(codec, bad, ranges, seeds, "indices not ascending inside 0..99")
+    _rejects(codec, payload[:-3], ranges, seeds, "chunk 2")
+    _rejects(codec, np.concatenate([payload[:-2], [0, 0, 0, 0, 1, 0]]).astype(np.uint8), ranges, seeds,
+             "records and mask take")
+    bad = payload.copy()
+    bad[-1] = 7
+    _rejects(codec, bad, ranges, seeds, "mask is not 0/1")
+    qsgd, ranges, seeds, _, q = _payload("qsgd")
+    q[RECORD_BYTES] = 9  # a level above the 8 announced
+    _rejects(qsgd, q, ranges, seeds, "level above the 8 levels")
+
+
+def test_a_nan_scale_passes_only_when_the_push_says_its_gradient_is_not_finite():
+    codec, ranges, seeds, _, payload = _payload("sign")
+    struct.pack_into("<f", payload, 12, float("nan"))
+    _rejects(codec, payload, ranges, seeds, "scale nan")
+    grad, _ = parse_payload(codec, payload, ranges, seeds, 2, finite=False)
+    assert not grad.finite()  # the server then drops it as a bad gradient
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([c for c in CODECS if c != "none"]), st.data())
+def test_fuzzed_payloads_are_refused_or_decode_to_the_right_shape(name, data):
+    """Random byte flips, truncations and extensions of a valid payload: parse_payload either
+    raises PayloadError or returns a gradient of the slice's length with a 0/1 mask."""
+    codec, ranges, seeds, _, payload = _payload(name)
+    raw = bytearray(payload.tobytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        what = data.draw(st.sampled_from(["flip", "cut", "grow"]))
+        if what == "flip" and raw:
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+        elif what == "cut":
+            del raw[data.draw(st.integers(0, len(raw))):]
+        else:
+            raw += data.draw(st.binary(min_size=1, max_size=16))
+    buf = np.frombuffer(bytes(raw), np.uint8).copy()
+    try:
+        grad, mask = parse_payload(codec, buf, ranges, seeds, 2)
+    except PayloadError:
+        return
+    assert grad.dense(torch.zeros(300)).shape == (300,)
+    assert set(mask.tolist()) <= {0, 1} and mask.size == 2
+
+
+def test_make_codec_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown codec"):
+        make_codec("zip")
+    with pytest.raises(ValueError, match="ratio 0"):
+        make_codec("topk", ratio=0)
+    with pytest.raises(ValueError, match="levels 200"):
+        make_codec("qsgd", levels=200)
+    assert make_codec("none") is None

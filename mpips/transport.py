@@ -493,7 +493,6 @@ class Pusher:
         """Send ``header`` and the ``payload`` arrays, concatenated as bytes, to server index ``s``."""
         buf = self._free_slot(s)
         header.pack_into(buf)
-        faults.at("push", header.step, message=buf)
         n, at = HEADER_BYTES + header.length, HEADER_BYTES
         for part in payload:
             raw = np.frombuffer(part, dtype=np.uint8)
@@ -501,6 +500,7 @@ class Pusher:
             at += raw.size
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
+        faults.at("push", header.step, message=buf, payload_at=HEADER_BYTES)
         # the last chunk synchronous: a push counts as in flight until the server has taken it in
         requests = send_chunks(self.comm, buf[:n], self.servers[s], Tag.PUSH_DATA, self.chunk_bytes,
                                first_tag=Tag.PUSH, synchronous_last=True)

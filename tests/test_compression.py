@@ -4,12 +4,16 @@ refuses malformed payloads (fuzzed). Plain pytest, no MPI."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import struct
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import run_train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +28,7 @@ from mpips.compression import (
     parse_payload,
     payload_bound,
 )
-from mpips.transport import Codec
+from mpips.transport import HEADER_BYTES, Codec
 
 N = 1000
 
@@ -263,3 +267,50 @@ def test_make_codec_refuses_bad_settings():
     with pytest.raises(ValueError, match="levels 200"):
         make_codec("qsgd", levels=200)
     assert make_codec("none") is None
+
+
+# -- end to end (mpirun through tests/helpers.py) ---------------------------------------------------
+E2E = ("--data-servers", "0", "--steps", "12", "--log-every", "100", "--stall-timeout", "20")
+# as tests/test_checkpoint.py: a frozen layer, a never-called one and BatchNorm buffers
+CKPT_FLAGS = (*E2E[:2], "--steps", "14", "--stall-timeout", "10", "--seed", "3", "--log-every", "100",
+              "--model", "toymodels:frozen_unused_batchnorm")
+
+
+def _end_event(path) -> dict:
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    return next(e for e in events if e["event"] == "end")
+
+
+def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes(tmp_path):
+    """The default MLP, 2 workers, 12 bsp steps with topk 1%: every push is its header, one topk
+    record (k values, k uint16 indices) and the tensor mask, against header + 4 bytes per
+    element + mask for float32 (``Codec.RAW32``); pulls are unchanged."""
+    result = run_train(3, *E2E, "--compress", "topk", "--metrics", str(tmp_path / "m.jsonl"),
+                       timeout=120, check=True)
+    end = _end_event(tmp_path / "m.jsonl")
+    runs, n = (int(v.replace(",", "")) for v in re.search(r"shard plan: (\d+) tensors, ([\d,]+) parameters",
+                                                          result.stdout).groups())
+    pushes, k = 2 * 12, math.ceil(0.01 * n)
+    assert end["bytes_pushed"] == pushes * (HEADER_BYTES + RECORD_BYTES + (6 * k + 3) // 4 * 4 + runs)
+    assert pushes * (HEADER_BYTES + 4 * n + runs) / end["bytes_pushed"] >= 50
+    assert f"bytes pushed / pulled (all workers)     {end['bytes_pushed']:,} / {4 * n * pushes:,}" in result.stdout
+    assert end["bytes_pulled"] == pushes * 4 * n
+    assert end["applied"] == 12 and end["dropped"] == 0
+    assert end["loss"] < math.log(10)  # it learned: below chance after 12 steps (bsp: the same every run)
+
+
+def test_kill_and_resume_with_compression_is_bitwise_identical(tmp_path):
+    """bsp, qsgd with error feedback (seeded rounding noise and a residual per worker): a run
+    SIGKILLed at step 10 and resumed from its step-8 checkpoint ends bitwise equal to an
+    uninterrupted one. The residuals are in the checkpoint, and not zero."""
+    flags = (*CKPT_FLAGS, "--compress", "qsgd", "--error-feedback", "--qsgd-levels", "4")
+    run_train(3, *flags, "--save", str(tmp_path / "reference.pt"), timeout=120, check=True)
+    ck = ("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "4")
+    killed = run_train(3, *flags, *ck, env={"MPIPS_FAULT": "rank=0,phase=pull,step=10,kind=kill"}, timeout=120)
+    assert killed.returncode != 0
+    with h5py.File(tmp_path / "ck" / "ckpt-00000008.h5", "r") as f:
+        residual = f["workers/residual"][:]
+    assert residual.shape[0] == 2 and np.abs(residual).max() > 0
+    run_train(3, *flags, *ck, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("reference.pt", "resumed.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

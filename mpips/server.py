@@ -102,7 +102,8 @@ class ParameterServer:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         n = self.init.size
-        self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes)
+        self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes,
+                                      pull_codec=self.compression.pull_codec if self.compression else "fp32")
         self.init = None  # the window holds the values now
         self.param = torch.from_numpy(self.window.params)
         # One optimizer parameter per tensor run of this shard, each a view of the shard memory:

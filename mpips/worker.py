@@ -31,6 +31,7 @@ from mpips.shard import ShardPlan
 from mpips.transport import (
     DEFAULT_CHUNK_BYTES,
     HEADER_BYTES,
+    PULL_CODECS,
     Codec,
     MessagePuller,
     ParameterWindow,
@@ -199,8 +200,9 @@ class Worker:
         plan = self.flat.plan
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
         runs = [len(plan.server_pieces(s)) for s in range(plan.servers)]
-        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes)
         c = self.compression
+        self.pull_codec = c.pull_codec if c else "fp32"
+        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
         self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
         self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
         self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
@@ -210,7 +212,8 @@ class Worker:
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
-            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes)
+            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes,
+                          pull_codec=self.pull_codec)
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
@@ -365,7 +368,7 @@ class Worker:
             if need >= 0:
                 wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
             self.window.pull(targets, self.status, self.shards, which=newest)
-        self.stats.bytes_pulled += 4 * self.flat.plan.numel
+        self.stats.bytes_pulled += PULL_CODECS[self.pull_codec].itemsize * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 

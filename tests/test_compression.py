@@ -281,21 +281,27 @@ def _end_event(path) -> dict:
     return next(e for e in events if e["event"] == "end")
 
 
-def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes(tmp_path):
-    """The default MLP, 2 workers, 12 bsp steps with topk 1%: every push is its header, one topk
-    record (k values, k uint16 indices) and the tensor mask, against header + 4 bytes per
-    element + mask for float32 (``Codec.RAW32``); pulls are unchanged."""
-    result = run_train(3, *E2E, "--compress", "topk", "--metrics", str(tmp_path / "m.jsonl"),
-                       timeout=120, check=True)
+def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes_and_bf16_pulls_half(tmp_path):
+    """The default MLP, 2 workers, 12 bsp steps with topk 1% and --pull-codec bf16: every push
+    is its header, one topk record (k values, k uint16 indices) and the tensor mask, against
+    header + 4 bytes per element + mask for float32 (``Codec.RAW32``); every pull 2 bytes per
+    element instead of 4."""
+    result = run_train(3, *E2E, "--compress", "topk", "--pull-codec", "bf16", "--metrics",
+                       str(tmp_path / "m.jsonl"), timeout=120, check=True)
     end = _end_event(tmp_path / "m.jsonl")
     runs, n = (int(v.replace(",", "")) for v in re.search(r"shard plan: (\d+) tensors, ([\d,]+) parameters",
                                                           result.stdout).groups())
     pushes, k = 2 * 12, math.ceil(0.01 * n)
     assert end["bytes_pushed"] == pushes * (HEADER_BYTES + RECORD_BYTES + (6 * k + 3) // 4 * 4 + runs)
     assert pushes * (HEADER_BYTES + 4 * n + runs) / end["bytes_pushed"] >= 50
-    assert f"bytes pushed / pulled (all workers)     {end['bytes_pushed']:,} / {4 * n * pushes:,}" in result.stdout
-    assert end["bytes_pulled"] == pushes * 4 * n
+    assert f"bytes pushed / pulled (all workers)     {end['bytes_pushed']:,} / {2 * n * pushes:,}" in result.stdout
+    assert end["bytes_pulled"] == pushes * 2 * n
     assert end["applied"] == 12 and end["dropped"] == 0
+    steps = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if e["event"] == "step"]
+    assert len(steps) == pushes  # per step and worker: that step's bytes, adding up to the totals
+    assert {e["step_bytes_pushed"] for e in steps} == {end["bytes_pushed"] // pushes}
+    assert {e["step_bytes_pulled"] for e in steps} == {2 * n}
     assert end["loss"] < math.log(10)  # it learned: below chance after 12 steps (bsp: the same every run)
 
 

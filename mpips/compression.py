@@ -26,8 +26,9 @@ Codecs (``CODECS``; ``wire_id`` is the push header's codec field, ``mpips.transp
   regenerates (``chunk_seed``), so only the values travel. Without error feedback the values
   are scaled by n/k (unbiased: Stich et al. 2018, Wangni et al. 2018); with it they are not
   (a contraction, as error feedback needs: Karimireddy et al. 2019).
-- ``qsgd``: stochastic rounding of |x| / ||x||_2 to ``levels`` levels, one int8 (sign * level)
-  per element and the chunk's norm; unbiased (QSGD: Alistarh et al. 2017).
+- ``qsgd``: stochastic rounding of |x| / ||bucket||_2 to ``levels`` levels in buckets of 512
+  elements, one int8 (sign * level) per element and one float32 norm per bucket; unbiased (QSGD:
+  Alistarh et al. 2017, bucket size d = 512 as in its experiments).
 - ``sign``: one bit per element and the chunk's mean magnitude ||x||_1 / n as the scale (signSGD:
   Bernstein et al. 2018; scaled sign with error feedback, EF-SignSGD: Karimireddy et al. 2019);
   biased, error feedback on by default.
@@ -226,10 +227,11 @@ class TopK(ChunkCodec):
 
     def _encode(self, x, seed):
         n, k = x.numel(), self.max_count(x.numel())
-        idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
-        vals = x[idx].numpy()
+        xn = x.numpy()
+        # numpy's introselect: ~7x faster than torch.topk here (4 M floats, k = 40 000, one thread)
+        idx = np.sort(np.argpartition(np.abs(xn), n - k)[n - k :])
         # values first: they stay 4-byte aligned whatever the index width
-        return k, 1.0, np.concatenate([vals.view(np.uint8), idx.numpy().astype(self.index_dtype(n)).view(np.uint8)])
+        return k, 1.0, np.concatenate([xn[idx].view(np.uint8), idx.astype(self.index_dtype(n)).view(np.uint8)])
 
     def count_ok(self, n, count):
         return 1 <= count <= n
@@ -259,8 +261,10 @@ class RandomK(ChunkCodec):
         return min(n, max(1, math.ceil(self.ratio * n)))
 
     def indices(self, n: int, k: int, seed: int) -> torch.Tensor:
-        """int64 [k], ascending: the entries chunk seed ``seed`` selects."""
-        return torch.randperm(n, generator=_generator(seed))[:k].sort().values
+        """int64 [k], ascending: the entries chunk seed ``seed`` selects (numpy's PCG64; its
+        sampling without replacement costs O(k), where a permutation of n costs O(n))."""
+        picked = np.random.default_rng(seed).choice(n, k, replace=False, shuffle=False)
+        return torch.from_numpy(np.sort(picked).astype(np.int64))
 
     def _encode(self, x, seed):
         n, k = x.numel(), self.max_count(x.numel())
@@ -278,36 +282,54 @@ class RandomK(ChunkCodec):
 
 
 class QSGD(ChunkCodec):
-    """Stochastic rounding to ``levels`` levels of |x| / ||x||_2; int8 per element; unbiased."""
+    """Stochastic rounding of |x| / ||bucket||_2 to ``levels`` levels, per bucket of ``BUCKET``
+    elements (the paper's bucketing: a chunk-wide norm would round nearly every entry to 0);
+    body = the buckets' float32 norms, then one int8 (sign * level) per element. Unbiased.
+    The record's scale is the largest bucket norm."""
 
     name, wire_id = "qsgd", 5
+    BUCKET = 512
 
     def __init__(self, levels: int):
         if not 1 <= levels <= 127:
             raise ValueError(f"qsgd levels {levels}: must be 1..127 (one int8 per element)")
         self.levels = levels
 
+    def _buckets(self, n: int) -> int:
+        return -(-n // self.BUCKET)
+
     def _encode(self, x, seed):
-        norm = float(torch.linalg.vector_norm(x))
-        if norm == 0.0 or not math.isfinite(norm):
-            q = torch.zeros(x.numel(), dtype=torch.int8)
-            return self.levels, norm, q.numpy()
-        r = x.abs() * (self.levels / norm)
-        noise = torch.rand(x.numel(), generator=_generator(seed))
-        level = torch.floor(r + noise).clamp_(max=self.levels)
-        return self.levels, norm, (level * torch.sign(x)).to(torch.int8).numpy()
+        n, nb = x.numel(), self._buckets(x.numel())
+        padded = torch.zeros(nb * self.BUCKET)
+        padded[:n] = x
+        rows = padded.view(nb, self.BUCKET)
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        r = rows.abs() * (self.levels / safe[:, None])
+        noise = torch.rand(nb * self.BUCKET, generator=_generator(seed)).view(nb, self.BUCKET)
+        level = torch.floor(r + noise).clamp_(max=self.levels).nan_to_num_(0.0)
+        q = (level * torch.sign(rows)).to(torch.int8).reshape(-1)[:n]
+        top = float(norms.max())
+        return self.levels, top, np.concatenate([norms.numpy().view(np.uint8), q.numpy().view(np.uint8)])
 
     def count_ok(self, n, count):
         return 1 <= count <= 127
 
     def body_bytes(self, n, count):
-        return n
+        return 4 * self._buckets(n) + n
 
     def _decode(self, n, count, scale, body, seed):
-        q = body[:n].view(np.int8)
+        nb = self._buckets(n)
+        norms = body[: 4 * nb].view(np.float32)
+        if math.isfinite(scale) and not ((norms >= 0) & (norms <= scale)).all():
+            raise PayloadError(f"bucket norms outside 0..{scale} (the record's largest)")
+        q = body[4 * nb : 4 * nb + n].view(np.int8)
         if q.size and int(np.abs(q.astype(np.int16)).max()) > count:
             raise PayloadError(f"a level above the {count} levels announced")
-        return Decoded(n, torch.from_numpy(q.astype(np.float32)) * (scale / count))
+        padded = torch.zeros(nb * self.BUCKET)
+        padded[:n] = torch.from_numpy(q.astype(np.float32))
+        values = padded.view(nb, self.BUCKET) * (torch.from_numpy(norms.copy()) / count)[:, None]
+        return Decoded(n, values.reshape(-1)[:n])
 
 
 class Sign(ChunkCodec):

@@ -44,7 +44,8 @@ def test_wire_ids_are_the_push_header_codecs():
 
 @pytest.mark.parametrize(
     ("name", "body"),
-    [("fp16", 2 * N), ("bf16", 2 * N), ("topk", 10 * 6), ("randomk", 10 * 4), ("qsgd", N), ("sign", N // 8)],
+    [("fp16", 2 * N), ("bf16", 2 * N), ("topk", 10 * 6), ("randomk", 10 * 4), ("qsgd", 4 * 2 + N),
+     ("sign", N // 8)],
 )
 def test_record_bytes(name, body):
     """16-byte record header + the body, padded to 4 bytes; topk 1% with uint16 indices."""
@@ -87,11 +88,13 @@ def test_sign_sends_the_sign_scaled_by_the_mean_magnitude():
     assert torch.allclose(y, torch.where(x >= 0, scale, -scale))
 
 
-def test_qsgd_error_is_within_one_level_of_the_norm():
+def test_qsgd_error_is_within_one_level_of_its_buckets_norm():
     x = _x()
+    x[512:] *= 100  # two buckets (512 + 488 elements) of very different norms
     y = make_codec("qsgd", levels=8).roundtrip(x, seed=3)
-    norm = float(x.norm())
-    assert torch.all((y - x).abs() <= norm / 8 * (1 + 1e-6))
+    for lo, hi in ((0, 512), (512, N)):
+        norm = float(x[lo:hi].norm())
+        assert torch.all((y[lo:hi] - x[lo:hi]).abs() <= norm / 8 * (1 + 1e-6))
     assert torch.all(torch.sign(y) * torch.sign(x) >= 0)  # never flips a sign
 
 
@@ -222,8 +225,10 @@ def test_malformed_payloads_are_refused_with_the_reason():
     bad[-1] = 7
     _rejects(codec, bad, ranges, seeds, "mask is not 0/1")
     qsgd, ranges, seeds, _, q = _payload("qsgd")
-    q[RECORD_BYTES] = 9  # a level above the 8 announced
+    q[RECORD_BYTES + 4] = 9  # the first level (after one bucket norm): above the 8 announced
     _rejects(qsgd, q, ranges, seeds, "level above the 8 levels")
+    struct.pack_into("<f", q, RECORD_BYTES, 1e30)  # a bucket norm above the record's largest
+    _rejects(qsgd, q, ranges, seeds, "bucket norms outside")
 
 
 def test_a_nan_scale_passes_only_when_the_push_says_its_gradient_is_not_finite():

@@ -325,3 +325,60 @@ def test_kill_and_resume_with_compression_is_bitwise_identical(tmp_path):
     run_train(3, *flags, *ck, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("reference.pt", "resumed.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+@pytest.mark.parametrize("codec", [["--compress", "topk", "--compress-ratio", "0.05"],
+                                   ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"]],
+                         ids=["topk-ef", "qsgd-ef"])
+def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient(codec, tmp_path_factory):
+    """1 worker, 1 server: the run ends where plain torch ends when its flat gradient goes, chunk
+    by chunk (3 chunks of 10,000 elements), through the same error feedback and codec with the
+    same seeds."""
+    from mpi4py import MPI
+
+    from mpips.compression import make_encoder
+    from mpips.config import parse_args
+    from mpips.data import open_dataset
+    from mpips.models import build_model, loss_and_correct
+    from mpips.optim import build_optimizer
+    from mpips.train import run
+
+    comm = MPI.COMM_WORLD
+    out = comm.bcast(str(tmp_path_factory.mktemp("bsp") / "final.pt") if comm.rank == 0 else None, root=0)
+    flags = ["--servers", "1", "--data-servers", "0", "--sync", "bsp", "--batch-size", "16", "--steps", "20",
+             "--seed", "5", "--chunk-bytes", "40000", "--save", out, *codec]
+    assert run(parse_args(flags), comm) == 0
+    if comm.rank == 0:
+        cfg = parse_args(flags)
+        data = open_dataset("digits", None)
+        plan = data.plan(1, 16, 5)
+        model = build_model(cfg.model, data.spec, 5)
+        params = list(model.parameters())
+        opt = build_optimizer(params, cfg.optim)
+        numel = sum(p.numel() for p in params)
+        c = cfg.compression
+        enc = make_encoder(make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()), numel, True)
+        ranges = chunk_ranges(numel, 40000)
+        assert len(ranges) == 3
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        for step in range(20):
+            x, y = data.train.take(plan.global_ids(*plan.position(step)))
+            loss, _ = loss_and_correct(model(torch.from_numpy(x)), torch.from_numpy(y))
+            opt.zero_grad()
+            loss.backward()
+            g = torch.cat([p.grad.reshape(-1) for p in params])
+            sent = torch.cat([enc.codec.roundtrip(g[a:b] + enc.residual[a:b], chunk_seed(5, step, 0, 0, i))
+                              for i, (a, b) in enumerate(ranges)])
+            for i, (a, b) in enumerate(ranges):
+                enc.encode(g[a:b], chunk_seed(5, step, 0, 0, i), a)  # the residual moves on
+            at = 0
+            for p in params:
+                p.grad.copy_(sent[at : at + p.numel()].view_as(p))
+                at += p.numel()
+            opt.step()
+        got, want = torch.load(out, weights_only=True), model.state_dict()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=2e-4, atol=2e-5, msg=f"parameter {k}")
+        assert any(not torch.allclose(start[k], want[k], atol=1e-3) for k in want)
+    comm.Barrier()

@@ -35,6 +35,7 @@ from mpips.transport import (
     Backoff,
     Codec,
     MalformedMessage,
+    NoticeSender,
     ParameterWindow,
     PullServer,
     PushHeader,
@@ -125,7 +126,9 @@ class ParameterServer:
             self.pull_mode = "message"
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
                             if self.pull_mode == "message" else None)
-        self.window.publish()
+        # bsp over windows: every worker waits for every version, so each is announced by a notice
+        self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
+        self._publish()
         mib = 4 * n / 2**20
         log.info(
             "server %d: %s elements (%.2f MiB) + %s state ~%.2f MiB; %s pulls",
@@ -151,7 +154,7 @@ class ParameterServer:
         self.clocks = [int(c) for c in state["clocks"]]
         self.window.status[Slot.APPLIED] = self.stats.applied
         self.window.status[Slot.CLOCK] = min(self.clocks)
-        self.window.publish()
+        self._publish()
 
     def serve(self) -> ServerStats:
         """Apply pushes until every worker has stopped."""
@@ -164,7 +167,7 @@ class ParameterServer:
         bsp_seen: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
         final_saved = False
-        backoff, last_progress = Backoff(), time.monotonic()
+        backoff, last_progress = Backoff.for_messages(), time.monotonic()
         while active:
             ready = self.receiver.poll()
             moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
@@ -173,6 +176,8 @@ class ParameterServer:
             for w, header, payload in ready:
                 if header.codec == Codec.STOP:
                     active.discard(w)
+                    if self.notices is not None:
+                        self.notices.close(w)
                     continue
                 if header.codec == Codec.JOIN:
                     self._join(w, header, joined)
@@ -215,10 +220,19 @@ class ParameterServer:
         faults.at("shutdown")
         if self.pull_server is not None:
             self.pull_server.close()
+        if self.notices is not None:
+            self.notices.finish(self.stall_timeout)
         wait_all(send_chunks(self.comm, self.window.params, lead, Tag.FINAL, self.chunk_bytes),
                  f"the lead worker (rank {lead}) to receive the final shard", self.stall_timeout)
         self.comm.gather(self.stats, root=lead)
         self.window.free()
+
+    def _publish(self) -> None:
+        """Publish the working shard and status as the next version; in bsp, announce it."""
+        buffer = self.window.publish()
+        if self.notices is not None:
+            status = self.window.status
+            self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]))
 
     def _serve_pulls(self) -> None:
         if self.pull_server is not None:
@@ -238,13 +252,13 @@ class ParameterServer:
             mark = self.checkpoints.due_async(self.window, min(self.clocks))
             if mark:
                 self.window.status[Slot.CHECKPOINT] = mark
-                self.window.publish()
+                self._publish()
                 return True
         if not mark or len(joined) < len(self.workers):
             return False
         # every server clears the mark before the collective save, so no worker sees it again
         self.window.status[Slot.CHECKPOINT] = 0
-        self.window.publish()
+        self._publish()
         self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
         joined.clear()
         return True
@@ -259,7 +273,7 @@ class ParameterServer:
         joined[w] = header.step
         if not self.window.status[Slot.CHECKPOINT]:  # told by a worker: publish it for the others
             self.window.status[Slot.CHECKPOINT] = mark
-            self.window.publish()
+            self._publish()
 
     # -- gradients ---------------------------------------------------------------------------
     def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor | PushGradient, np.ndarray]:
@@ -408,4 +422,4 @@ class ParameterServer:
             for piece in self.pieces:
                 piece.grad = None
         self.window.status[Slot.CLOCK] = clock
-        self.window.publish()
+        self._publish()

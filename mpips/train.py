@@ -13,6 +13,11 @@ rank's stderr) and calls MPI Abort with status 1, so the job ends instead of han
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot survive named (mpips.launch)
+    from mpips.launch import before_mpi_init
+
+    before_mpi_init()
+
 import logging
 import math
 import os

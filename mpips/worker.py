@@ -34,6 +34,7 @@ from mpips.transport import (
     PULL_CODECS,
     Codec,
     MessagePuller,
+    NoticeReceiver,
     ParameterWindow,
     Pusher,
     PushHeader,
@@ -217,6 +218,9 @@ class Worker:
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
+        # bsp over windows: the servers announce each version (transport.NoticeSender)
+        self.notices = (NoticeReceiver(self.comm, self.servers)
+                        if self.sync == "bsp" and self.pull_mode == "rma" else None)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this worker.
@@ -324,6 +328,8 @@ class Worker:
         for s in range(len(self.servers)):
             self.pusher.push(s, PushHeader(0, self.index, Codec.STOP, 0, 0, 0, 0.0, 0.0))
         self.pusher.drain()
+        if self.notices is not None:
+            self.notices.close(self.stall_timeout)
         self.source.close()
         final = server_stats = None
         me = self.comm.Get_rank()
@@ -355,6 +361,9 @@ class Worker:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
         if self.puller is not None:
             self.puller.pull(need, self.status, self.shards)
+        elif self.notices is not None:  # bsp: wait for the notices, pull the buffers they name
+            self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
+            self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
 
@@ -372,10 +381,12 @@ class Worker:
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 
-    def _lagging(self, need: int) -> str:
-        """Which servers a pull waits for, for the stall message."""
-        late = [(s, int(c)) for s, c in enumerate(self.status[:, Slot.CLOCK]) if c < need]
-        return (f"the servers to reach clock {need} (window status block): "
+    def _lagging(self, need: int, clocks: np.ndarray | None = None) -> str:
+        """Which servers a pull waits for, for the stall message (``clocks``: from notices)."""
+        told = "window status block" if clocks is None else "their notices"
+        clocks = self.status[:, Slot.CLOCK] if clocks is None else clocks
+        late = [(s, int(c)) for s, c in enumerate(clocks) if c < need]
+        return (f"the servers to reach clock {need} ({told}): "
                 + ", ".join(f"server {s} (rank {self.servers[s]} of the parameter-server communicator)"
                             f" at clock {c}" for s, c in late))
 

@@ -274,6 +274,24 @@ def test_make_codec_refuses_bad_settings():
     assert make_codec("none") is None
 
 
+
+def test_flags_and_config_files_choose_the_codecs(tmp_path):
+    from mpips.config import ConfigError, parse_args
+
+    cfg = parse_args(["--compress", "topk", "--compress-ratio", "0.05"]).compression
+    assert (cfg.compress, cfg.compress_ratio, cfg.feedback(), cfg.pull_codec) == ("topk", 0.05, True, "fp32")
+    assert not parse_args(["--compress", "topk", "--no-error-feedback"]).compression.feedback()
+    assert not parse_args(["--compress", "qsgd"]).compression.feedback()  # unbiased: off by default
+    toml = tmp_path / "run.toml"
+    toml.write_text('[compression]\ncompress = "sign"\npull-codec = "bf16"\nerror-feedback = false\n')
+    cfg = parse_args(["--config", str(toml)]).compression
+    assert (cfg.compress, cfg.pull_codec, cfg.feedback()) == ("sign", "bf16", False)
+    for argv, message in ((["--compress-ratio", "0"], r"^--compress-ratio must be in \(0, 1\] \(got 0.0\)$"),
+                          (["--qsgd-levels", "200"], r"^--qsgd-levels must be between 1 and 127 \(got 200\)$"),
+                          (["--compress", "zip"], r"^argument --compress: invalid choice: 'zip'")):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(argv)
+
 # -- end to end (mpirun through tests/helpers.py) ---------------------------------------------------
 E2E = ("--data-servers", "0", "--steps", "12", "--log-every", "100", "--stall-timeout", "20")
 # as tests/test_checkpoint.py: a frozen layer, a never-called one and BatchNorm buffers

@@ -18,8 +18,8 @@ into a ``MalformedMessage`` naming the worker.
 Codecs (``CODECS``; ``wire_id`` is the push header's codec field, ``mpips.transport.Codec``):
 
 - ``fp16`` / ``bf16``: every element in 16 bits (fp16 saturates at +-65504 instead of overflowing).
-- ``topk``: the ``ratio`` fraction of entries largest in magnitude, as k float32 values then
-  their k indices, ascending (uint16 where the chunk has at most 65536 elements, else int32);
+- ``topk``: the ``ratio`` fraction of entries largest in magnitude, as k float32 values, a
+  count per block of 65536 elements and each index's low 16 bits, ascending (6 bytes per entry);
   biased, so error feedback is on by default (top-k sparsification with memory: Stich et al.
   2018; Aji & Heafield 2017; deep gradient compression: Lin et al. 2018).
 - ``randomk``: ``ratio`` of the entries chosen by a seeded permutation that the server
@@ -211,9 +211,16 @@ class Half(ChunkCodec):
 
 
 class TopK(ChunkCodec):
-    """The ``ratio`` fraction (at least one) of entries largest in magnitude; biased."""
+    """The ``ratio`` fraction (at least one) of entries largest in magnitude; biased.
+
+    Body: the k values (float32), then how many of them fall in each block of 65536 elements
+    (uint32 per block), then each index's low 16 bits (uint16), ascending: 6 bytes per entry
+    plus 4 per block, where int32 indices would take 8 (at 1% of a 1 M-element chunk: 66x fewer
+    bytes than float32 instead of 50x).
+    """
 
     name, wire_id, sparse = "topk", 3, True
+    BLOCK = 2**16
 
     def __init__(self, ratio: float):
         self.ratio = ratio
@@ -221,27 +228,33 @@ class TopK(ChunkCodec):
     def max_count(self, n):
         return min(n, max(1, math.ceil(self.ratio * n)))
 
-    @staticmethod
-    def index_dtype(n: int) -> type:
-        return np.uint16 if n <= 2**16 else np.int32
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.BLOCK)
 
     def _encode(self, x, seed):
         n, k = x.numel(), self.max_count(x.numel())
         xn = x.numpy()
         # numpy's introselect: ~7x faster than torch.topk here (4 M floats, k = 40 000, one thread)
         idx = np.sort(np.argpartition(np.abs(xn), n - k)[n - k :])
-        # values first: they stay 4-byte aligned whatever the index width
-        return k, 1.0, np.concatenate([xn[idx].view(np.uint8), idx.astype(self.index_dtype(n)).view(np.uint8)])
+        counts = np.bincount(idx // self.BLOCK, minlength=self._blocks(n)).astype(np.uint32)
+        low = (idx % self.BLOCK).astype(np.uint16)
+        # values first, then the counts: both stay 4-byte aligned
+        return k, 1.0, np.concatenate([xn[idx].view(np.uint8), counts.view(np.uint8), low.view(np.uint8)])
 
     def count_ok(self, n, count):
         return 1 <= count <= n
 
     def body_bytes(self, n, count):
-        return count * (np.dtype(self.index_dtype(n)).itemsize + 4)
+        return 6 * count + 4 * self._blocks(n)
 
     def _decode(self, n, count, scale, body, seed):
-        idx = body[4 * count :].view(self.index_dtype(n)).astype(np.int64)
-        if idx.size and (idx[0] < 0 or idx[-1] >= n or (np.diff(idx) <= 0).any()):
+        nb = self._blocks(n)
+        counts = body[4 * count : 4 * count + 4 * nb].view(np.uint32).astype(np.int64)
+        if int(counts.sum()) != count:
+            raise PayloadError(f"block counts add up to {int(counts.sum())}, not the {count} entries")
+        low = body[4 * count + 4 * nb : 6 * count + 4 * nb].view(np.uint16).astype(np.int64)
+        idx = low + self.BLOCK * np.repeat(np.arange(nb, dtype=np.int64), counts)
+        if idx.size and (idx[-1] >= n or (np.diff(idx) <= 0).any()):
             raise PayloadError(f"indices not ascending inside 0..{n - 1}")
         return Decoded(n, torch.from_numpy(body[: 4 * count].view(np.float32)), torch.from_numpy(idx))
 

@@ -44,7 +44,7 @@ def test_wire_ids_are_the_push_header_codecs():
 
 @pytest.mark.parametrize(
     ("name", "body"),
-    [("fp16", 2 * N), ("bf16", 2 * N), ("topk", 10 * 6), ("randomk", 10 * 4), ("qsgd", 4 * 2 + N),
+    [("fp16", 2 * N), ("bf16", 2 * N), ("topk", 10 * 6 + 4), ("randomk", 10 * 4), ("qsgd", 4 * 2 + N),
      ("sign", N // 8)],
 )
 def test_record_bytes(name, body):
@@ -53,11 +53,17 @@ def test_record_bytes(name, body):
     assert record.nbytes == RECORD_BYTES + (body + 3) // 4 * 4
 
 
-def test_topk_uses_int32_indices_above_65536_elements():
-    n = 2**16 + 1
-    record = make_codec("topk", ratio=0.001).encode(_x(n), seed=0)
+def test_topk_sends_6_bytes_per_entry_and_a_count_per_65536_elements():
+    n = 3 * 2**16 + 5  # 4 blocks
+    x = _x(n)
+    codec = make_codec("topk", ratio=0.001)
+    record = codec.encode(x, seed=0)
     k = math.ceil(0.001 * n)
-    assert record.nbytes == RECORD_BYTES + 8 * k
+    assert record.nbytes == RECORD_BYTES + (6 * k + 4 * 4 + 3) // 4 * 4
+    y = codec.roundtrip(x)
+    kept = y != 0
+    assert int(kept.sum()) == k and torch.equal(y[kept], x[kept])
+    assert x[kept].abs().min() >= x[~kept].abs().max()
 
 
 @pytest.mark.parametrize(("name", "bound"), [("fp16", 2**-11), ("bf16", 2**-8)])
@@ -205,7 +211,7 @@ def _rejects(codec, payload, ranges, seeds, match):
 
 def test_malformed_payloads_are_refused_with_the_reason():
     codec, ranges, seeds, _, payload = _payload("topk")
-    rec = RECORD_BYTES + 5 * 6 + 2  # one chunk's record: 5 values, 5 uint16 indices, padding
+    rec = RECORD_BYTES + 5 * 6 + 4 + 2  # one chunk's record: 5 values, 1 block count, 5 uint16 indices, padding
     bad = payload.copy()
     struct.pack_into("<I", bad, 0, 99)
     _rejects(codec, bad, ranges, seeds, "chunk 0 .*record for 99 elements")
@@ -216,8 +222,11 @@ def test_malformed_payloads_are_refused_with_the_reason():
     struct.pack_into("<f", bad, rec + 12, float("nan"))
     _rejects(codec, bad, ranges, seeds, "chunk 1 .*scale nan")
     bad = payload.copy()
-    bad[RECORD_BYTES + 20 : RECORD_BYTES + 22] = np.frombuffer(struct.pack("<H", 100), np.uint8)
+    bad[RECORD_BYTES + 24 : RECORD_BYTES + 26] = np.frombuffer(struct.pack("<H", 100), np.uint8)
     _rejects(codec, bad, ranges, seeds, "indices not ascending inside 0..99")
+    bad = payload.copy()
+    struct.pack_into("<I", bad, RECORD_BYTES + 20, 4)  # the block count: 4 of the 5 entries
+    _rejects(codec, bad, ranges, seeds, "block counts add up to 4, not the 5 entries")
     _rejects(codec, payload[:-3], ranges, seeds, "chunk 2")
     _rejects(codec, np.concatenate([payload[:-2], [0, 0, 0, 0, 1, 0]]).astype(np.uint8), ranges, seeds,
              "records and mask take")
@@ -306,7 +315,7 @@ def _end_event(path) -> dict:
 
 def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes_and_bf16_pulls_half(tmp_path):
     """The default MLP, 2 workers, 12 bsp steps with topk 1% and --pull-codec bf16: every push
-    is its header, one topk record (k values, k uint16 indices) and the tensor mask, against
+    is its header, one topk record (k values, one block count, k uint16 indices) and the tensor mask, against
     header + 4 bytes per element + mask for float32 (``Codec.RAW32``); every pull 2 bytes per
     element instead of 4."""
     result = run_train(3, *E2E, "--compress", "topk", "--pull-codec", "bf16", "--metrics",
@@ -315,7 +324,7 @@ def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes_and_bf16_pulls_hal
     runs, n = (int(v.replace(",", "")) for v in re.search(r"shard plan: (\d+) tensors, ([\d,]+) parameters",
                                                           result.stdout).groups())
     pushes, k = 2 * 12, math.ceil(0.01 * n)
-    assert end["bytes_pushed"] == pushes * (HEADER_BYTES + RECORD_BYTES + (6 * k + 3) // 4 * 4 + runs)
+    assert end["bytes_pushed"] == pushes * (HEADER_BYTES + RECORD_BYTES + (6 * k + 4 + 3) // 4 * 4 + runs)
     assert pushes * (HEADER_BYTES + 4 * n + runs) / end["bytes_pushed"] >= 50
     assert f"bytes pushed / pulled (all workers)     {end['bytes_pushed']:,} / {2 * n * pushes:,}" in result.stdout
     assert end["bytes_pulled"] == pushes * 2 * n

@@ -27,11 +27,8 @@ from mpips.compression import (
     parse_payload,
     payload_bound,
 )
-from mpips.config import CompressionConfig, OptimConfig
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
-from mpips.shard import ShardPlan
 from mpips.transport import (
-    DEFAULT_CHUNK_BYTES,
     Backoff,
     Codec,
     MalformedMessage,
@@ -48,7 +45,7 @@ from mpips.transport import (
 )
 
 if TYPE_CHECKING:
-    from mpips.checkpoint import Checkpointing
+    from mpips.layout import PSContext
 
 __all__ = ["ParameterServer", "ServerStats"]
 
@@ -69,36 +66,23 @@ class ParameterServer:
     """Owns shard ``index`` of the flat parameter vector.
 
     Args:
-        comm: the parameter-server communicator (servers and workers).
-        servers: the server communicator (for the global gradient norm in bsp).
+        ctx: what servers and workers share (communicator, ranks, plan, settings, checkpoints).
         index: this server's shard index.
-        workers: ranks of the workers in ``comm``, by worker index.
-        init: the initial values of this shard (float32).
-        plan: the shard plan (which tensor runs make up this shard).
-        optim: optimizer settings.
-        sync: "bsp", "asp" or "ssp".
-        total_steps: global steps of the run (for the lr schedule).
+        init: the initial values of this shard (float32 [shard elements]); the window takes it
+            over as its working copy.
+        servers: the server communicator (for the global gradient norm and checkpoint marks in bsp).
         batch_size: per-worker batch (samples above this in a header are rejected).
-        pull: "rma" or "message".
-        stall_timeout: seconds without any push before the server reports a stall.
-        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
-        compression: the codec workers push with (``--compress`` ...); None = raw float32.
-        seed: the job's seed (randomk regenerates each chunk's indices from it).
     """
 
-    def __init__(
-        self, *, comm: MPI.Comm, servers: MPI.Comm, index: int, workers: list[int], init: np.ndarray,
-        plan: ShardPlan, optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str,
-        stall_timeout: float, checkpoints: Checkpointing | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        compression: CompressionConfig | None = None, seed: int = 0,
-    ):
-        self.compression, self.seed = compression, seed
-        self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
-        self.init, self.plan, self.cfg, self.sync = init, plan, optim, sync
-        self.total_steps, self.batch_size, self.pull_mode = total_steps, batch_size, pull
-        self.stall_timeout, self.checkpoints, self.chunk_bytes = stall_timeout, checkpoints, chunk_bytes
+    def __init__(self, ctx: PSContext, index: int, init: np.ndarray, servers: MPI.Comm, batch_size: int):
+        self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
+        self.comm, self.workers, self.plan, self.cfg = ctx.comm, ctx.workers, ctx.plan, ctx.optim
+        self.sync, self.total_steps, self.pull_mode = ctx.train.sync, ctx.total_steps, ctx.pull
+        self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
+        self.checkpoints = ctx.checkpoints
+        self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
         self.stats = ServerStats()
-        self.clocks = [0] * len(workers)  # steps each worker has completed, as received here
+        self.clocks = [0] * len(self.workers)  # steps each worker has completed, as received here
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from mpips import faults
@@ -29,7 +28,6 @@ from mpips.models import loss_and_correct
 from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.transport import (
-    DEFAULT_CHUNK_BYTES,
     HEADER_BYTES,
     PULL_CODECS,
     Codec,
@@ -46,8 +44,7 @@ from mpips.transport import (
 )
 
 if TYPE_CHECKING:
-    from mpips.checkpoint import Checkpointing
-    from mpips.config import CompressionConfig
+    from mpips.layout import PSContext
 
 __all__ = ["FlatModel", "Worker", "evaluate"]
 
@@ -157,44 +154,38 @@ class WorkerStats:
 
 
 class Worker:
-    """Worker ``index`` of the parameter-server communicator ``comm``.
+    """Worker ``index``: pulls parameters, computes a gradient on its batch, pushes it.
 
     Args:
-        comm: parameter-server communicator (servers and workers).
+        ctx: what servers and workers share (communicator, ranks, plan, settings, checkpoints).
         index: worker index (0..W-1).
-        servers: server ranks in ``comm``, by shard index.
         flat: the model in flat buffers.
         source: where batches come from.
         epoch_plan: the sample-order contract.
-        sync: "bsp", "asp" or "ssp"; ``staleness`` bounds ssp.
-        total_steps: global steps to run (``load_state_dict`` sets where to start).
-        pull: "rma" or "message".
-        checkpoints: checkpoint and stop requests (``mpips.checkpoint.Checkpointing``).
-        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
-        compression: the push codec and error feedback (``--compress`` ...); None = raw float32.
-        seed: the job's seed (randomk and qsgd draw from it with ``chunk_seed``).
+        metrics: JSON-lines events; progress: the lead's progress line.
+        on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
+            evaluation), or None.
     """
 
     def __init__(
-        self, *, comm: MPI.Comm, index: int, servers: list[int], flat: FlatModel, source: BatchSource,
-        epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
-        max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
-        checkpoints: Checkpointing, eval_every: int = 0, on_eval: Callable[[int], None] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES, compression: CompressionConfig | None = None, seed: int = 0,
+        self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
+        metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
     ):
-        self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
-        self.compression, self.seed = compression, seed
+        self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
+        self.metrics, self.progress, self.on_eval = metrics, progress, on_eval
+        train = ctx.train
+        self.comm, self.servers, self.checkpoints = ctx.comm, ctx.servers, ctx.checkpoints
+        self.sync, self.staleness, self.eval_every = train.sync, train.staleness, train.eval_every
+        self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
+        self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
+        self.chunk_bytes = train.chunk_bytes
+        self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
         self.codec, self.encoder = None, None  # set by start()
-        self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
-        self.total_steps, self.pull_mode = total_steps, pull
-        self.max_inflight, self.stall_timeout = max_inflight, stall_timeout
-        self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
         self.stats = WorkerStats()
-        self.checkpoints, self.chunk_bytes = checkpoints, chunk_bytes
-        self.position = 0  # the next step this worker computes
+        self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
-        self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
+        self.status = np.zeros((len(self.servers), HEADER_BYTES // 8), dtype=np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -1,5 +1,9 @@
 """Parameter-server role: hold one shard, receive pushes, apply the optimizer, publish versions.
 
+Pushes are raw float32 or, with ``--compress``, one validated codec record per chunk of the
+slice (``mpips.compression``): bsp adds them into its accumulator in worker order (sparse
+chunks with ``index_add_``), asp/ssp decode them into a dense gradient first.
+
 Lifecycle (collective steps are over the parameter-server communicator, servers + workers):
 ``start()`` creates the window (collective) -> ``serve()`` applies gradients until every worker
 has sent its stop message -> ``finish()`` sends the final shard to the lead worker (in chunks)

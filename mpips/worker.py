@@ -1,8 +1,10 @@
 """Worker role: pull parameters, compute a gradient on its batch, push it to the servers.
 
 The model's parameters and gradients are views into two flat float32 buffers laid out by the
-ShardPlan, so a pull writes straight into the model (no copy on the CPU) and each server's slice
-of the gradient is a contiguous range that is sent as it is.
+ShardPlan, so a pull writes straight into the model (no copy on the CPU; with ``--pull-codec``
+bf16/fp16 the window widens what it read) and each server's slice of the gradient is a
+contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
+(``mpips.compression``, error-feedback residuals in ``state_dict``).
 
 Lifecycle: ``start()`` creates the window (collective over the parameter-server communicator)
 -> ``run()`` trains -> ``finish()`` sends the stop messages, receives the final parameters (lead

@@ -24,7 +24,8 @@ applied before the whole push is in and valid (``MalformedMessage`` otherwise, n
 The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
 server has matched it, whatever the MPI's eager limit.
 
-A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32 shard;
+A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the shard (float32,
+or bf16/fp16 with ``--pull-codec``: pulls widen it);
 a window pull ``Rget``s the status block, then the shard in chunks, under one shared lock. A
 message pull (tag ``PULL_REQUEST``, one int64: the clock needed) is answered with the same bytes
 (status block + shard) in chunks, tag ``PULL_REPLY``. The final parameters go from each server

@@ -190,7 +190,7 @@ def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardP
                 ckpt: Checkpointing) -> PSContext:
     return PSContext(comm=ps_comm, servers=[_ps_rank(layout, r) for r in layout.servers],
                      workers=[_ps_rank(layout, r) for r in layout.workers], plan=plan, train=cfg.train,
-                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt)
+                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt, compression=cfg.compression)
 
 
 def _run_server(
@@ -284,6 +284,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     loss, acc = result if result is not None else (None, None)
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     servers = worker.server_stats
+    pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
     rows = {
         "steps": steps,
         "held-out loss": none if loss is None else loss,
@@ -296,6 +297,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
         "max staleness applied": max(s.max_staleness for s in servers),
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
+        "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
     print(format_table(rows, "final metrics"), flush=True)
     if result is not None:
@@ -303,7 +305,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.event(
         "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
         dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
-        staleness=[x for s in servers for x in s.staleness],
+        staleness=[x for s in servers for x in s.staleness], bytes_pushed=pushed, bytes_pulled=pulled,
     )
     _save_model(cfg, flat)
 

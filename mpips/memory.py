@@ -32,10 +32,10 @@ def expected_bytes_per_param(
         {buffer name: bytes per parameter}, plus "total". Activations and the batch are not in it.
     """
     if role == "server":
-        # torch.optim's single-tensor steps allocate: Adam sqrt(v) and its quotient (the
-        # denominator), nesterov its look-ahead gradient, weight decay grad + wd * param
-        temporaries = {"adam": 2, "adamw": 2, "nesterov": 1}.get(optimizer, 0)
-        temporaries += weight_decay != 0 and optimizer != "adamw"
+        # torch.optim's single-tensor SGD steps allocate: nesterov its look-ahead gradient,
+        # weight decay grad + wd * param; Adam and AdamW run fused, in place (mpips.optim)
+        temporaries = 1 if optimizer == "nesterov" else 0
+        temporaries += weight_decay != 0 and optimizer not in ("adam", "adamw")
         parts = {
             "working copy": FLOAT,
             "two published versions (RMA windows)": 2 * FLOAT,

@@ -24,9 +24,9 @@ from torch import nn
 from mpips import faults
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
-from mpips.models import loss_and_correct
 from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
+from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.transport import (
     DEFAULT_CHUNK_BYTES,
     HEADER_BYTES,
@@ -118,24 +118,31 @@ class FlatModel:
 
 
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512
-) -> tuple[float, float] | None:
-    """Mean loss and accuracy of ``model`` on (x, y); None when there are no samples."""
+    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
+    task: str = "classification", loss: LossFn | None = None,
+) -> dict[str, float] | None:
+    """Held-out metrics of ``model`` on (x, y) by name (``mpips.tasks.TaskMetrics``: ``loss`` and
+    ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``), in eval mode, ``batch``
+    samples at a time; None when there are no samples.
+
+    Args:
+        x, y: inputs ``(N, *shape)`` and targets ``(N, *target)`` as the workers get them.
+        task: ``classification`` | ``regression`` | ``multilabel`` | ``tokens``.
+        loss: the job's loss ``(output, target) -> scalar`` (default: cross-entropy).
+    """
     if len(y) == 0:
         return None
+    loss = loss if loss is not None else cross_entropy
+    metrics = TaskMetrics(task)
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(y), batch):
             xb = torch.from_numpy(x[i : i + batch]).to(device)
             yb = torch.from_numpy(y[i : i + batch]).to(device)
-            loss, ok = loss_and_correct(model(xb), yb)
-            n = yb.numel()
-            total_loss += float(loss) * n
-            correct += ok
-            count += n
+            out = model(xb)
+            metrics.update(out, yb, loss(out, yb))
     model.train()
-    return total_loss / count, correct / count
+    return metrics.result()
 
 
 @dataclass
@@ -167,6 +174,7 @@ class Worker:
         pull: "rma" or "message".
         checkpoints: checkpoint and stop requests (``mpips.checkpoint.Checkpointing``).
         chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
+        loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
     """
 
     def __init__(
@@ -174,7 +182,7 @@ class Worker:
         epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
         max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
         checkpoints: Checkpointing, eval_every: int = 0, on_eval: Callable[[int], None] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, loss: LossFn | None = None,
     ):
         self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
         self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
@@ -183,6 +191,7 @@ class Worker:
         self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
         self.stats = WorkerStats()
         self.checkpoints, self.chunk_bytes = checkpoints, chunk_bytes
+        self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.position = 0  # the next step this worker computes
         self.data_wait = 0.0
         self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
@@ -241,7 +250,7 @@ class Worker:
             if len(batch):
                 x = torch.from_numpy(batch.x).to(flat.device)
                 y = torch.from_numpy(batch.y).to(flat.device)
-                loss, _ = loss_and_correct(model(x), y)
+                loss = self.loss(model(x), y)
                 loss.backward()
                 loss = loss.detach()
             flat.before_push()

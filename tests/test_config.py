@@ -114,7 +114,8 @@ def test_help_states_the_factory_contract():
     start = readme.index("### Your own model")
     section = readme[start:readme.index("\n## ", start)]
     for words in ("`input_shape`: a tuple of ints", "`num_classes`: an int", "only if the factory's",
-                  "parameters are all float32", "`(B, num_classes)`"):
+                  "`task`: a str", "`target_shape`: a tuple of ints", "parameters are all float32",
+                  "`(B, num_classes)`"):
         assert words in section, words
 
 

@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--dir", default="regression-data")
+    parser.add_argument("--metrics", help="JSON-lines events (step, eval, end) to this file")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     if comm.Get_rank() == 0 and not os.path.exists(os.path.join(args.dir, "val.h5")):
@@ -63,7 +64,7 @@ def main() -> None:
         linear, loss=squared_error, data=os.path.join(args.dir, "train_*.h5"),
         val_data=os.path.join(args.dir, "val.h5"),
         config={"x_key": "features", "y_key": "target", "steps": args.steps, "optimizer": "sgd", "lr": 0.1,
-                "lr_schedule": "cosine", "log_every": max(1, args.steps // 5)},
+                "lr_schedule": "cosine", "log_every": max(1, args.steps // 5), "metrics": args.metrics},
     )
     if result.lead:
         m = result.metrics

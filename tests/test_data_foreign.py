@@ -113,7 +113,7 @@ def test_open_dataset_reads_files_in_place_with_their_held_out_file(tmp_path):
         open_dataset("digits", paths, x_key="img", y_key="label", data_servers=4)
 
 
-def test_prepare_regression_and_multilabel_keep_float_and_0_1_targets(tmp_path):
+def test_prepare_regression_multilabel_and_tokens_keep_their_targets(tmp_path):
     from mpips.data.__main__ import main
 
     rng = np.random.default_rng(0)
@@ -130,6 +130,14 @@ def test_prepare_regression_and_multilabel_keep_float_and_0_1_targets(tmp_path):
     assert data.spec.task == "multilabel" and data.spec.num_classes == 5
     np.savez(tmp_path / "bad.npz", x=rng.standard_normal((30, 3)), y=rng.integers(0, 3, (30, 5)))
     assert main(["prepare", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "b.h5"), "--task", "multilabel"]) == 2
+    seq = rng.integers(0, 7, (30, 9))
+    np.savez(tmp_path / "t.npz", x=seq[:, :-1], y=seq[:, 1:])
+    assert main(["prepare", str(tmp_path / "t.npz"), "-o", str(tmp_path / "t.h5"), "--task", "tokens",
+                 "--num-classes", "10"]) == 0
+    data = open_dataset("digits", str(tmp_path / "t.h5"))
+    assert data.spec.task == "tokens" and data.spec.num_classes == 10 and data.spec.input_shape == (8,)
+    x, y = data.train.take(np.arange(3))
+    assert x.dtype == y.dtype == np.int64 and np.array_equal(x[:, 1:], y[:, :-1])
 
 
 @pytest.mark.mpi(min_size=4, sizes=(4,))

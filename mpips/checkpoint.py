@@ -287,9 +287,15 @@ class Preemption:
 
     @classmethod
     def install(cls) -> Preemption:
+        """Handle the stop signals from now on; one held since start-up (``mpips.launch``) counts."""
+        from mpips.launch import take_held_signal
+
         p = cls()
         for sig in cls.SIGNALS:
             signal.signal(sig, p._handle)
+        held = take_held_signal()
+        if held:
+            p.requested, p.signal_name = True, held
         return p
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -19,7 +19,11 @@ from mpips.text import plural
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["LayoutError", "Role", "RoleComms", "RoleLayout"]
+    from mpips.checkpoint import Checkpointing
+    from mpips.config import OptimConfig, TrainConfig
+    from mpips.shard import ShardPlan
+
+__all__ = ["LayoutError", "PSContext", "Role", "RoleComms", "RoleLayout"]
 
 
 class LayoutError(ValueError):
@@ -141,3 +145,31 @@ class RoleComms:
         if self.role is not None:
             self.role.Free()
             self.role = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PSContext:
+    """What the parameter servers and workers of one job share; each role takes this and its own parts.
+
+    Attributes:
+        comm: the parameter-server communicator (servers and workers, world order).
+        servers: the servers' ranks in ``comm``, by shard index.
+        workers: the workers' ranks in ``comm``, by worker index.
+        plan: which tensor runs make up each server's shard.
+        train: the run's settings (sync, staleness, max_inflight, stall_timeout, chunk_bytes, ...).
+        optim: the servers' optimizer settings.
+        pull: "rma" or "message": ``train.pull`` resolved for this MPI (a role falls back to
+            messages where its window has no RMA).
+        total_steps: global steps of the run.
+        checkpoints: this rank's checkpointing (``mpips.checkpoint.Checkpointing``), or None.
+    """
+
+    comm: MPI.Comm
+    servers: list[int]
+    workers: list[int]
+    plan: ShardPlan
+    train: TrainConfig
+    optim: OptimConfig
+    pull: str
+    total_steps: int
+    checkpoints: Checkpointing | None = None

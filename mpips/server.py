@@ -18,14 +18,12 @@ import torch
 from mpi4py import MPI
 
 from mpips import faults
-from mpips.config import OptimConfig
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
-from mpips.shard import ShardPlan
 from mpips.transport import (
-    DEFAULT_CHUNK_BYTES,
     Backoff,
     Codec,
     MalformedMessage,
+    NoticeSender,
     ParameterWindow,
     PullServer,
     PushHeader,
@@ -38,7 +36,7 @@ from mpips.transport import (
 )
 
 if TYPE_CHECKING:
-    from mpips.checkpoint import Checkpointing
+    from mpips.layout import PSContext
 
 __all__ = ["ParameterServer", "ServerStats"]
 
@@ -59,32 +57,22 @@ class ParameterServer:
     """Owns shard ``index`` of the flat parameter vector.
 
     Args:
-        comm: the parameter-server communicator (servers and workers).
-        servers: the server communicator (for the global gradient norm in bsp).
+        ctx: what servers and workers share (communicator, ranks, plan, settings, checkpoints).
         index: this server's shard index.
-        workers: ranks of the workers in ``comm``, by worker index.
-        init: the initial values of this shard (float32).
-        plan: the shard plan (which tensor runs make up this shard).
-        optim: optimizer settings.
-        sync: "bsp", "asp" or "ssp".
-        total_steps: global steps of the run (for the lr schedule).
+        init: the initial values of this shard (float32 [shard elements]); the window takes it
+            over as its working copy.
+        servers: the server communicator (for the global gradient norm and checkpoint marks in bsp).
         batch_size: per-worker batch (samples above this in a header are rejected).
-        pull: "rma" or "message".
-        stall_timeout: seconds without any push before the server reports a stall.
-        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
     """
 
-    def __init__(
-        self, *, comm: MPI.Comm, servers: MPI.Comm, index: int, workers: list[int], init: np.ndarray,
-        plan: ShardPlan, optim: OptimConfig, sync: str, total_steps: int, batch_size: int, pull: str,
-        stall_timeout: float, checkpoints: Checkpointing | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ):
-        self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
-        self.init, self.plan, self.cfg, self.sync = init, plan, optim, sync
-        self.total_steps, self.batch_size, self.pull_mode = total_steps, batch_size, pull
-        self.stall_timeout, self.checkpoints, self.chunk_bytes = stall_timeout, checkpoints, chunk_bytes
+    def __init__(self, ctx: PSContext, index: int, init: np.ndarray, servers: MPI.Comm, batch_size: int):
+        self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
+        self.comm, self.workers, self.plan, self.cfg = ctx.comm, ctx.workers, ctx.plan, ctx.optim
+        self.sync, self.total_steps, self.pull_mode = ctx.train.sync, ctx.total_steps, ctx.pull
+        self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
+        self.checkpoints = ctx.checkpoints
         self.stats = ServerStats()
-        self.clocks = [0] * len(workers)  # steps each worker has completed, as received here
+        self.clocks = [0] * len(self.workers)  # steps each worker has completed, as received here
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,7 +95,9 @@ class ParameterServer:
             self.pull_mode = "message"
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
                             if self.pull_mode == "message" else None)
-        self.window.publish()
+        # bsp over windows: every worker waits for every version, so each is announced by a notice
+        self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
+        self._publish()
         mib = 4 * n / 2**20
         log.info(
             "server %d: %s elements (%.2f MiB) + %s state ~%.2f MiB; %s pulls",
@@ -133,7 +123,7 @@ class ParameterServer:
         self.clocks = [int(c) for c in state["clocks"]]
         self.window.status[Slot.APPLIED] = self.stats.applied
         self.window.status[Slot.CLOCK] = min(self.clocks)
-        self.window.publish()
+        self._publish()
 
     def serve(self) -> ServerStats:
         """Apply pushes until every worker has stopped."""
@@ -146,7 +136,7 @@ class ParameterServer:
         bsp_seen: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
         final_saved = False
-        backoff, last_progress = Backoff(), time.monotonic()
+        backoff, last_progress = Backoff.for_messages(), time.monotonic()
         while active:
             ready = self.receiver.poll()
             moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
@@ -155,6 +145,8 @@ class ParameterServer:
             for w, header, payload in ready:
                 if header.codec == Codec.STOP:
                     active.discard(w)
+                    if self.notices is not None:
+                        self.notices.close(w)
                     continue
                 if header.codec == Codec.JOIN:
                     self._join(w, header, joined)
@@ -195,10 +187,19 @@ class ParameterServer:
         faults.at("shutdown")
         if self.pull_server is not None:
             self.pull_server.close()
+        if self.notices is not None:
+            self.notices.finish(self.stall_timeout)
         wait_all(send_chunks(self.comm, self.window.params, lead, Tag.FINAL, self.chunk_bytes),
                  f"the lead worker (rank {lead}) to receive the final shard", self.stall_timeout)
         self.comm.gather(self.stats, root=lead)
         self.window.free()
+
+    def _publish(self) -> None:
+        """Publish the working shard and status as the next version; in bsp, announce it."""
+        buffer = self.window.publish()
+        if self.notices is not None:
+            status = self.window.status
+            self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]))
 
     def _serve_pulls(self) -> None:
         if self.pull_server is not None:
@@ -218,13 +219,13 @@ class ParameterServer:
             mark = self.checkpoints.due_async(self.window, min(self.clocks))
             if mark:
                 self.window.status[Slot.CHECKPOINT] = mark
-                self.window.publish()
+                self._publish()
                 return True
         if not mark or len(joined) < len(self.workers):
             return False
         # every server clears the mark before the collective save, so no worker sees it again
         self.window.status[Slot.CHECKPOINT] = 0
-        self.window.publish()
+        self._publish()
         self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
         joined.clear()
         return True
@@ -239,7 +240,7 @@ class ParameterServer:
         joined[w] = header.step
         if not self.window.status[Slot.CHECKPOINT]:  # told by a worker: publish it for the others
             self.window.status[Slot.CHECKPOINT] = mark
-            self.window.publish()
+            self._publish()
 
     # -- gradients ---------------------------------------------------------------------------
     def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -365,4 +366,4 @@ class ParameterServer:
             for piece in self.pieces:
                 piece.grad = None
         self.window.status[Slot.CLOCK] = clock
-        self.window.publish()
+        self._publish()

@@ -13,6 +13,11 @@ rank's stderr) and calls MPI Abort with status 1, so the job ends instead of han
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot survive named (mpips.launch)
+    from mpips.launch import before_mpi_init
+
+    before_mpi_init()
+
 import logging
 import math
 import os
@@ -31,7 +36,7 @@ from mpips.chunking import chunk_count
 from mpips.config import Config
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.errors import agree
-from mpips.layout import Role, RoleComms, RoleLayout
+from mpips.layout import PSContext, Role, RoleComms, RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import ModelError
@@ -252,15 +257,18 @@ def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.nda
     return out
 
 
+def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardPlan, steps: int, pull: str,
+                ckpt: Checkpointing) -> PSContext:
+    return PSContext(comm=ps_comm, servers=[_ps_rank(layout, r) for r in layout.servers],
+                     workers=[_ps_rank(layout, r) for r in layout.workers], plan=plan, train=cfg.train,
+                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt)
+
+
 def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog) -> None:
     index = layout.index_of(comms.world.Get_rank())
     ckpt.bind(ps_comm, "server", index)
-    server = ParameterServer(
-        comm=ps_comm, servers=comms.role, index=index,
-        workers=[_ps_rank(layout, r) for r in layout.workers], init=init.pop(), plan=plan,
-        optim=cfg.optim, sync=cfg.train.sync, total_steps=steps, batch_size=cfg.data.batch_size,
-        pull=pull, stall_timeout=cfg.train.stall_timeout, checkpoints=ckpt, chunk_bytes=cfg.train.chunk_bytes,
-    )
+    server = ParameterServer(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, init.pop(),
+                             comms.role, cfg.data.batch_size)
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         server.start()
     resumed = ckpt.server_state(server.state_dict())  # any --servers: the flat vector is re-cut here
@@ -303,14 +311,9 @@ def _run_worker(
         metrics.event("eval", step, **result)
         print(f"eval step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
 
-    worker = Worker(
-        comm=ps_comm, index=index, servers=[_ps_rank(layout, r) for r in layout.servers], flat=flat,
-        source=source, epoch_plan=epoch_plan, sync=cfg.train.sync, staleness=cfg.train.staleness,
-        total_steps=steps, pull=pull, max_inflight=cfg.train.max_inflight,
-        stall_timeout=cfg.train.stall_timeout, metrics=metrics, progress=progress, checkpoints=ckpt,
-        eval_every=cfg.train.eval_every, on_eval=on_eval if lead else None, chunk_bytes=cfg.train.chunk_bytes,
-        loss=job.loss,
-    )
+    worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
+                    metrics, progress, on_eval if lead else None,
+                    loss=job.loss)
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
     if lead:  # only now: the windows may have fallen back to message pulls

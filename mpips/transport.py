@@ -55,6 +55,8 @@ __all__ = [
     "Codec",
     "MalformedMessage",
     "MessagePuller",
+    "NoticeReceiver",
+    "NoticeSender",
     "ParameterWindow",
     "PullServer",
     "PushHeader",
@@ -85,6 +87,7 @@ class Tag(IntEnum):
     PUSH_DATA = 14  # the chunks of a push after its first (which has tag PUSH and the header)
     FINAL = 15  # server -> lead worker at shutdown: the final shard
     CHECKPOINT = 16  # rank -> rank 0: checkpoint pieces, where h5py has no MPI-IO
+    NOTICE = 17  # bsp server -> worker: a version is published (NoticeSender / NoticeReceiver)
     DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
     DATA = 22  # data server -> worker: the samples
 
@@ -117,10 +120,22 @@ class StallError(RuntimeError):
 
 
 class Backoff:
-    """Sleep between polls: starts at ``low`` seconds, doubles up to ``high``. Never spins hot."""
+    """Sleep between polls: starts at ``low`` seconds, doubles up to ``high``. Never spins hot.
+
+    ``Backoff.for_messages()`` caps the sleep at ``MESSAGE_POLL_S``, for waits whose poll is a
+    ``Test`` on posted receives (a few microseconds, no lock epoch): a wait then ends at most that
+    long after its message came, instead of up to 2 ms (the default cap, for polls that read
+    windows under a lock).
+    """
+
+    MESSAGE_POLL_S = 250e-6
 
     def __init__(self, low: float = 20e-6, high: float = 2e-3):
         self.low, self.high, self.delay = low, high, low
+
+    @classmethod
+    def for_messages(cls) -> Backoff:
+        return cls(low=10e-6, high=cls.MESSAGE_POLL_S)
 
     def reset(self) -> None:
         self.delay = self.low
@@ -132,16 +147,17 @@ class Backoff:
 
 def wait_for(
     ready: Callable[[], bool], what: str | Callable[[], str], timeout: float,
-    moved: Callable[[], bool] | None = None,
+    moved: Callable[[], bool] | None = None, backoff: Backoff | None = None,
 ) -> None:
     """Poll ``ready()`` with backoff until it is true; StallError after ``timeout`` seconds.
 
     ``what`` (or what it returns, called at the timeout) names the peers, window or tag waited for.
     ``moved()``, called after each ``ready()`` that is false, says whether something advanced
     (a chunk arrived): then the backoff and the stall clock start over, so a transfer of many
-    chunks is polled at the short interval while it flows.
+    chunks is polled at the short interval while it flows. ``backoff``: the sleeps between polls
+    (default ``Backoff()``).
     """
-    backoff, start = Backoff(), time.monotonic()
+    backoff, start = backoff if backoff is not None else Backoff(), time.monotonic()
     while not ready():
         if moved is not None and moved():
             backoff.reset()
@@ -362,8 +378,11 @@ class ParameterWindow:
         """Server: the bytes of the current version (status block + shard)."""
         return self._memory[self._current()]
 
-    def publish(self) -> None:
-        """Server: make ``params`` and ``status`` the next version, atomically for readers."""
+    def publish(self) -> int:
+        """Server: make ``params`` and ``status`` the next version, atomically for readers.
+
+        Returns the index (0 or 1) of the exposed buffer that now holds it.
+        """
         me, cur = self.comm.Get_rank(), self._current()
         stale = 1 - cur
         mem = self._memory[stale]
@@ -376,6 +395,7 @@ class ParameterWindow:
         finally:
             if self.rma:
                 self.wins[stale].Unlock(me)
+        return stale
 
     def _lock_all(self, targets: list[int], which: list[int]) -> None:
         for t, b in zip(targets, which, strict=True):
@@ -673,3 +693,91 @@ class MessagePuller:
         return (f"the servers to reach clock {need} (pull replies; clocks as of the last pull): "
                 + ", ".join(f"server {s} (rank {rank} of the parameter-server communicator)"
                             f" at clock {int(status[s, Slot.CLOCK])}" for s, rank in late))
+
+
+# -- bsp: "your step is applied" as a message --------------------------------------------------
+NOTICE_WORDS = 3  # int64: clock, exposed buffer index, version; clock -1 = the last notice
+
+
+class NoticeSender:
+    """bsp server: after each publish, tell every worker the clock and where the version lies.
+
+    A waiting worker then learns that its step is applied from a message it polls cheaply
+    (``Backoff.for_messages``), instead of reading every server's status blocks under locks, and
+    pulls the buffer the notice names in one lock epoch. ``close(w)`` sends worker ``w`` the last
+    notice (clock -1) once it has stopped, so it can receive every notice before it frees its
+    receive; ``finish()`` waits for every notice to be received.
+    """
+
+    def __init__(self, comm: MPI.Comm, workers: list[int]):
+        self.comm, self.workers = comm, workers
+        self.sending: deque[tuple[np.ndarray, MPI.Request]] = deque()  # buffers stay alive until sent
+        self.closed: set[int] = set()
+
+    def _send(self, w: int, words: tuple[int, int, int]) -> None:
+        while self.sending and self.sending[0][1].Test():
+            self.sending.popleft()
+        buf = np.array(words, dtype=np.int64)
+        self.sending.append((buf, self.comm.Isend(buf, dest=self.workers[w], tag=Tag.NOTICE)))
+
+    def send(self, clock: int, buffer: int, version: int) -> None:
+        for w in range(len(self.workers)):
+            if w not in self.closed:
+                self._send(w, (clock, buffer, version))
+
+    def close(self, w: int) -> None:
+        self._send(w, (-1, 0, 0))
+        self.closed.add(w)
+
+    def finish(self, timeout: float) -> None:
+        wait_all([r for _, r in self.sending], "every worker to receive its last notice", timeout)
+        self.sending.clear()
+
+
+class NoticeReceiver:
+    """bsp worker: the latest notice of every server (see ``NoticeSender``)."""
+
+    def __init__(self, comm: MPI.Comm, servers: list[int]):
+        self.comm, self.servers = comm, servers
+        # newest clock heard per server, the exposed buffer that holds it and its version; at
+        # first what every window holds from its creation (ParameterWindow: buffer 0, version 0,
+        # clock 0), so step 0 need not wait for a server's start-up
+        self.clock = np.zeros(len(servers), dtype=np.int64)
+        self.buffer = [0] * len(servers)
+        self.version = np.zeros(len(servers), dtype=np.int64)
+        self.ended = [False] * len(servers)
+        self._bufs = [np.zeros(NOTICE_WORDS, dtype=np.int64) for _ in servers]
+        self._reqs = [self.comm.Irecv(b, source=s, tag=Tag.NOTICE) for b, s in zip(self._bufs, servers, strict=True)]
+
+    def poll(self) -> bool:
+        """Take every notice that has come; True if any did."""
+        moved = False
+        for i, req in enumerate(self._reqs):
+            while req != MPI.REQUEST_NULL and req.Test():
+                moved = True
+                clock, buffer, version = (int(x) for x in self._bufs[i])
+                if clock < 0:
+                    self.ended[i] = True
+                    self._reqs[i] = req = MPI.REQUEST_NULL
+                    continue
+                if version > self.version[i]:
+                    self.clock[i], self.buffer[i], self.version[i] = clock, buffer, version
+                self._reqs[i] = req = self.comm.Irecv(self._bufs[i], source=self.servers[i], tag=Tag.NOTICE)
+        return moved
+
+    def wait(self, need: int, what: Callable[[], str], timeout: float) -> None:
+        """Until every server's clock is at least ``need``; StallError naming ``what()`` after
+        ``timeout`` seconds without a notice."""
+        def ready() -> bool:
+            self.poll()
+            return int(self.clock.min()) >= need
+
+        wait_for(ready, what, timeout, backoff=Backoff.for_messages())
+
+    def close(self, timeout: float) -> None:
+        """After this worker's stop message: receive every notice up to each server's last."""
+        def ready() -> bool:
+            self.poll()
+            return all(self.ended)
+
+        wait_for(ready, "every server's last notice", timeout, backoff=Backoff.for_messages())

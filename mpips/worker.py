@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from mpips import faults
@@ -28,10 +27,10 @@ from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.transport import (
-    DEFAULT_CHUNK_BYTES,
     HEADER_BYTES,
     Codec,
     MessagePuller,
+    NoticeReceiver,
     ParameterWindow,
     Pusher,
     PushHeader,
@@ -43,7 +42,7 @@ from mpips.transport import (
 )
 
 if TYPE_CHECKING:
-    from mpips.checkpoint import Checkpointing
+    from mpips.layout import PSContext
 
 __all__ = ["FlatModel", "Worker", "evaluate"]
 
@@ -160,41 +159,38 @@ class WorkerStats:
 
 
 class Worker:
-    """Worker ``index`` of the parameter-server communicator ``comm``.
+    """Worker ``index``: pulls parameters, computes a gradient on its batch, pushes it.
 
     Args:
-        comm: parameter-server communicator (servers and workers).
+        ctx: what servers and workers share (communicator, ranks, plan, settings, checkpoints).
         index: worker index (0..W-1).
-        servers: server ranks in ``comm``, by shard index.
         flat: the model in flat buffers.
         source: where batches come from.
         epoch_plan: the sample-order contract.
-        sync: "bsp", "asp" or "ssp"; ``staleness`` bounds ssp.
-        total_steps: global steps to run (``load_state_dict`` sets where to start).
-        pull: "rma" or "message".
-        checkpoints: checkpoint and stop requests (``mpips.checkpoint.Checkpointing``).
-        chunk_bytes: the largest piece of any one transfer (``--chunk-bytes``).
+        metrics: JSON-lines events; progress: the lead's progress line.
+        on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
+            evaluation), or None.
         loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
     """
 
     def __init__(
-        self, *, comm: MPI.Comm, index: int, servers: list[int], flat: FlatModel, source: BatchSource,
-        epoch_plan: EpochPlan, sync: str, staleness: int, total_steps: int, pull: str,
-        max_inflight: int, stall_timeout: float, metrics: MetricsLog, progress: Progress,
-        checkpoints: Checkpointing, eval_every: int = 0, on_eval: Callable[[int], None] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES, loss: LossFn | None = None,
+        self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
+        metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
+        loss: LossFn | None = None,
     ):
-        self.comm, self.index, self.servers, self.flat = comm, index, servers, flat
-        self.source, self.epoch_plan, self.sync, self.staleness = source, epoch_plan, sync, staleness
-        self.total_steps, self.pull_mode = total_steps, pull
-        self.max_inflight, self.stall_timeout = max_inflight, stall_timeout
-        self.metrics, self.progress, self.eval_every, self.on_eval = metrics, progress, eval_every, on_eval
+        self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
+        self.metrics, self.progress, self.on_eval = metrics, progress, on_eval
+        train = ctx.train
+        self.comm, self.servers, self.checkpoints = ctx.comm, ctx.servers, ctx.checkpoints
+        self.sync, self.staleness, self.eval_every = train.sync, train.staleness, train.eval_every
+        self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
+        self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
+        self.chunk_bytes = train.chunk_bytes
         self.stats = WorkerStats()
-        self.checkpoints, self.chunk_bytes = checkpoints, chunk_bytes
         self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
-        self.position = 0  # the next step this worker computes
+        self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
-        self.status = np.zeros((len(servers), HEADER_BYTES // 8), dtype=np.int64)
+        self.status = np.zeros((len(self.servers), HEADER_BYTES // 8), dtype=np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,6 +207,9 @@ class Worker:
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
+        # bsp over windows: the servers announce each version (transport.NoticeSender)
+        self.notices = (NoticeReceiver(self.comm, self.servers)
+                        if self.sync == "bsp" and self.pull_mode == "rma" else None)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this worker.
@@ -312,6 +311,8 @@ class Worker:
         for s in range(len(self.servers)):
             self.pusher.push(s, PushHeader(0, self.index, Codec.STOP, 0, 0, 0, 0.0, 0.0))
         self.pusher.drain()
+        if self.notices is not None:
+            self.notices.close(self.stall_timeout)
         self.source.close()
         final = server_stats = None
         me = self.comm.Get_rank()
@@ -342,6 +343,9 @@ class Worker:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
         if self.puller is not None:
             self.puller.pull(need, self.status, self.shards)
+        elif self.notices is not None:  # bsp: wait for the notices, pull the buffers they name
+            self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
+            self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
 
@@ -359,10 +363,12 @@ class Worker:
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 
-    def _lagging(self, need: int) -> str:
-        """Which servers a pull waits for, for the stall message."""
-        late = [(s, int(c)) for s, c in enumerate(self.status[:, Slot.CLOCK]) if c < need]
-        return (f"the servers to reach clock {need} (window status block): "
+    def _lagging(self, need: int, clocks: np.ndarray | None = None) -> str:
+        """Which servers a pull waits for, for the stall message (``clocks``: from notices)."""
+        told = "window status block" if clocks is None else "their notices"
+        clocks = self.status[:, Slot.CLOCK] if clocks is None else clocks
+        late = [(s, int(c)) for s, c in enumerate(clocks) if c < need]
+        return (f"the servers to reach clock {need} ({told}): "
                 + ", ".join(f"server {s} (rank {self.servers[s]} of the parameter-server communicator)"
                             f" at clock {c}" for s, c in late))
 

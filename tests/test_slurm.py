@@ -279,13 +279,9 @@ def test_test_job_runs_the_suite(slurm: Slurm, tmp_path: Path):
     assert re.search(r"^total\s+passed", summary, re.M), summary
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Open MPI aborts inside MPI_Init under srun without a PMI plugin, on every task, with its own"
-    " text, before mpips can check anything: the launch check (issue 10) must run before MPI_Init"))
 def test_srun_without_the_pmi_plugin_is_named_in_one_line(slurm: Slurm, tmp_path: Path):
     """``srun --mpi=none`` starts every task as rank 0 of a world of 1 (or, with Open MPI, fails
-    in MPI_Init): mpips must say so once, with the fix, and exit 2. (Strict xfail: when it passes,
-    remove the mark.)"""
+    in MPI_Init): mpips says so once, with the fix, before MPI_Init (``mpips.launch``), exit 2."""
     env = slurm.env()
     done = subprocess.run(
         ["bash", "-c", 'source "$1" && exec srun --mpi=none -n 4 --time=5 python -m mpips.train --steps 5',

@@ -6,12 +6,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, run_train, signal_at_line
+from helpers import REPO, mpi_job, run_train, signal_at_line
 
 from mpips.checkpoint import list_checkpoints, verify
 from mpips.config import ModelConfig
@@ -193,3 +195,46 @@ def test_a_signal_to_run_sh_stops_every_rank_and_leaves_no_orphan(sig, checkpoin
         assert "exiting with status 75" in out
     else:
         assert "stopped on SIGUSR1 at step" in out and "nothing to resume from" in out
+
+
+def test_a_stop_signal_during_start_up_stops_the_job_at_its_first_step(tmp_path):
+    """SIGUSR1 to every rank while it is still importing, before MPI_Init (``scancel
+    --signal=USR1`` early in a job, Slurm's ``--signal=USR1@T`` on a short job), is held from the
+    first instant (``mpips.launch``): the job starts, stops at its first step boundary and exits 143; no rank dies."""
+    tag = f"mpips-early-signal-{uuid.uuid4().hex}"
+    flags = ["-m", "mpips.train", "--data-servers", "0", "--steps", "50", "--data-dir", str(tmp_path),
+             "--save", str(tmp_path / f"{tag}.pt")]
+    with mpi_job(3, flags, cwd=tmp_path) as proc:
+        signalled: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(signalled) < 3 and time.monotonic() < deadline:
+            found = subprocess.run(["pgrep", "-f", f"python.*{tag}"], capture_output=True, text=True).stdout
+            for pid in map(int, found.split()):
+                state = _start_up_state(pid)
+                assert state != "MPI loaded", "a rank loaded MPI before it held SIGUSR1"
+                if pid not in signalled and state == "holding":
+                    os.kill(pid, signal.SIGUSR1)
+                    signalled.add(pid)
+            time.sleep(0.01)
+        assert len(signalled) == 3, f"ranks signalled before MPI_Init: {sorted(signalled)}"
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    stopped = re.search(r"stopped on SIGUSR1 at step (\d+) of 50", out)
+    assert stopped and int(stopped.group(1)) <= 2, out[-3000:]  # the first boundary the servers agree on
+    assert (tmp_path / f"{tag}.pt").exists()
+
+
+def _start_up_state(pid: int) -> str:
+    """A rank's start-up, from /proc: "holding" (SIGUSR1 caught, no MPI library mapped yet),
+    "MPI loaded" (mapped, SIGUSR1 not caught), or "" (neither: too early, or not a rank)."""
+    try:
+        if not (Path("/proc") / str(pid) / "comm").read_text().startswith("python"):
+            return ""
+        status = (Path("/proc") / str(pid) / "status").read_text()
+        mpi = "libmpi" in (Path("/proc") / str(pid) / "maps").read_text()
+    except OSError:  # gone
+        return ""
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16) >> (signal.SIGUSR1 - 1) & 1
+    if caught and not mpi:
+        return "holding"
+    return "MPI loaded" if mpi and not caught else ""

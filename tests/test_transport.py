@@ -62,6 +62,46 @@ def test_pulls_only_ever_see_whole_versions():
         assert versions in seen
 
 
+@pytest.mark.mpi(min_size=2, sizes=(2, 4))
+def test_notices_name_each_version_and_the_buffer_that_holds_it():
+    """bsp: rank 0 publishes 200 versions, each announced; the others wait for each clock from
+    the notices alone and pull the buffer a notice names: always that version or a newer one,
+    whole. After the last notice every notice is received and nothing is left in flight."""
+    from mpi4py import MPI
+
+    from mpips.transport import NoticeReceiver, NoticeSender, ParameterWindow
+
+    comm = MPI.COMM_WORLD
+    n, versions = 50_000, 200
+    window = ParameterWindow(comm, n if comm.rank == 0 else 0)
+    if comm.rank == 0:
+        sender = NoticeSender(comm, list(range(1, comm.size)))
+        for v in range(1, versions + 1):
+            window.params[:] = v
+            window.status[Slot.CLOCK] = v
+            sender.send(v, window.publish(), int(window.status[Slot.VERSION]))
+            comm.Recv(np.zeros(1, dtype=np.int64), source=MPI.ANY_SOURCE, tag=99)  # a worker went on
+        for w in range(comm.size - 1):
+            sender.close(w)
+        sender.finish(timeout=60)
+        bad = 0
+    else:
+        notices, bad = NoticeReceiver(comm, [0]), 0
+        status, shard = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64), np.zeros(n, dtype=np.float32)
+        for v in range(1, versions + 1):
+            notices.wait(v, lambda: "rank 0", timeout=60)
+            window.pull([0], status, [shard], which=list(notices.buffer))
+            got = int(status[0, Slot.VERSION])
+            bad += int(got < v or shard.min() != got or shard.max() != got)
+            if comm.rank == 1:
+                comm.Send(np.zeros(1, dtype=np.int64), dest=0, tag=99)
+        notices.close(timeout=60)
+        assert notices.ended == [True] and int(notices.clock[0]) == versions
+    comm.Barrier()
+    window.free()
+    assert bad == 0
+
+
 @pytest.mark.mpi(min_size=2, sizes=(2,))
 def test_push_reaches_server_validated_and_bounded_inflight():
     from mpi4py import MPI

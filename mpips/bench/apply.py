@@ -68,6 +68,8 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
     Collective over ``group`` (2 ranks: Open MPI 4.1 cannot create a window on a one-rank
     communicator); rank 1 plays the silent worker and returns an empty list.
     """
+    from mpips.config import TrainConfig
+    from mpips.layout import PSContext
     from mpips.server import ParameterServer
     from mpips.shard import ShardPlan
     from mpips.transport import Codec, ParameterWindow, PushHeader
@@ -77,12 +79,10 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
         quiet_barrier(group)
         window.free()
         return []
-    server = ParameterServer(
-        comm=group, servers=MPI.COMM_SELF, index=0, workers=[1],
-        init=np.ones(n, dtype=np.float32), plan=ShardPlan.build([("w", (n,))], 1),
-        optim=OptimConfig(optimizer=kind, lr=1e-3),
-        sync="asp", total_steps=2**40, batch_size=1, pull="rma", stall_timeout=60.0,
-    )
+    ctx = PSContext(comm=group, servers=[0], workers=[1], plan=ShardPlan.build([("w", (n,))], 1),
+                    train=TrainConfig(sync="asp", stall_timeout=60.0), optim=OptimConfig(optimizer=kind, lr=1e-3),
+                    pull="rma", total_steps=2**40)
+    server = ParameterServer(ctx, 0, np.ones(n, dtype=np.float32), MPI.COMM_SELF, batch_size=1)
     server.start()
     payload = np.concatenate([np.full(n, 1e-3, dtype=np.float32).view(np.uint8), np.ones(1, np.uint8)])
     step = [0]

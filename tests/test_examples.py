@@ -8,7 +8,7 @@ import re
 import pytest
 from helpers import REPO, run_mpi
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def run_example(name: str, steps: int, tmp_path, *extra: str) -> str:

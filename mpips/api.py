@@ -1,6 +1,8 @@
 """The Python API: train your model, loss and data from a script run under mpirun.
 
     # train_mine.py, run as: mpirun -n 4 python train_mine.py
+    import math
+
     import torch
     from torch import nn
     import mpips

@@ -1,9 +1,10 @@
 """Training data: the sample-order plan, the HDF5 dataset format, and batch sources for workers.
 
-Every job reads an HDF5 dataset file: ``--data FILE.h5`` (made by ``python -m mpips.data
-prepare``), or a built-in dataset (``--dataset digits``) materialised once as such a file in
-``--data-dir``. ``open_dataset`` checks the file up front, on every rank alike, so a bad file
-ends the job with one clear ``DatasetError`` before training starts.
+Every job reads HDF5: ``--data FILE.h5`` (made by ``python -m mpips.data prepare``), a built-in
+dataset (``--dataset digits``) materialised once as such a file in ``--data-dir``, or a user's own
+HDF5 files read in place (``--data 'shards/*.h5' --x-key ... --y-key ...``, ``mpips.data.foreign``).
+``open_dataset`` checks the data up front, on every rank alike, so a bad file ends the job with
+one clear ``DatasetError`` before training starts.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ from mpi4py import MPI
 from mpips import faults
 from mpips.config import Config, ConfigError
 from mpips.shard import ShardPlan
+from mpips.trace import NULL_TRACER
 from mpips.transport import DEFAULT_CHUNK_BYTES, Slot, Tag, chunks, recv_chunks, send_chunks, wait_all, wait_for
 
 __all__ = [
@@ -333,6 +334,7 @@ class Checkpointing:
     _rung: bool = False
     _next_async: int = 0
     _position: int = -1
+    tracer: Any = NULL_TRACER  # mpips.trace: the job sets its Tracer here when --trace is on
 
     @property
     def enabled(self) -> bool:
@@ -583,7 +585,9 @@ class Checkpointing:
 
     def _save(self, step: int, pieces: list[Piece], stop: bool, serve) -> None:  # noqa: ANN001
         faults.at("checkpoint", step)
+        tracer = self.tracer
         comm, t0 = self.comm, time.monotonic()
+        began = tracer.now()
         rendezvous = comm.Ibarrier()
 
         def arrived() -> bool:
@@ -597,6 +601,8 @@ class Checkpointing:
             " (nonblocking barrier over the parameter-server communicator)",
             self.cfg.train.stall_timeout,
         )
+        tracer.record("checkpoint: wait for the others", began, step=step)
+        began = tracer.now()
         directory = Path(self.cfg.checkpoint.checkpoint_dir)
         final = directory / checkpoint_name(step)
         tmp = directory / f".{final.name}.tmp"
@@ -618,6 +624,7 @@ class Checkpointing:
                 if stop
                 else "",
             )
+        tracer.record("checkpoint write", began, step=step)
         self.last_path, self._last_time = final, time.monotonic()
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:

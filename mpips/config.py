@@ -141,6 +141,10 @@ class TrainConfig:
     final_eval: bool = _opt(True, "evaluate the final model on the held-out split (benchmarks turn it off)")
     save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
     metrics: str | None = _opt(None, "write JSON-lines events (step, eval, end) to this file")
+    trace: str | None = _opt(
+        None, "write a Chrome trace (open in https://ui.perfetto.dev or chrome://tracing) of what every rank"
+        " spends its time on to this JSON file, clocks aligned across ranks; `python -m mpips.report` plots it"
+    )
     device: Literal["cpu", "cuda", "auto"] = _opt("cpu", "where workers compute")
     pull: Literal["auto", "rma", "message"] = _opt(
         "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"

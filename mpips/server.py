@@ -19,6 +19,7 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
+from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     Backoff,
     Codec,
@@ -63,7 +64,12 @@ class ParameterServer:
             over as its working copy.
         servers: the server communicator (for the global gradient norm and checkpoint marks in bsp).
         batch_size: per-worker batch (samples above this in a header are rejected).
+
+    ``tracer`` (an attribute, set after construction; ``mpips.trace``) records receiving,
+    applying, publishing and waiting.
     """
+
+    tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(self, ctx: PSContext, index: int, init: np.ndarray, servers: MPI.Comm, batch_size: int):
         self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
@@ -137,9 +143,13 @@ class ParameterServer:
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
         final_saved = False
         backoff, last_progress = Backoff.for_messages(), time.monotonic()
+        tracer = self.tracer
         while active:
+            began = tracer.now()
             ready = self.receiver.poll()
             moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
+            if moved:
+                tracer.record("receive", began)
             self.stats.max_queue = max(self.stats.max_queue, len(ready))
             self.window.status[Slot.QUEUE] = len(ready)
             for w, header, payload in ready:
@@ -154,12 +164,13 @@ class ParameterServer:
                     continue
                 faults.at("push", header.step)
                 grad, mask = self._decode(header, payload)  # views of the receive buffer
-                if self.sync == "bsp":
-                    self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
-                else:
-                    self.clocks[w] = header.step + 1
-                    self._async_apply(w, header, grad, mask, min(self.clocks))
-                    self.receiver.repost(w)
+                with tracer.span("apply", header.step):
+                    if self.sync == "bsp":
+                        self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
+                    else:
+                        self.clocks[w] = header.step + 1
+                        self._async_apply(w, header, grad, mask, min(self.clocks))
+                        self.receiver.repost(w)
             if self.checkpoints is not None:
                 if self.sync != "bsp":
                     moved |= self._async_checkpoint(joined)
@@ -167,7 +178,10 @@ class ParameterServer:
                     final_saved = True  # every step of every worker is applied: the last checkpoint
                     self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
             if self.pull_server is not None:
-                moved |= self.pull_server.poll()
+                served = tracer.now()
+                if self.pull_server.poll():
+                    tracer.record("serve pulls", served)
+                    moved = True
             if moved:
                 backoff.reset()
                 last_progress = time.monotonic()
@@ -179,6 +193,7 @@ class ParameterServer:
                         f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
                     )
                 backoff.wait()
+                tracer.idle("wait for pushes", began)
         self.stats.bytes_received = self.receiver.bytes_received
         return self.stats
 
@@ -360,10 +375,12 @@ class ParameterServer:
         if self.pull_server is not None:
             self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
-            self.optimizer.step()
+            with self.tracer.span("optimizer step"):
+                self.optimizer.step()
             self.stats.applied += 1
             self.window.status[Slot.APPLIED] = self.stats.applied
             for piece in self.pieces:
                 piece.grad = None
         self.window.status[Slot.CLOCK] = clock
-        self._publish()
+        with self.tracer.span("publish"):
+            self._publish()

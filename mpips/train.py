@@ -3,6 +3,7 @@
     mpirun -n 4 python -m mpips.train                       # MLP on digits: 1 server, 1 data server, 2 workers
     mpirun -n 6 python -m mpips.train --servers 2 --sync ssp --staleness 2
     mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
+    mpirun -n 4 python -m mpips.train --metrics m.jsonl --trace t.json   # then: see mpips.report
     srun python -m mpips.train --config run.toml            # on a Slurm allocation
 
 Bad input (configuration, launcher, dataset, model) is said once, in one line, and every rank
@@ -46,6 +47,7 @@ from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
 from mpips.tasks import LossFn, TaskMetrics, resolve_loss
 from mpips.text import plural
+from mpips.trace import NULL_TRACER, Tracer
 from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog
 from mpips.worker import FlatModel, Worker, evaluate
@@ -183,20 +185,30 @@ def run_job(
         ckpt = Checkpointing.setup(cfg, comm, counts, plan, module, steps, preemption)
         comms = RoleComms.split(comm, layout)
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    with dog.blocking("start-up: measuring clock offsets for --trace (ping-pongs with rank 0)"):
+        tracer = Tracer.start(comm, role.value, layout.index_of(rank), enabled=bool(cfg.train.trace))
+    ckpt.tracer = tracer
     try:
         if role == Role.SERVER:
             # a server keeps its shard's values only, and they become its working copy (``[...]``:
             # no reference is left here once the server owns them)
             init = [shard_values(model, plan, layout.index_of(rank))]
             model = None
-            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog)
+            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog, tracer)
         elif role == Role.WORKER:
             job = _WorkerJob(task, loss_fn, result)
-            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, job)
+            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, job,
+                        tracer)
         else:
             from mpips.dataserver import run_data_server
 
-            run_data_server(cfg, layout, comms, data, epoch_plan, steps)
+            run_data_server(cfg, layout, comms, data, epoch_plan, steps, tracer)
+        if cfg.train.trace:
+            with dog.blocking("shutdown: gathering every rank's trace spans to rank 0 (--trace)"):
+                tracer.write(comm, cfg.train.trace)
+            if rank == 0:
+                print(f"trace of {comm.Get_size()} ranks written to {cfg.train.trace}"
+                      " (open it in https://ui.perfetto.dev, or run python -m mpips.report)", flush=True)
     finally:
         comms.free()
         ps_comm.Free()
@@ -264,12 +276,15 @@ def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardP
                      optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt)
 
 
-def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog) -> None:
+def _run_server(
+    cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog, tracer=NULL_TRACER
+) -> None:
     index = layout.index_of(comms.world.Get_rank())
     ckpt.bind(ps_comm, "server", index)
     server = ParameterServer(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, init.pop(),
                              comms.role, cfg.data.batch_size)
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+    server.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         server.start()
     resumed = ckpt.server_state(server.state_dict())  # any --servers: the flat vector is re-cut here
     if resumed is not None:
@@ -283,6 +298,7 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
 def _run_worker(
     cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog,
     job: _WorkerJob,
+    tracer=NULL_TRACER,
 ) -> None:
     world = comms.world
     rank = world.Get_rank()
@@ -309,12 +325,12 @@ def _run_worker(
                 said_no_eval[0] = True
             return
         metrics.event("eval", step, **result)
-        print(f"eval step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+        progress.write(f"eval step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
-                    metrics, progress, on_eval if lead else None,
-                    loss=job.loss)
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+                    metrics, progress, on_eval if lead else None, loss=job.loss)
+    worker.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         worker.start()
     if lead:  # only now: the windows may have fallen back to message pulls
         print(pull_line(cfg.train.pull, pull, worker.pull_mode), flush=True)
@@ -327,7 +343,8 @@ def _run_worker(
                       " (collective over servers and workers)"):
         final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
     if lead:
-        job.result.metrics = _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt, job)
+        with tracer.span("final evaluation and report"):
+            job.result.metrics = _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt, job)
         job.result.model = flat.model
     metrics.close()
 

@@ -26,6 +26,7 @@ from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
 from mpips.tasks import LossFn, TaskMetrics, cross_entropy
+from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
     Codec,
@@ -171,7 +172,11 @@ class Worker:
         on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
             evaluation), or None.
         loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
+
+    ``tracer`` (an attribute, set after construction; ``mpips.trace``) records the spans of a step.
     """
+
+    tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(
         self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
@@ -225,7 +230,7 @@ class Worker:
         self.flat.load_module_state(state["module"])
 
     def run(self) -> WorkerStats:
-        model, flat = self.flat.model, self.flat
+        model, flat, tracer = self.flat.model, self.flat, self.tracer
         model.train()
         start = time.perf_counter()
         while self.position < self.total_steps:
@@ -242,25 +247,29 @@ class Worker:
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
             faults.at("data", step)
-            batch = self.source.batch(epoch, in_epoch)
+            with tracer.span("wait for data", step):
+                batch = self.source.batch(epoch, in_epoch)
             self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
             flat.zero_grad()
             loss = torch.zeros(())
             if len(batch):
-                x = torch.from_numpy(batch.x).to(flat.device)
-                y = torch.from_numpy(batch.y).to(flat.device)
-                loss = self.loss(model(x), y)
-                loss.backward()
-                loss = loss.detach()
+                with tracer.span("forward/backward", step):
+                    x = torch.from_numpy(batch.x).to(flat.device)
+                    y = torch.from_numpy(batch.y).to(flat.device)
+                    loss = self.loss(model(x), y)
+                    loss.backward()
+                    loss = loss.detach()
             flat.before_push()
             t2 = time.perf_counter()
-            grad_norm = sum_of_squares(flat.host_grad) ** 0.5
-            self.push(step, len(batch), clock, grad_norm, float(loss))
+            with tracer.span("push", step):
+                grad_norm = sum_of_squares(flat.host_grad) ** 0.5
+                self.push(step, len(batch), clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()
             self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
             if self.on_eval and self.eval_every and (step + 1) % self.eval_every == 0:
-                self.on_eval(step + 1)
+                with tracer.span("evaluate", step + 1):
+                    self.on_eval(step + 1)
         if not self.stats.preempted:
             self._final_checkpoint()
         return self.stats
@@ -342,10 +351,13 @@ class Worker:
     def pull(self, need: int) -> int:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
         if self.puller is not None:
-            self.puller.pull(need, self.status, self.shards)
+            with self.tracer.span("pull"):
+                self.puller.pull(need, self.status, self.shards)
         elif self.notices is not None:  # bsp: wait for the notices, pull the buffers they name
-            self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
-            self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
+            with self.tracer.span("wait for parameters"):
+                self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
+            with self.tracer.span("pull"):
+                self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
 
@@ -357,8 +369,10 @@ class Worker:
                 return int(self.status[:, Slot.CLOCK].min()) >= need or marked
 
             if need >= 0:
-                wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
-            self.window.pull(targets, self.status, self.shards, which=newest)
+                with self.tracer.span("wait for parameters"):
+                    wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
+            with self.tracer.span("pull"):
+                self.window.pull(targets, self.status, self.shards, which=newest)
         self.stats.bytes_pulled += 4 * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
@@ -396,6 +410,7 @@ class Worker:
         self.metrics.event(
             "step", step + 1, worker=self.index, loss=loss, samples_per_s=rate,
             bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, staleness=staleness,
-            server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait,
+            server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait, samples=samples,
         )
-        self.progress.update(step, loss=loss, **{"samples/s": rate * self.epoch_plan.workers})
+        self.progress.update(step, loss=loss, samples_per_s=rate * self.epoch_plan.workers, staleness=staleness,
+                             data_wait_s=self.data_wait)

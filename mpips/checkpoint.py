@@ -10,6 +10,8 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
     workers/position        int64 [workers, 3]  (next global step, epoch, step in epoch)
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
     workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
+    workers/residual        float32 [workers, numel]  error-feedback residuals (with error feedback only;
+                            version 3 on; absent: resumed as zeros)
     frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
     attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
                             config, and the sha256 of every piece each rank wrote
@@ -87,7 +89,8 @@ log = logging.getLogger("mpips.checkpoint")
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
 STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
 FORMAT = "mpips-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: workers/residual (error feedback); version 2 files are read as before
+READABLE = (2, 3)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -127,8 +130,9 @@ def verify(path: str | Path) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
             manifest = json.loads(str(f.attrs["manifest"]))
-            if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-                raise CheckpointError(f"{path}: not an mpips checkpoint of version {VERSION}")
+            if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
+                raise CheckpointError(f"{path}: not an mpips checkpoint of version"
+                                      f" {' or '.join(map(str, READABLE))}")
             for piece in manifest["pieces"]:
                 data = f[piece["dataset"]][piece["start"] : piece["stop"]]
                 if _sha256(data) != piece["sha256"]:
@@ -463,7 +467,11 @@ class Checkpointing:
             for name, t in template["module"].items():
                 raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
                 module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
-        return {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
+            state = {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
+            if "residual" in template:  # error feedback: the residual, or zeros where none was saved
+                state["residual"] = (torch.from_numpy(f["workers/residual"][i]) if "workers/residual" in f
+                                     else None)
+        return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
         return self._server_pieces(state) if self.role == "server" else self._worker_pieces(state)
@@ -513,6 +521,9 @@ class Checkpointing:
                   (W, 3)),
             Piece("workers/rng_torch", i, rng[None].copy(), (W, rng.size)),
         ]
+        if "residual" in st:
+            res = st["residual"].numpy()
+            pieces.append(Piece("workers/residual", i, res[None].copy(), (W, res.size)))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):

@@ -88,7 +88,8 @@ class FitResult:
         metrics: lead worker only: the final metrics by name: ``steps``, the held-out metrics of the
             task (``loss``, ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``; None
             without held-out samples or after a stop), ``last_train_loss``, ``samples_per_s``,
-            ``gradients_applied``, ``gradients_dropped``, ``max_staleness``.
+            ``gradients_applied``, ``gradients_dropped``, ``max_staleness`` (and, unless stopped,
+            ``bytes_pushed``, ``bytes_pulled``: all workers).
     """
 
     role: str
@@ -273,7 +274,7 @@ def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardP
                 ckpt: Checkpointing) -> PSContext:
     return PSContext(comm=ps_comm, servers=[_ps_rank(layout, r) for r in layout.servers],
                      workers=[_ps_rank(layout, r) for r in layout.workers], plan=plan, train=cfg.train,
-                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt)
+                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt, compression=cfg.compression)
 
 
 def _run_server(
@@ -382,6 +383,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         if cfg.train.final_eval else None
     out.update(result or {})
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
+    pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
+    out.update(bytes_pushed=pushed, bytes_pulled=pulled)
     rows = {
         "steps": steps,
         **{f"held-out {name}": none if result is None else result[name] for name in names},
@@ -392,6 +395,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         "max staleness applied": out["max_staleness"],
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
+        "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
     print(format_table(rows, "final metrics"), flush=True)
     held_out = {name: out[name] for name in names}
@@ -400,6 +404,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
     metrics.event(
         "end", steps, **held_out, applied=out["gradients_applied"], dropped=out["gradients_dropped"],
         max_staleness=out["max_staleness"], staleness=[x for s in servers for x in s.staleness],
+        bytes_pushed=pushed, bytes_pulled=pulled,
     )
     _save_model(cfg, flat)
     return out

@@ -1,8 +1,10 @@
 """Worker role: pull parameters, compute a gradient on its batch, push it to the servers.
 
 The model's parameters and gradients are views into two flat float32 buffers laid out by the
-ShardPlan, so a pull writes straight into the model (no copy on the CPU) and each server's slice
-of the gradient is a contiguous range that is sent as it is.
+ShardPlan, so a pull writes straight into the model (no copy on the CPU; with ``--pull-codec``
+bf16/fp16 the window widens what it read) and each server's slice of the gradient is a
+contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
+(``mpips.compression``, error-feedback residuals in ``state_dict``).
 
 Lifecycle: ``start()`` creates the window (collective over the parameter-server communicator)
 -> ``run()`` trains -> ``finish()`` sends the stop messages, receives the final parameters (lead
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from mpips import faults
+from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, payload_bound
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
@@ -29,6 +32,7 @@ from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
+    PULL_CODECS,
     Codec,
     MessagePuller,
     NoticeReceiver,
@@ -191,10 +195,13 @@ class Worker:
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
         self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
         self.chunk_bytes = train.chunk_bytes
+        self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
+        self.codec, self.encoder = None, None  # set by start()
         self.stats = WorkerStats()
         self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
+        self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
         self.status = np.zeros((len(self.servers), HEADER_BYTES // 8), dtype=np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -202,13 +209,23 @@ class Worker:
         plan = self.flat.plan
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
         runs = [len(plan.server_pieces(s)) for s in range(plan.servers)]
-        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes)
-        self.pusher = Pusher(self.comm, self.servers, [4 * n + r for n, r in zip(sizes, runs, strict=True)],
-                             self.max_inflight, chunk_bytes=self.chunk_bytes)
+        c = self.compression
+        self.pull_codec = c.pull_codec if c else "fp32"
+        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
+        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
+        self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
+        self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
+        bound = [max(4 * n + r, payload_bound(self.codec, rg, r))
+                 for n, r, rg in zip(sizes, runs, self.ranges, strict=True)]
+        # bsp: a worker's next push comes after the notice that its last one is applied, so one
+        # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
+        inflight = 1 if self.sync == "bsp" else self.max_inflight
+        self.pusher = Pusher(self.comm, self.servers, bound, inflight, chunk_bytes=self.chunk_bytes)
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
-            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes)
+            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes,
+                          pull_codec=self.pull_codec)
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
@@ -220,14 +237,20 @@ class Worker:
         """What a checkpoint keeps of this worker.
 
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
-        ``module``: buffers and frozen parameters by name (``FlatModel.module_state``).
+        ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
+        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback.
         """
-        return {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
+        state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
+        if self.encoder is not None:
+            state.update(self.encoder.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         torch.set_rng_state(state["rng"])
         self.flat.load_module_state(state["module"])
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state)
 
     def run(self) -> WorkerStats:
         model, flat, tracer = self.flat.model, self.flat, self.tracer
@@ -332,9 +355,10 @@ class Worker:
                         for r in recv_chunks(self.comm, final[slice(*plan.shard_range(s))], rank, Tag.FINAL,
                                              self.chunk_bytes)]
             wait_all(requests, "the final shards of every server", self.stall_timeout)
-        gathered = self.comm.gather(None, root=lead)
+        gathered = self.comm.gather(self.stats, root=lead)  # servers send theirs, workers these
         if me == lead:
             server_stats = [gathered[r] for r in self.servers]
+            self.worker_stats = [g for g in gathered if isinstance(g, WorkerStats)]
         self.window.free()
         self.server_stats = server_stats
         return final
@@ -373,7 +397,7 @@ class Worker:
                     wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
             with self.tracer.span("pull"):
                 self.window.pull(targets, self.status, self.shards, which=newest)
-        self.stats.bytes_pulled += 4 * self.flat.plan.numel
+        self.stats.bytes_pulled += PULL_CODECS[self.pull_codec].itemsize * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 
@@ -389,11 +413,26 @@ class Worker:
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
         for s in range(len(self.servers)):
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
+            parts, codec = [payload], Codec.RAW32
+            if self.codec is not None:
+                parts, codec = self._encode(s, step, payload, np.isfinite(grad_norm)), Codec(self.codec.wire_id)
             header = PushHeader(
-                step, self.index, Codec.RAW32, samples, clock, payload.nbytes + mask.nbytes, grad_norm, loss,
-                applied_seen=int(self.status[s, Slot.APPLIED]),
+                step, self.index, codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes, grad_norm,
+                loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
-            self.pusher.push(s, header, payload, mask)
+            self.pusher.push(s, header, *parts, mask)
+
+    def _encode(self, s: int, step: int, grad: np.ndarray, finite: bool) -> list[np.ndarray]:
+        """One codec record per chunk of server ``s``'s gradient slice (``mpips.compression``).
+
+        A non-finite gradient (which the server drops) is encoded without error feedback, so
+        its NaN or Inf does not stay in the residual.
+        """
+        g, lo = torch.from_numpy(grad), self.flat.plan.shard_range(s)[0]
+        seeds = [chunk_seed(self.seed, step, self.index, s, c) for c in range(len(self.ranges[s]))]
+        if not finite:
+            return [self.codec.encode(g[a:b], seed) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]
+        return [self.encoder.encode(g[a:b], seed, lo + a) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]
 
     def _account(self, step, samples, loss, staleness, t_pull, t_compute, t_push, start) -> None:
         st = self.stats
@@ -402,6 +441,8 @@ class Worker:
         st.pull_seconds += t_pull
         st.compute_seconds += t_compute
         st.push_seconds += t_push
+        step_pushed, step_pulled = self.pusher.bytes_sent - st.bytes_pushed, st.bytes_pulled - self._pulled_before
+        self._pulled_before = st.bytes_pulled
         st.bytes_pushed = self.pusher.bytes_sent
         st.max_staleness = max(st.max_staleness, staleness)
         st.last_loss = loss
@@ -409,7 +450,8 @@ class Worker:
         rate = st.samples / elapsed if elapsed > 0 else 0.0
         self.metrics.event(
             "step", step + 1, worker=self.index, loss=loss, samples_per_s=rate,
-            bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, staleness=staleness,
+            bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, step_bytes_pushed=step_pushed,
+            step_bytes_pulled=step_pulled, staleness=staleness,
             server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait, samples=samples,
         )
         self.progress.update(step, loss=loss, samples_per_s=rate * self.epoch_plan.workers, staleness=staleness,

@@ -17,11 +17,13 @@ from torch import nn
 from mpips.config import Config
 from mpips.data import DatasetHandle
 from mpips.models import build_model, check_model
+from mpips.tasks import LossFn
 
 __all__ = ["checked_model", "pull_line"]
 
 
-def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) -> nn.Module | None:
+def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool, model: object = None,
+                  loss: LossFn | None = None) -> nn.Module | None:
     """The model, built from ``cfg.train.seed``; None where ``builds`` is False (a data server).
 
     Args:
@@ -29,18 +31,20 @@ def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) 
         data: the opened dataset.
         builds: whether this rank needs the model (servers and workers).
         checks: whether this rank runs the forward check (one rank is enough: the lead worker).
+        model: an ``nn.Module`` or a factory given to ``mpips.fit`` instead of ``--model``.
+        loss: the job's loss, run on the check's output.
 
     Raises:
         ModelError: naming the model, the samples and what is wrong.
     """
     if not builds:
         return None
-    model = build_model(cfg.model, data.spec, cfg.train.seed)
+    built = build_model(cfg.model, data.spec, cfg.train.seed, model)
+    name = cfg.model.model if model is None else getattr(model, "__name__", type(model).__name__)
     if checks:
         x, y = data.sample(2)
-        check_model(model, torch.from_numpy(x), torch.from_numpy(y), data.spec, cfg.model.model,
-                    data.path or data.name)
-    return model
+        check_model(built, torch.from_numpy(x), torch.from_numpy(y), data.spec, name, data.path or data.name, loss)
+    return built
 
 
 def pull_line(requested: str, chosen: str, used: str) -> str:

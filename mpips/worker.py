@@ -26,9 +26,9 @@ from mpips import faults
 from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, payload_bound
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
-from mpips.models import loss_and_correct
 from mpips.optim import sum_of_squares
 from mpips.shard import ShardPlan
+from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
@@ -122,24 +122,31 @@ class FlatModel:
 
 
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512
-) -> tuple[float, float] | None:
-    """Mean loss and accuracy of ``model`` on (x, y); None when there are no samples."""
+    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
+    task: str = "classification", loss: LossFn | None = None,
+) -> dict[str, float] | None:
+    """Held-out metrics of ``model`` on (x, y) by name (``mpips.tasks.TaskMetrics``: ``loss`` and
+    ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``), in eval mode, ``batch``
+    samples at a time; None when there are no samples.
+
+    Args:
+        x, y: inputs ``(N, *shape)`` and targets ``(N, *target)`` as the workers get them.
+        task: ``classification`` | ``regression`` | ``multilabel`` | ``tokens``.
+        loss: the job's loss ``(output, target) -> scalar`` (default: cross-entropy).
+    """
     if len(y) == 0:
         return None
+    loss = loss if loss is not None else cross_entropy
+    metrics = TaskMetrics(task)
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(y), batch):
             xb = torch.from_numpy(x[i : i + batch]).to(device)
             yb = torch.from_numpy(y[i : i + batch]).to(device)
-            loss, ok = loss_and_correct(model(xb), yb)
-            n = yb.numel()
-            total_loss += float(loss) * n
-            correct += ok
-            count += n
+            out = model(xb)
+            metrics.update(out, yb, loss(out, yb))
     model.train()
-    return total_loss / count, correct / count
+    return metrics.result()
 
 
 @dataclass
@@ -168,6 +175,7 @@ class Worker:
         metrics: JSON-lines events; progress: the lead's progress line.
         on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
             evaluation), or None.
+        loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
 
     ``tracer`` (an attribute, set after construction; ``mpips.trace``) records the spans of a step.
     """
@@ -177,6 +185,7 @@ class Worker:
     def __init__(
         self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
         metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
+        loss: LossFn | None = None,
     ):
         self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
         self.metrics, self.progress, self.on_eval = metrics, progress, on_eval
@@ -189,6 +198,7 @@ class Worker:
         self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
         self.codec, self.encoder = None, None  # set by start()
         self.stats = WorkerStats()
+        self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
@@ -269,7 +279,7 @@ class Worker:
                 with tracer.span("forward/backward", step):
                     x = torch.from_numpy(batch.x).to(flat.device)
                     y = torch.from_numpy(batch.y).to(flat.device)
-                    loss, _ = loss_and_correct(model(x), y)
+                    loss = self.loss(model(x), y)
                     loss.backward()
                     loss = loss.detach()
             flat.before_push()

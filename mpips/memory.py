@@ -15,7 +15,7 @@ FLOAT = 4  # parameters, gradients and optimizer state are float32
 
 def expected_bytes_per_param(
     role: str, optimizer: str, workers: int, max_inflight: int, sync: str = "bsp", weight_decay: float = 0.0,
-    largest_tensor_fraction: float = 0.0,
+    largest_tensor_fraction: float = 0.0, pull_codec: str = "fp32",
 ) -> dict[str, float]:
     """Bytes per parameter of a shard (server) or of the model (worker), by what holds them.
 
@@ -28,6 +28,8 @@ def expected_bytes_per_param(
         sync: "bsp" adds the server's accumulator of the step's mean gradient.
         weight_decay: non-zero adds torch.optim's temporary ``grad + wd * param``.
         largest_tensor_fraction: the largest parameter tensor's share of all parameters.
+        pull_codec: "fp32" (the optimizer updates an exposed buffer in place) or "bf16"/"fp16"
+            (a float32 master, and exposed buffers of 2 bytes per parameter).
 
     Returns:
         {buffer name: bytes per parameter}, plus "total". Activations and the batch are not in it.
@@ -38,8 +40,8 @@ def expected_bytes_per_param(
         temporaries = 1 if optimizer == "nesterov" else 0
         temporaries += weight_decay != 0 and optimizer not in ("adam", "adamw")
         parts = {
-            "working copy": FLOAT,
-            "two published versions (RMA windows)": 2 * FLOAT,
+            "float32 master (bf16/fp16 pulls only)": 0 if pull_codec == "fp32" else FLOAT,
+            "two published versions (RMA windows)": 2 * (FLOAT if pull_codec == "fp32" else 2),
             f"{optimizer} state": STATE_FACTOR[optimizer] * FLOAT,
             "receive buffer (one push at a time)": FLOAT,
             "bsp accumulator": FLOAT if sync == "bsp" else 0,

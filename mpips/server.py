@@ -123,13 +123,15 @@ class ParameterServer:
         self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes,
                                       pull_codec=self.compression.pull_codec if self.compression else "fp32")
         self.init = None  # the window holds the values now
-        self.param = torch.from_numpy(self.window.params)
         # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
         # a tensor that got no gradient in a step keeps grad None and torch.optim skips it (no
-        # weight decay, no momentum, no Adam step), exactly as in a single process.
+        # weight decay, no momentum, no Adam step), exactly as in a single process. With updates
+        # in place the views move to the exposed buffer each update holds (_point_pieces).
         self.runs = self.plan.server_pieces(self.index)
+        self.window.begin_update()  # until the first publish, at the end of start()
+        values = torch.from_numpy(self.window.params)
         self.pieces = [
-            self.param[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
+            values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
             for r in self.runs
         ]
         self.optimizer = build_optimizer(self.pieces, self.cfg)
@@ -165,6 +167,7 @@ class ParameterServer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` (as ``state_dict`` returns it); call after ``start()``."""
+        self.window.begin_update()
         self.window.params[:] = state["params"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.stats.applied = int(state["applied"])
@@ -177,7 +180,7 @@ class ParameterServer:
         """Apply pushes until every worker has stopped."""
         workers = len(self.workers)
         active = set(range(workers))
-        acc = torch.zeros_like(self.param) if self.sync == "bsp" else None
+        acc = torch.zeros(self.window.params.size) if self.sync == "bsp" else None
         # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
         bsp = _BspStep(workers, len(self.pieces)) if self.sync == "bsp" else None
         if bsp is not None:
@@ -253,6 +256,14 @@ class ParameterServer:
         self.comm.gather(self.stats, root=lead)
         self.window.free()
 
+    def _point_pieces(self, buffer: int | None) -> None:
+        """In place: the optimizer's tensor runs become views of the exposed buffer being updated."""
+        if buffer is None:
+            return
+        values = torch.from_numpy(self.window.params)
+        for piece, r in zip(self.pieces, self.runs, strict=True):
+            piece.data = values[r.server_offset : r.server_offset + r.length]
+
     def _publish(self) -> None:
         """Publish the working shard and status as the next version; in bsp, announce it."""
         buffer = self.window.publish()
@@ -310,7 +321,7 @@ class ParameterServer:
             MalformedMessage: naming the worker, for a push that fails validation (nothing of it
                 is applied).
         """
-        n, runs = self.param.numel(), len(self.pieces)
+        n, runs = self.window.params.size, len(self.pieces)
         expected = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
         if header.codec != expected or (expected == Codec.RAW32 and header.length != 4 * n + runs):
             want = (f"raw float32 of {4 * n} bytes and a mask of {runs} bytes" if expected == Codec.RAW32
@@ -439,7 +450,10 @@ class ParameterServer:
         lr_scale: float = 1.0,
     ) -> None:
         """Apply ``grad`` to the tensor runs ``used`` marks (None: only advance the clock), publish."""
+        if self.pull_server is not None:
+            self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
+            self._point_pieces(self.window.begin_update())
             if self.cfg.clip_grad_norm and norm is not None:
                 coef = self.cfg.clip_grad_norm / (norm + 1e-6)
                 if coef < 1.0:
@@ -448,8 +462,6 @@ class ParameterServer:
                 group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
             for piece, run, has in zip(self.pieces, self.runs, used, strict=True):
                 piece.grad = grad[run.server_offset : run.server_offset + run.length] if has else None
-        if self.pull_server is not None:
-            self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
             with self.tracer.span("optimizer step"):
                 self.optimizer.step()

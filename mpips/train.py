@@ -246,7 +246,8 @@ def _memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
     """Expected memory of each role (``mpips.memory``), for the start-up lines and --dry-run."""
     largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
     per = {role: expected_bytes_per_param(role, cfg.optim.optimizer, workers, cfg.train.max_inflight,
-                                          cfg.train.sync, cfg.optim.weight_decay, largest)["total"]
+                                          cfg.train.sync, cfg.optim.weight_decay, largest,
+                                          cfg.compression.pull_codec)["total"]
            for role in ("server", "worker")}
     shard = max(plan.shard_numel(s) for s in range(plan.servers))
     return (f"memory (expected, above a bare process): server {per['server']:.3g} bytes per parameter of its"

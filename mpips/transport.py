@@ -346,6 +346,14 @@ class ParameterWindow:
 
     ``pull_codec`` (``--pull-codec``, the same on every rank): the exposed buffers hold the shard
     as float32, bf16 or fp16 elements; ``params`` stays float32, and ``pull`` widens.
+
+    Server updates. With float32 pulls the server keeps no private copy: ``begin_update()`` takes
+    the exclusive lock on the stale buffer, copies the current version's shard into it and makes
+    ``params`` that buffer's shard, which the optimizer then updates in place; ``publish()``
+    writes the status block, unlocks and points ``NEWEST`` there. Readers never wait for it: they
+    read the buffer ``NEWEST`` names, which the update does not touch (a pull that read ``NEWEST``
+    just before the previous publish and locks late waits for this update, then reads it whole).
+    With bf16/fp16 pulls ``params`` is a private float32 master and ``publish()`` narrows it.
     """
 
     NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)
@@ -359,14 +367,16 @@ class ParameterWindow:
         self.itemsize = PULL_CODECS[pull_codec].itemsize
         self._staging: list[np.ndarray] = []  # worker, low-precision pulls: the bytes read per target
         n = shard_elements
-        # server's working copy: ``init`` itself where it is a float32 vector (no second copy);
-        # set before the windows exist, so no pull can see uninitialised memory
+        self.in_place = pull_codec == "fp32"  # the optimizer updates the stale exposed buffer itself
+        self._updating: int | None = None  # the exposed buffer an update holds (in place)
+        # the values, set before the windows exist so no pull can see uninitialised memory: with
+        # bf16/fp16 pulls the float32 master is ``init`` itself where it is a float32 vector
         if init is not None and init.dtype == np.float32 and init.flags.c_contiguous and init.size == n:
-            self.params = init
+            self._master = init
         else:
-            self.params = np.zeros(n, dtype=np.float32)
+            self._master = np.zeros(n, dtype=np.float32)
             if init is not None:
-                self.params[:] = init
+                self._master[:] = init
         self.status = np.zeros(HEADER_BYTES // 8, dtype=np.int64)  # server's working status
         nbytes = HEADER_BYTES + self.itemsize * n if n else 0
         # Win.Create over our own buffers: passive Get measured ~3x faster than Win.Allocate here.
@@ -374,6 +384,8 @@ class ParameterWindow:
         for i, mem in enumerate(self._memory):
             self._expose(mem[HEADER_BYTES:nbytes])
             mem[:HEADER_BYTES].view(np.int64)[Slot.VERSION] = -i  # buffer 0 is current
+        if self.in_place:
+            self._master = None  # the exposed buffers hold the values (init is the caller's to drop)
         self._bell_memory = np.zeros(HEADER_BYTES // 8, dtype=np.int64)
         self._wins: list[MPI.Win] | None = []
         self.rma = self._create(nbytes)
@@ -416,11 +428,39 @@ class ParameterWindow:
         return 0 if v[0] >= v[1] else 1
 
     def _expose(self, out: np.ndarray) -> None:
-        """``params`` into the bytes ``out`` of an exposed buffer, in the pull codec's type."""
+        """The master values into the bytes ``out`` of an exposed buffer, in the pull codec's type."""
         if self.pull_codec == "fp32":
-            out.view(np.float32)[:] = self.params
+            out.view(np.float32)[:] = self._master
         else:
-            narrow(out, self.params, self.pull_codec)
+            narrow(out, self._master, self.pull_codec)
+
+    def _shard(self, b: int) -> np.ndarray:
+        return self._memory[b][HEADER_BYTES:].view(np.float32)
+
+    @property
+    def params(self) -> np.ndarray:
+        """Server: float32 [shard elements]: in an update, the values being updated; else the
+        current version's (read only: change them inside ``begin_update()`` / ``publish()``)."""
+        if not self.in_place:
+            return self._master
+        if self._updating is not None:
+            return self._shard(self._updating)
+        current = self._shard(self._current())
+        current.flags.writeable = False  # published: readers may be reading it
+        return current
+
+    def begin_update(self) -> int | None:
+        """Server, before changing ``params``: in place, lock the stale buffer exclusively and
+        bring it to the current values; returns its index (None with a private master)."""
+        if not self.in_place or self._updating is not None:
+            return self._updating
+        cur = self._current()
+        stale = 1 - cur
+        if self.rma:
+            self.wins[stale].Lock(self.comm.Get_rank(), MPI.LOCK_EXCLUSIVE)
+        self._shard(stale)[:] = self._shard(cur)
+        self._updating = stale
+        return stale
 
     def published(self) -> np.ndarray:
         """Server: the bytes of the current version (status block + shard)."""
@@ -435,12 +475,16 @@ class ParameterWindow:
         stale = 1 - cur
         mem = self._memory[stale]
         self.status[Slot.VERSION] = int(self._memory[cur][:HEADER_BYTES].view(np.int64)[Slot.VERSION]) + 1
-        if self.rma:
+        if self.in_place:
+            self.begin_update()  # a publish without new values: the current ones, as the next version
+        elif self.rma:
             self.wins[stale].Lock(me, MPI.LOCK_EXCLUSIVE)
         try:
-            self._expose(mem[HEADER_BYTES:])
+            if not self.in_place:
+                self._expose(mem[HEADER_BYTES:])
             mem[:HEADER_BYTES].view(np.int64)[:] = self.status
         finally:
+            self._updating = None
             if self.rma:
                 self.wins[stale].Unlock(me)
         if self.rma:  # readers go there from now on

@@ -42,6 +42,7 @@ def test_pulls_only_ever_see_whole_versions():
     seen, torn = set(), 0
     if comm.rank == 0:
         for v in range(1, versions + 1):
+            window.begin_update()  # with float32 pulls the update is in place, in the stale buffer
             window.params[:] = v
             window.publish()  # the published version number is v too
         comm.Barrier()
@@ -62,6 +63,23 @@ def test_pulls_only_ever_see_whole_versions():
         assert versions in seen
 
 
+def test_published_values_are_read_only_outside_an_update():
+    """With float32 pulls the server updates an exposed buffer in place: between updates its
+    values are the published version, which readers may be reading, so writing them is an error."""
+    from mpi4py import MPI
+
+    from mpips.transport import ParameterWindow
+
+    window = ParameterWindow(MPI.COMM_SELF, 8, init=np.ones(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="read-only"):
+        window.params[:] = 2
+    window.begin_update()
+    window.params[:] = 2
+    window.publish()
+    assert window.params.tolist() == [2.0] * 8 and not window.params.flags.writeable
+    window.free()
+
+
 @pytest.mark.mpi(min_size=2, sizes=(2, 4))
 def test_notices_name_each_version_and_the_buffer_that_holds_it():
     """bsp: rank 0 publishes 200 versions, each announced; the others wait for each clock from
@@ -77,6 +95,7 @@ def test_notices_name_each_version_and_the_buffer_that_holds_it():
     if comm.rank == 0:
         sender = NoticeSender(comm, list(range(1, comm.size)))
         for v in range(1, versions + 1):
+            window.begin_update()
             window.params[:] = v
             window.status[Slot.CLOCK] = v
             sender.send(v, window.publish(), int(window.status[Slot.VERSION]))

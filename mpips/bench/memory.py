@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
         workers = size - 1
         largest = hidden * hidden / params  # the MLP's hidden-to-hidden weight
         expected = expected_bytes_per_param(role, optimizer, workers, cfg.train.max_inflight, cfg.train.sync,
-                                            cfg.optim.weight_decay, largest)["total"]
+                                            cfg.optim.weight_decay, largest, cfg.compression.pull_codec)["total"]
         mine = {"role": role, "rank": comm.Get_rank(), "optimizer": optimizer, "params": params,
                 "workers": workers, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
                 "bytes_per_param": (peak - baseline) / params,

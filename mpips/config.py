@@ -60,8 +60,8 @@ class ModelConfig:
     model: str = _opt(
         "mlp", "mlp | cnn | gpt | package.module:factory: mpips imports package.module and calls factory with"
         " the keywords input_shape (tuple of ints, one sample's shape) and num_classes (int), each only if"
-        " the factory's signature names it; it must return an nn.Module with float32"
-        " parameters whose output for a batch of B samples has num_classes as its last dimension"
+        " the factory's signature names it; it must return an nn.Module with float32, bfloat16 or float16"
+        " parameters (one dtype) whose output for a batch of B samples has num_classes as its last dimension"
         " (B x num_classes; text: B x T x 256)"
     )
     hidden: int = _opt(128, "MLP hidden width")
@@ -118,7 +118,20 @@ class TrainConfig:
     final_eval: bool = _opt(True, "evaluate the final model on the held-out split (benchmarks turn it off)")
     save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
     metrics: str | None = _opt(None, "write JSON-lines events (step, eval, end) to this file")
-    device: Literal["cpu", "cuda", "auto"] = _opt("cpu", "where workers compute")
+    device: Literal["cpu", "cuda", "auto"] = _opt(
+        "cpu", "where workers compute; cuda: one GPU per worker rank of a node (local rank modulo the GPUs"
+        " torch sees); servers and data servers stay on the CPU"
+    )
+    cuda_aware: Literal["auto", "yes", "no"] = _opt(
+        "auto", "GPU workers: yes = MPI reads and writes GPU memory directly; no = staged through pinned host"
+        " buffers, chunk by chunk on a side stream; auto = direct where the MPI library says it is CUDA-aware"
+        " (MPIX_Query_cuda_support, MPIX_GPU_query_support, MPICH_GPU_SUPPORT_ENABLED, MV2_USE_CUDA)"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = _opt(
+        "fp32", "worker compute: bf16 = torch.autocast to bfloat16 (CPU and CUDA); fp16 = autocast to float16"
+        " with a dynamic loss scaler (torch.amp.GradScaler; a step that overflows pushes nothing); servers"
+        " keep float32 weights and optimizer state either way"
+    )
     pull: Literal["auto", "rma", "message"] = _opt(
         "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"
     )

@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,13 +33,16 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import Config, parse_args
+from mpips.config import Config, ConfigError, parse_args
+from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
 from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.doctor import find_loaded_libmpi
 from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks
 from mpips.layout import PSContext, Role, RoleComms, RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.optim import STATE_FACTOR
+from mpips.precision import Precision
 from mpips.server import ParameterServer
 from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
@@ -166,12 +170,13 @@ def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
 
 
 def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.ndarray:
-    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters."""
+    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters (the
+    float32 master of a bf16/fp16 model)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     out = np.empty(plan.shard_numel(server), dtype=np.float32)
     for run in plan.server_pieces(server):
         values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
-        out[run.server_offset : run.server_offset + run.length] = values.numpy()
+        out[run.server_offset : run.server_offset + run.length] = values.float().numpy()  # bf16/fp16: widened
     return out
 
 
@@ -205,7 +210,15 @@ def _run_worker(
     rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker
     device = _device(cfg.train.device, layout.local_rank(rank))
-    flat = FlatModel(model, plan, device)
+    decision = decide(cfg.train.cuda_aware, _cuda_support(), device.type)
+    flat = FlatModel(model, plan, device, path=decision.path, overlap_backward=cfg.train.precision != "fp16")
+    trainable = [p for p in flat.model.parameters() if p.requires_grad]
+    precision = Precision(cfg.train.precision, device, flat.dtype, trainable)
+    if lead:
+        print(decision.line, flush=True)
+        print(f"precision: {cfg.train.precision} on {device.type} workers"
+              f" ({precision_words(cfg.train.precision)}); parameters {str(flat.dtype).removeprefix('torch.')} on"
+              " workers, float32 master and optimizer state on the servers", flush=True)
     ckpt.bind(ps_comm, "worker", index, epoch_plan)
     if layout.data_servers:
         from mpips.dataserver import RemoteSource
@@ -219,7 +232,7 @@ def _run_worker(
 
     def on_eval(step: int) -> None:
         faults.at("evaluation", step)
-        result = evaluate(flat.model, data.val_x, data.val_y, device)
+        result = evaluate(flat.model, data.val_x, data.val_y, device, precision=precision)
         if result is None:
             if not said_no_eval[0]:
                 print("no held-out samples: evaluation skipped (--eval-every)", flush=True)
@@ -230,7 +243,7 @@ def _run_worker(
         print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
 
     worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
-                    metrics, progress, on_eval if lead else None)
+                    metrics, progress, on_eval if lead else None, precision=precision)
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
         worker.start()
     if lead:  # only now: the windows may have fallen back to message pulls
@@ -253,8 +266,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
 
     After a stop on a signal the model is saved (where ``--save`` asks) but not evaluated.
     """
-    flat.host[:] = final
-    flat.after_pull()
+    flat.load_wire(final)
     if stats.preempted:
         print(f"stopped on {ckpt.preemption.signal_name or 'a signal'} at step {worker.position} of {steps}: "
               + (f"checkpoint {ckpt.last_path} written; exiting with status {REQUEUE_STATUS}"
@@ -263,7 +275,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
               flush=True)
         _save_model(cfg, flat)
         return
-    result = evaluate(flat.model, data.val_x, data.val_y, device) if cfg.train.final_eval else None
+    result = (evaluate(flat.model, data.val_x, data.val_y, device, precision=worker.precision)
+              if cfg.train.final_eval else None)
     loss, acc = result if result is not None else (None, None)
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     servers = worker.server_stats
@@ -298,13 +311,29 @@ def _save_model(cfg, flat) -> None:
         print(f"saved model state_dict to {cfg.train.save}", flush=True)
 
 
+def _cuda_support() -> CudaSupport:
+    """What this process's MPI library says about device buffers (``mpips.cuda_aware.query``)."""
+    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
+    return query(library_lookup(libmpi), MPI.Get_library_version().splitlines()[0], os.environ)
+
+
+def precision_words(mode: str) -> str:
+    return {"fp32": "no autocast", "bf16": "torch.autocast to bfloat16",
+            "fp16": "torch.autocast to float16, torch.amp.GradScaler loss scaling"}[mode]
+
+
 def _device(name: str, local_rank: int) -> torch.device:
-    """The worker's device: with cuda, one GPU per rank of a node, round-robin."""
+    """The worker's device: with cuda, one GPU per rank of a node, round-robin.
+
+    Several workers on one GPU (more worker ranks on a node than GPUs) share it: each has its
+    own CUDA context and streams; the kernels of the others interleave with its own.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+            raise ConfigError(f"--device cuda, but torch {torch.__version__} sees no CUDA device on"
+                              f" {MPI.Get_processor_name()} (torch.cuda.is_available() is False)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -75,7 +75,6 @@ class Precision:
         self.autocast = PRECISIONS[mode]
         self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
         self._proxy = torch.optim.SGD(list(params), lr=0.0) if self.scaler is not None else None
-        self.skipped = 0  # steps skipped for non-finite gradients (fp16)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

@@ -293,6 +293,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
     }
+    if cfg.train.precision == "fp16":
+        rows["steps skipped, fp16 overflow (worker 0)"] = stats.skipped
     print(format_table(rows, "final metrics"), flush=True)
     if result is not None:
         metrics.event("eval", steps, loss=loss, accuracy=acc)

@@ -27,7 +27,7 @@ from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
 from mpips.precision import Precision, param_dtype
 from mpips.shard import ShardPlan
-from mpips.staging import CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
+from mpips.staging import STAGE_CHUNK_BYTES, CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
 from mpips.transport import (
     HEADER_BYTES,
     Codec,
@@ -75,10 +75,12 @@ class FlatModel:
         engine: the copy engine for staging (default: ``CudaCopyEngine`` on a CUDA device,
             ``ImmediateCopyEngine`` on the CPU).
         overlap_backward: copy gradient chunks during backward (off under fp16 loss scaling).
+        stage_chunk_elements: the largest staged copy, in elements.
     """
 
     def __init__(self, model: nn.Module, plan: ShardPlan, device: torch.device, path: str = "host",
-                 engine: CopyEngine | None = None, overlap_backward: bool = True):
+                 engine: CopyEngine | None = None, overlap_backward: bool = True,
+                 stage_chunk_elements: int = STAGE_CHUNK_BYTES // 4):
         if path not in ("host", "staging", "direct"):
             raise ValueError(f"path must be host, staging or direct, got {path!r}")
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -92,7 +94,7 @@ class FlatModel:
             wire = torch.zeros(n, dtype=torch.float32, pin_memory=cuda)
             wire_grad = torch.zeros(n, dtype=torch.float32, pin_memory=cuda)
             self.host, self.host_grad = wire.numpy(), wire_grad.numpy()  # what MPI reads and writes
-        if wire.device == device and self.dtype == torch.float32:
+        if path != "staging" and wire.device == device and self.dtype == torch.float32:
             self.params, self.grads = wire, wire_grad  # one buffer: MPI and the model share it
         else:
             self.params = torch.zeros(n, dtype=self.dtype, device=device)
@@ -102,7 +104,7 @@ class FlatModel:
         if self.params is not wire:
             engine = engine or (CudaCopyEngine(device) if cuda else ImmediateCopyEngine())
             self.staging = Staging(engine, plan, wire, wire_grad, self.params, self.grads,
-                                   overlap_backward=overlap_backward)
+                                   chunk_elements=stage_chunk_elements, overlap_backward=overlap_backward)
         for i, (spec, p) in enumerate(zip(plan.tensors, trainable, strict=True)):
             view = slice(spec.offset, spec.offset + spec.numel)
             with torch.no_grad():
@@ -235,6 +237,7 @@ class WorkerStats:
     bytes_pushed: int = 0
     max_staleness: int = 0
     last_loss: float = float("nan")
+    skipped: int = 0  # fp16: steps whose gradient overflowed and was not pushed (0 samples instead)
     preempted: bool = False  # stopped early after a preemption checkpoint
 
 
@@ -336,7 +339,7 @@ class Worker:
             if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
                 # fp16 overflow: a skipped step pushes a zero gradient of 0 samples, never NaN/Inf
                 flat.skip_gradient()
-                self.precision.skipped += 1
+                self.stats.skipped += 1
                 samples, grad_norm = 0, 0.0
             flat.before_push()
             t2 = time.perf_counter()

@@ -91,6 +91,25 @@ def float64(input_shape, num_classes):
     return tiny_linear(input_shape, num_classes).double()
 
 
+def mixed_dtypes(input_shape, num_classes):
+    model = tiny_linear(input_shape, num_classes)
+    model[1].weight.data = model[1].weight.data.bfloat16()
+    return model
+
+
+def bf16_mlp(input_shape, num_classes):
+    """The default MLP's shape (hidden 128) with bfloat16 parameters."""
+    n = 1
+    for d in input_shape:
+        n *= d
+    return nn.Sequential(nn.Flatten(), nn.Linear(n, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, num_classes)).bfloat16()
+
+
+def fp16_linear(input_shape, num_classes):
+    return tiny_linear(input_shape, num_classes).half()
+
+
 def raises_on_rank(input_shape, num_classes):
     """tiny_linear, except on the rank named by MPIPS_TEST_BAD_RANK: a bad input only one rank sees."""
     from mpi4py import MPI

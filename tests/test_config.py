@@ -105,7 +105,8 @@ def test_help_states_the_factory_contract():
 
     text = " ".join(build_parser().format_help().split())
     for words in ("package.module:factory", "the keywords input_shape (tuple of ints", "num_classes (int)",
-                  "each only if the factory's signature names it", "nn.Module with float32, bfloat16 or float16 parameters"):
+                  "each only if the factory's signature names it",
+                  "nn.Module with float32, bfloat16 or float16 parameters"):
         assert words in text, words
     assert parse_args(["--debug"]).train.debug and not parse_args([]).train.debug
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

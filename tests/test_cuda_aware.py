@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_the_real_library_here_answers():
 
     from mpips.doctor import find_loaded_libmpi
 
-    libmpi = find_loaded_libmpi(open("/proc/self/maps").read())
+    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
     support = query(library_lookup(libmpi), MPI.Get_library_version().splitlines()[0], {})
     if "Open MPI" in MPI.Get_library_version():
         assert support.aware is not None and support.source.startswith("Open MPI MPIX_Query_cuda_support() = ")

@@ -310,8 +310,9 @@ class ParameterWindow:
 
     A server optimizes a private copy (``params``, with its private ``status`` block) and
     ``publish()`` copies both into whichever of its two exposed buffers holds the older version,
-    under an exclusive lock on that buffer alone. Workers read the newer buffer under a shared
-    lock, so a pull always sees one whole version, and a server update never waits on the pulls
+    under an exclusive lock on that buffer alone, then points its doorbell's ``NEWEST`` slot at it.
+    Workers read that slot (one atomic read) and then the buffer under a shared lock, status block
+    and shard in one epoch, so a pull always sees one whole version, and a server update never waits on the pulls
     of the current version: only on a pull still reading the version before it. (With a single
     locked buffer, workers pulling back to back starved the server's exclusive lock forever:
     measured with Open MPI 4.1 osc/rdma.)
@@ -320,6 +321,8 @@ class ParameterWindow:
     and the owner reads (``flag``). Workers expose nothing else. Creation and ``free()`` are
     collective over ``comm``.
     """
+
+    NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)
 
     def __init__(
         self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None,
@@ -405,6 +408,12 @@ class ParameterWindow:
         finally:
             if self.rma:
                 self.wins[stale].Unlock(me)
+        if self.rma:  # readers go there from now on
+            bell = self.wins[2]
+            bell.Lock(me, MPI.LOCK_SHARED)
+            bell.Accumulate([np.array([stale], dtype=np.int64), MPI.INT64_T], me, (self.NEWEST, 1, MPI.INT64_T),
+                            op=MPI.REPLACE)
+            bell.Unlock(me)
         return stale
 
     def _lock_all(self, targets: list[int], which: list[int]) -> None:
@@ -415,19 +424,27 @@ class ParameterWindow:
         for t, b in zip(targets, which, strict=True):
             self.wins[b].Unlock(t)
 
+    def newest(self, targets: list[int]) -> list[int]:
+        """Worker: which exposed buffer of each target holds its newest version (its doorbell's
+        ``NEWEST`` slot, read atomically in one shared epoch per target)."""
+        win, out = self.wins[2], np.zeros((len(targets), 1), dtype=np.int64)
+        for i, t in enumerate(targets):
+            win.Lock(t, MPI.LOCK_SHARED)
+            win.Get_accumulate(np.zeros(1, dtype=np.int64), out[i], t, (self.NEWEST, 1, MPI.INT64_T), op=MPI.NO_OP)
+            win.Unlock(t)
+        return [int(b) for b in out[:, 0]]
+
     def read_status(self, targets: list[int], out: np.ndarray) -> list[int]:
-        """Worker: the newest status block of each target into ``out[i]``; returns buffer indices."""
-        both = np.empty((len(targets), 2, HEADER_BYTES // 8), dtype=np.int64)
-        for b in (0, 1):
-            self._lock_all(targets, [b] * len(targets))
-            reqs = [r for i, t in enumerate(targets)
-                    for r in get_chunks(self.wins[b], both[i, b], t, 0, self.chunk_bytes)]
-            MPI.Request.Waitall(reqs)
-            self._unlock_all(targets, [b] * len(targets))
-        newest = [int(np.argmax(both[i, :, Slot.VERSION])) for i in range(len(targets))]
-        for i, b in enumerate(newest):
-            out[i] = both[i, b]
-        return newest
+        """Worker: the status block of each target's newest version into ``out[i]``; returns the
+        buffer indices (``newest``). A server rewrites a buffer only with the version after the
+        other buffer's, so the block read is of that version or a newer one, whole."""
+        which = self.newest(targets)
+        self._lock_all(targets, which)
+        reqs = [r for i, (t, b) in enumerate(zip(targets, which, strict=True))
+                for r in get_chunks(self.wins[b], out[i], t, 0, self.chunk_bytes)]
+        MPI.Request.Waitall(reqs)
+        self._unlock_all(targets, which)
+        return which
 
     def pull(
         self, targets: list[int], status: np.ndarray, shards: list[np.ndarray], which: list[int] | None = None
@@ -439,7 +456,7 @@ class ParameterWindow:
         with the version after the other buffer's, and whatever is read under the lock is whole.
         """
         if which is None:
-            which = self.read_status(targets, status)
+            which = self.newest(targets)
         self._lock_all(targets, which)
         reqs = []
         for i, (t, b) in enumerate(zip(targets, which, strict=True)):

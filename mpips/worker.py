@@ -210,7 +210,8 @@ def evaluate(
     if len(y) == 0:
         return None
     if precision is None:
-        precision = Precision("fp32", device, param_dtype([p for p in model.parameters()]))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        precision = Precision("fp32", device, param_dtype(trainable) if trainable else torch.float32)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():

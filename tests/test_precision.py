@@ -120,3 +120,19 @@ def test_a_bf16_model_trains_under_bf16_autocast_with_float32_masters_on_the_ser
     assert accuracy >= 0.9, out
     saved = torch.load(tmp_path / "m.pt")
     assert {v.dtype for v in saved.values()} == {torch.bfloat16}
+
+
+def test_fp16_steps_that_overflow_are_skipped_not_pushed_as_nan(tmp_path):
+    """bsp, 2 workers: the first steps overflow at loss scale 2**16 until GradScaler has halved it
+    enough. A skipped step pushes a zero gradient of 0 samples: the servers apply fewer steps,
+    drop nothing (a NaN gradient would count as dropped, and --max-bad-grads 3 would end the job)."""
+    from helpers import run_train
+
+    result = run_train(3, "--model", "toymodels:fp16_overflow", "--precision", "fp16", "--steps", "10",
+                       "--data-servers", "0", "--max-bad-grads", "3", timeout=240, cwd=tmp_path, check=True)
+    out = result.stdout
+    skipped = int(re.search(r"steps skipped, fp16 overflow \(worker 0\) +(\d+)", out).group(1))
+    applied = int(re.search(r"gradients applied +(\d+)", out).group(1))
+    assert 1 <= skipped < 10 and applied <= 10 - 1, out
+    assert re.search(r"gradients dropped +0\n", out), out
+    assert math.isfinite(float(re.search(r"held-out loss +([0-9.einfa+-]+)", out).group(1))), out

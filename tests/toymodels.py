@@ -117,3 +117,17 @@ def raises_on_rank(input_shape, num_classes):
     if MPI.COMM_WORLD.Get_rank() == int(os.environ.get("MPIPS_TEST_BAD_RANK", "-1")):
         raise ValueError("no weights file on this node")
     return tiny_linear(input_shape, num_classes)
+
+
+class _Loud(nn.Sequential):
+    """Inputs scaled by 3000: under fp16 autocast the first scaled gradients overflow."""
+
+    def forward(self, x):
+        return super().forward(x * 3000.0)
+
+
+def fp16_overflow(input_shape, num_classes):
+    n = 1
+    for d in input_shape:
+        n *= d
+    return _Loud(nn.Flatten(), nn.Linear(n, num_classes))

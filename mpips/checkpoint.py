@@ -10,6 +10,8 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
     workers/position        int64 [workers, 3]  (next global step, epoch, step in epoch)
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
     workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
+    workers/residual        float32 [workers, numel]  error-feedback residuals (with error feedback only;
+                            version 3 on; absent: resumed as zeros)
     frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
     attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
                             config, and the sha256 of every piece each rank wrote
@@ -67,6 +69,7 @@ from mpi4py import MPI
 from mpips import faults
 from mpips.config import Config, ConfigError
 from mpips.shard import ShardPlan
+from mpips.trace import NULL_TRACER
 from mpips.transport import DEFAULT_CHUNK_BYTES, Slot, Tag, chunks, recv_chunks, send_chunks, wait_all, wait_for
 
 __all__ = [
@@ -86,7 +89,8 @@ log = logging.getLogger("mpips.checkpoint")
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
 STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
 FORMAT = "mpips-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: workers/residual (error feedback); version 2 files are read as before
+READABLE = (2, 3)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -126,8 +130,9 @@ def verify(path: str | Path) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as f:
             manifest = json.loads(str(f.attrs["manifest"]))
-            if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-                raise CheckpointError(f"{path}: not an mpips checkpoint of version {VERSION}")
+            if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
+                raise CheckpointError(f"{path}: not an mpips checkpoint of version"
+                                      f" {' or '.join(map(str, READABLE))}")
             for piece in manifest["pieces"]:
                 data = f[piece["dataset"]][piece["start"] : piece["stop"]]
                 if _sha256(data) != piece["sha256"]:
@@ -333,6 +338,7 @@ class Checkpointing:
     _rung: bool = False
     _next_async: int = 0
     _position: int = -1
+    tracer: Any = NULL_TRACER  # mpips.trace: the job sets its Tracer here when --trace is on
 
     @property
     def enabled(self) -> bool:
@@ -461,7 +467,11 @@ class Checkpointing:
             for name, t in template["module"].items():
                 raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
                 module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
-        return {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
+            state = {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
+            if "residual" in template:  # error feedback: the residual, or zeros where none was saved
+                state["residual"] = (torch.from_numpy(f["workers/residual"][i]) if "workers/residual" in f
+                                     else None)
+        return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
         return self._server_pieces(state) if self.role == "server" else self._worker_pieces(state)
@@ -511,6 +521,9 @@ class Checkpointing:
                   (W, 3)),
             Piece("workers/rng_torch", i, rng[None].copy(), (W, rng.size)),
         ]
+        if "residual" in st:
+            res = st["residual"].numpy()
+            pieces.append(Piece("workers/residual", i, res[None].copy(), (W, res.size)))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):
@@ -583,7 +596,9 @@ class Checkpointing:
 
     def _save(self, step: int, pieces: list[Piece], stop: bool, serve) -> None:  # noqa: ANN001
         faults.at("checkpoint", step)
+        tracer = self.tracer
         comm, t0 = self.comm, time.monotonic()
+        began = tracer.now()
         rendezvous = comm.Ibarrier()
 
         def arrived() -> bool:
@@ -597,6 +612,8 @@ class Checkpointing:
             " (nonblocking barrier over the parameter-server communicator)",
             self.cfg.train.stall_timeout,
         )
+        tracer.record("checkpoint: wait for the others", began, step=step)
+        began = tracer.now()
         directory = Path(self.cfg.checkpoint.checkpoint_dir)
         final = directory / checkpoint_name(step)
         tmp = directory / f".{final.name}.tmp"
@@ -618,6 +635,7 @@ class Checkpointing:
                 if stop
                 else "",
             )
+        tracer.record("checkpoint write", began, step=step)
         self.last_path, self._last_time = final, time.monotonic()
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 
 __all__ = [
     "CheckpointConfig",
+    "CompressionConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -118,6 +119,10 @@ class TrainConfig:
     final_eval: bool = _opt(True, "evaluate the final model on the held-out split (benchmarks turn it off)")
     save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
     metrics: str | None = _opt(None, "write JSON-lines events (step, eval, end) to this file")
+    trace: str | None = _opt(
+        None, "write a Chrome trace (open in https://ui.perfetto.dev or chrome://tracing) of what every rank"
+        " spends its time on to this JSON file, clocks aligned across ranks; `python -m mpips.report` plots it"
+    )
     device: Literal["cpu", "cuda", "auto"] = _opt(
         "cpu", "where workers compute; cuda: one GPU per worker rank of a node (local rank modulo the GPUs"
         " torch sees); servers and data servers stay on the CPU"
@@ -167,6 +172,35 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class CompressionConfig:
+    """Gradient compression on the push path, precision of the pull path (mpips.compression)."""
+
+    compress: Literal["none", "fp16", "bf16", "topk", "randomk", "qsgd", "sign"] = _opt(
+        "none", "codec of pushed gradients, per chunk of --chunk-bytes: none = float32; fp16/bf16 = 2 bytes"
+        " per value; topk/randomk = the --compress-ratio fraction of entries (largest / seeded random);"
+        " qsgd = --qsgd-levels stochastic levels, 1 byte per value; sign = 1 bit per value and a scale"
+    )
+    compress_ratio: float = _opt(
+        0.01, "topk, randomk: fraction of each chunk's entries sent, in (0, 1]; fewer bytes, more to catch up"
+    )
+    qsgd_levels: int = _opt(8, "qsgd: quantisation levels s, 1 to 127 (more levels: less noise, same bytes)")
+    error_feedback: bool | None = _opt(
+        None, "add what compression left out of each gradient to the worker's next one (a residual per"
+        " worker, kept in checkpoints); default: on for the biased codecs topk and sign, off otherwise"
+    )
+    pull_codec: Literal["fp32", "bf16", "fp16"] = _opt(
+        "fp32", "precision of the parameters workers pull: servers keep float32 weights and optimizer"
+        " state and publish a copy in this precision (bf16/fp16 halve the pull bytes)"
+    )
+
+    def feedback(self) -> bool:
+        """Whether error feedback is on (``--error-feedback`` or the codec's default)."""
+        if self.error_feedback is None:
+            return self.compress in ("topk", "sign")
+        return self.error_feedback
+
+
+@dataclass(kw_only=True)
 class Config:
     """All settings of one run, grouped by concern."""
 
@@ -176,6 +210,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def validate(self) -> Config:
         """Check value ranges; raise ConfigError naming the flag."""
@@ -204,6 +239,8 @@ class Config:
                 self.checkpoint.checkpoint_every or self.checkpoint.checkpoint_interval),
              "--checkpoint-every / --checkpoint-interval need --checkpoint-dir"),
             (self.data.replicas <= max(1, self.roles.data_servers), "--replicas cannot exceed --data-servers"),
+            (0 < self.compression.compress_ratio <= 1, "--compress-ratio must be in (0, 1]"),
+            (1 <= self.compression.qsgd_levels <= 127, "--qsgd-levels must be between 1 and 127"),
         ]
         for ok, message in checks:
             if not ok:

@@ -121,7 +121,7 @@ def query(lookup: Lookup, vendor: str, environ: Mapping[str, str]) -> CudaSuppor
     return CudaSupport(None, "the MPI library has no CUDA query (MPIX_Query_cuda_support, MPIX_GPU_query_support)")
 
 
-def decide(mode: str, support: CudaSupport, device_type: str) -> PathDecision:
+def decide(mode: str, support: CudaSupport, device_type: str, needs_host: str = "") -> PathDecision:
     """The path a worker on ``device_type`` uses under ``--cuda-aware mode``.
 
     Args:
@@ -130,6 +130,9 @@ def decide(mode: str, support: CudaSupport, device_type: str) -> PathDecision:
             (always staging).
         support: the library's answer (``query``).
         device_type: the worker's ``torch.device.type``: ``"cpu"`` or ``"cuda"``.
+        needs_host: why the bytes must pass through host memory whatever the library says (the
+            gradient codecs and pull codecs encode and widen on the host), e.g. ``"--compress topk"``;
+            empty where nothing does. It makes the path staging.
 
     Raises:
         ValueError: for a mode other than auto, yes or no.
@@ -140,6 +143,9 @@ def decide(mode: str, support: CudaSupport, device_type: str) -> PathDecision:
     facts = f"MPI {said}: {support.source}"
     if device_type != "cuda":
         return PathDecision("host", f"device buffers: none, workers compute on {device_type} ({facts})")
+    if needs_host and (mode == "yes" or support.aware):
+        return PathDecision("staging", "device buffers: staged through pinned host memory, chunk by chunk on a"
+                                       f" side stream ({needs_host} encodes on the host; {facts})")
     if mode == "yes" or (mode == "auto" and support.aware):
         why = "--cuda-aware yes" if mode == "yes" else "--cuda-aware auto"
         return PathDecision("direct", f"device buffers: direct, MPI reads and writes GPU memory ({why}; {facts})")

@@ -33,6 +33,7 @@ from mpips.data import Batch, DatasetHandle, EpochPlan
 from mpips.data.assign import DataAssignment
 from mpips.data.hdf5 import DatasetFile, PartitionReader, Partitions, SampleFormat
 from mpips.data.prepare import has_mpio
+from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import Backoff, StallError, Tag, wait_for
 
 __all__ = ["DataServer", "DataServerStats", "RemoteSource", "run_data_server"]
@@ -71,7 +72,12 @@ class DataServer:
         cache_bytes: bound of the partition read cache.
         stall_timeout: seconds without any request before giving up (StallError).
         mpio: open with the MPI-IO driver (default: when h5py has it).
+
+    ``tracer`` (an attribute, set after construction; ``mpips.trace``) records reading, serving
+    and waiting for requests.
     """
+
+    tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(
         self,
@@ -111,12 +117,15 @@ class DataServer:
         """Answer requests until every worker is done; StallError if none come for too long."""
         backoff, last = Backoff(high=1e-3), time.monotonic()
         first = None
+        tracer = self.tracer
         while not all(self.done):
+            began = tracer.now()
             statuses: list[MPI.Status] = []
             ready = MPI.Request.Testsome(self.requests, statuses) or []
             for w in ready:
                 first = first if first is not None else time.perf_counter()
-                self._handle(w)
+                with tracer.span("serve"):
+                    self._handle(w)
             self.sending = [(r, b) for r, b in self.sending if not r.Test()]
             if ready:
                 backoff.reset()
@@ -129,6 +138,7 @@ class DataServer:
                 )
             else:
                 backoff.wait()
+                tracer.idle("wait for requests", began)
         if first is not None:
             self.stats.serve_seconds = time.perf_counter() - first
         return self.stats
@@ -180,9 +190,10 @@ class DataServer:
             )
         t0 = time.perf_counter()
         reply = np.empty(REPLY_HEADER + n * self.format.record_bytes, dtype=np.uint8)
-        self.reader.take(
-            ids, out=self.format.unpack(reply[REPLY_HEADER:], n)
-        )  # read into the reply
+        with self.tracer.span("read"):
+            self.reader.take(
+                ids, out=self.format.unpack(reply[REPLY_HEADER:], n)
+            )  # read into the reply
         self.stats.read_seconds += time.perf_counter() - t0
         nbytes = reply.nbytes - REPLY_HEADER
         reply[:REPLY_HEADER].view(np.int64)[:] = (MAGIC, w, epoch, step, n, nbytes, 0, 0)
@@ -363,7 +374,8 @@ class RemoteSource:
 
 
 def run_data_server(
-    cfg: Any, layout: Any, comms: Any, data: DatasetHandle, epoch_plan: EpochPlan, steps: int
+    cfg: Any, layout: Any, comms: Any, data: DatasetHandle, epoch_plan: EpochPlan, steps: int,
+    tracer: Tracer | NullTracer = NULL_TRACER,
 ) -> DataServerStats:
     """The data-server role of ``mpips.train``: start, serve until every worker is done, finish."""
     index = layout.index_of(comms.world.Get_rank())
@@ -381,7 +393,9 @@ def run_data_server(
         cache_bytes=int(cfg.data.cache_mb * (1 << 20)),
         stall_timeout=cfg.train.stall_timeout,
     )
-    server.start()
+    server.tracer = tracer
+    with tracer.span("start-up"):
+        server.start()
     stats = server.serve()  # no `finally`: finish() is collective; a failure aborts the job instead
     server.finish()
     log.info(

@@ -9,11 +9,13 @@ Fields (comma-separated ``key=value``):
     rank   world rank that fails (required).
     phase  one of PHASES (required).
     step   the global step at which it fails (default: the first time the phase is reached).
-    kind   raise | exit | kill | hang | malformed (default raise):
+    kind   raise | exit | kill | hang | malformed | malformed-payload (default raise):
            raise = an exception (the normal error path); exit = ``os._exit(3)`` without MPI
            finalisation; kill = SIGKILL to itself; hang = sleep forever (other ranks' stall
            timeouts must end the job); malformed = corrupt the header of the message being sent
-           (only where the hook is given ``message=``: a worker's push), and carry on.
+           (only where the hook is given ``message=``: a worker's push), and carry on;
+           malformed-payload = the same for the first 4 bytes of its payload (``payload_at=``):
+           a compressed push's first record then announces the wrong element count.
 
 Roles call ``faults.at(phase, step)`` at each phase; the hooks are one line each.
 """
@@ -33,7 +35,7 @@ __all__ = ["ENV", "KINDS", "PHASES", "Fault", "FaultInjected", "armed", "at", "p
 
 ENV = "MPIPS_FAULT"
 PHASES = ("start-up", "pull", "push", "data", "evaluation", "checkpoint", "shutdown")
-KINDS = ("raise", "exit", "kill", "hang", "malformed")
+KINDS = ("raise", "exit", "kill", "hang", "malformed", "malformed-payload")
 
 
 class FaultInjected(RuntimeError):
@@ -92,25 +94,27 @@ def _world_rank() -> int:
 _fired: set[str] = set()  # phases that already fired a 'malformed' fault (it does not end the rank)
 
 
-def at(phase: str, step: int | None = None, *, message: np.ndarray | None = None) -> None:
+def at(phase: str, step: int | None = None, *, message: np.ndarray | None = None, payload_at: int = 0) -> None:
     """Hook: inject the armed fault if it is for this rank, ``phase`` and ``step``.
 
     Args:
         phase: one of PHASES.
         step: the global step the caller is at (None where steps do not apply).
         message: the packed bytes of a message about to be sent; a ``malformed`` fault corrupts
-            its header in place.
+            its header in place (``malformed``), or the 4 bytes at ``payload_at`` (``malformed-payload``).
+        payload_at: where the message's payload starts.
     """
     fault = armed()
     if fault is None or not fault.matches(_world_rank(), phase, step):
         return
     where = f"rank {fault.rank}, phase {phase}, step {step}"
-    if fault.kind == "malformed":
+    if fault.kind in ("malformed", "malformed-payload"):
         if message is None or phase in _fired:
             return
         _fired.add(phase)
-        message[:4] ^= np.uint8(0xFF)  # the magic number: the receiver's decoder must refuse it
-        _say(f"corrupting the header of the message sent at {where}")
+        at = payload_at if fault.kind == "malformed-payload" else 0
+        message[at : at + 4] ^= np.uint8(0xFF)  # header: the magic number; the receiver must refuse it
+        _say(f"corrupting the {'payload' if at else 'header'} of the message sent at {where}")
         return
     _say(f"{fault.kind} at {where}")
     if fault.kind == "raise":

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpips.checkpoint import Checkpointing
-    from mpips.config import OptimConfig, TrainConfig
+    from mpips.config import CompressionConfig, OptimConfig, TrainConfig
     from mpips.shard import ShardPlan
 
 __all__ = ["LayoutError", "PSContext", "Role", "RoleComms", "RoleLayout"]
@@ -162,6 +162,8 @@ class PSContext:
             messages where its window has no RMA).
         total_steps: global steps of the run.
         checkpoints: this rank's checkpointing (``mpips.checkpoint.Checkpointing``), or None.
+        compression: the push codec, error feedback and pull precision (``--compress`` ...), or
+            None: float32 both ways.
     """
 
     comm: MPI.Comm
@@ -173,3 +175,4 @@ class PSContext:
     pull: str
     total_steps: int
     checkpoints: Checkpointing | None = None
+    compression: CompressionConfig | None = None

@@ -1,5 +1,9 @@
 """Parameter-server role: hold one shard, receive pushes, apply the optimizer, publish versions.
 
+Pushes are raw float32 or, with ``--compress``, one validated codec record per chunk of the
+slice (``mpips.compression``): bsp adds them into its accumulator in worker order (sparse
+chunks with ``index_add_``), asp/ssp decode them into a dense gradient first.
+
 Lifecycle (collective steps are over the parameter-server communicator, servers + workers):
 ``start()`` creates the window (collective) -> ``serve()`` applies gradients until every worker
 has sent its stop message -> ``finish()`` sends the final shard to the lead worker (in chunks)
@@ -18,7 +22,17 @@ import torch
 from mpi4py import MPI
 
 from mpips import faults
+from mpips.compression import (
+    PayloadError,
+    PushGradient,
+    chunk_ranges,
+    chunk_seed,
+    make_codec,
+    parse_payload,
+    payload_bound,
+)
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
+from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     Backoff,
     Codec,
@@ -63,7 +77,12 @@ class ParameterServer:
             over as its working copy.
         servers: the server communicator (for the global gradient norm and checkpoint marks in bsp).
         batch_size: per-worker batch (samples above this in a header are rejected).
+
+    ``tracer`` (an attribute, set after construction; ``mpips.trace``) records receiving,
+    applying, publishing and waiting.
     """
+
+    tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(self, ctx: PSContext, index: int, init: np.ndarray, servers: MPI.Comm, batch_size: int):
         self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
@@ -71,13 +90,15 @@ class ParameterServer:
         self.sync, self.total_steps, self.pull_mode = ctx.train.sync, ctx.total_steps, ctx.pull
         self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
         self.checkpoints = ctx.checkpoints
+        self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
         self.stats = ServerStats()
         self.clocks = [0] * len(self.workers)  # steps each worker has completed, as received here
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         n = self.init.size
-        self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes)
+        self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes,
+                                      pull_codec=self.compression.pull_codec if self.compression else "fp32")
         self.init = None  # the window holds the values now
         self.param = torch.from_numpy(self.window.params)
         # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
@@ -89,8 +110,12 @@ class ParameterServer:
             for r in self.runs
         ]
         self.optimizer = build_optimizer(self.pieces, self.cfg)
-        self.receiver = PushReceiver(self.comm, self.workers, max_payload=4 * n + len(self.pieces),
-                                     chunk_bytes=self.chunk_bytes)
+        c = self.compression
+        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
+        self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
+        self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
+        max_payload = max(4 * n + len(self.pieces), payload_bound(self.codec, self.ranges, len(self.pieces)))
+        self.receiver = PushReceiver(self.comm, self.workers, max_payload=max_payload, chunk_bytes=self.chunk_bytes)
         if not self.window.rma:
             self.pull_mode = "message"
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
@@ -137,9 +162,13 @@ class ParameterServer:
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
         final_saved = False
         backoff, last_progress = Backoff.for_messages(), time.monotonic()
+        tracer = self.tracer
         while active:
+            began = tracer.now()
             ready = self.receiver.poll()
             moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
+            if moved:
+                tracer.record("receive", began)
             self.stats.max_queue = max(self.stats.max_queue, len(ready))
             self.window.status[Slot.QUEUE] = len(ready)
             for w, header, payload in ready:
@@ -154,12 +183,15 @@ class ParameterServer:
                     continue
                 faults.at("push", header.step)
                 grad, mask = self._decode(header, payload)  # views of the receive buffer
-                if self.sync == "bsp":
-                    self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
-                else:
-                    self.clocks[w] = header.step + 1
-                    self._async_apply(w, header, grad, mask, min(self.clocks))
-                    self.receiver.repost(w)
+                with tracer.span("apply", header.step):
+                    if isinstance(grad, PushGradient) and self.sync != "bsp":
+                        grad = grad.dense(self.dense)  # asp/ssp: the optimizer takes a dense gradient
+                    if self.sync == "bsp":
+                        self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
+                    else:
+                        self.clocks[w] = header.step + 1
+                        self._async_apply(w, header, grad, mask, min(self.clocks))
+                        self.receiver.repost(w)
             if self.checkpoints is not None:
                 if self.sync != "bsp":
                     moved |= self._async_checkpoint(joined)
@@ -167,7 +199,10 @@ class ParameterServer:
                     final_saved = True  # every step of every worker is applied: the last checkpoint
                     self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
             if self.pull_server is not None:
-                moved |= self.pull_server.poll()
+                served = tracer.now()
+                if self.pull_server.poll():
+                    tracer.record("serve pulls", served)
+                    moved = True
             if moved:
                 backoff.reset()
                 last_progress = time.monotonic()
@@ -179,6 +214,7 @@ class ParameterServer:
                         f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
                     )
                 backoff.wait()
+                tracer.idle("wait for pushes", began)
         self.stats.bytes_received = self.receiver.bytes_received
         return self.stats
 
@@ -243,14 +279,22 @@ class ParameterServer:
             self._publish()
 
     # -- gradients ---------------------------------------------------------------------------
-    def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """(gradient, mask): float32 [shard elements] and uint8 [tensor runs], 1 = has a gradient."""
+    def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor | PushGradient, np.ndarray]:
+        """(gradient, mask): float32 [shard elements] (raw) or the validated compressed chunks
+        (``PushGradient``), and uint8 [tensor runs], 1 = has a gradient.
+
+        Raises:
+            MalformedMessage: naming the worker, for a push that fails validation (nothing of it
+                is applied).
+        """
         n, runs = self.param.numel(), len(self.pieces)
-        if header.codec != Codec.RAW32 or header.length != 4 * n + runs:
+        expected = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
+        if header.codec != expected or (expected == Codec.RAW32 and header.length != 4 * n + runs):
+            want = (f"raw float32 of {4 * n} bytes and a mask of {runs} bytes" if expected == Codec.RAW32
+                    else f"codec {expected.name.lower()} (--compress)")
             raise MalformedMessage(
                 f"server {self.index}: push from worker {header.worker} has codec {header.codec}"
-                f" and {header.length} bytes; expected raw float32 of {4 * n} bytes and a mask of"
-                f" {runs} bytes"
+                f" and {header.length} bytes; expected {want}"
             )
         if header.samples > self.batch_size:
             raise MalformedMessage(
@@ -262,15 +306,27 @@ class ParameterServer:
                 f"server {self.index}: worker {header.worker} pushed step {header.step},"
                 f" outside 0..{self.total_steps - 1}"
             )
+        if self.codec is not None:
+            seeds = [chunk_seed(self.seed, header.step, header.worker, self.index, c) for c in range(len(self.ranges))]
+            try:
+                grad, mask = parse_payload(self.codec, payload, self.ranges, seeds, runs,
+                                           finite=bool(np.isfinite(header.grad_norm)))
+            except PayloadError as exc:
+                raise MalformedMessage(
+                    f"server {self.index}: malformed {self.codec.name} push from worker {header.worker} for step"
+                    f" {header.step}: {exc}"
+                ) from None
+            return grad, mask
         mask = payload[4 * n :]
         if mask.max(initial=0) > 1:
             raise MalformedMessage(f"server {self.index}: worker {header.worker} sent a mask that is not 0/1")
         return torch.from_numpy(payload[: 4 * n].view(np.float32)), mask
 
-    def _is_bad(self, header: PushHeader, grad: torch.Tensor) -> bool:
+    def _is_bad(self, header: PushHeader, grad: torch.Tensor | PushGradient) -> bool:
         """Non-finite gradients are dropped, counted and logged, never applied."""
         # numpy's isfinite: ~25x faster than torch's on one thread (measured, 4 M floats)
-        if np.isfinite(header.grad_norm) and bool(np.isfinite(grad.numpy()).all()):
+        if np.isfinite(header.grad_norm) and (
+                grad.finite() if isinstance(grad, PushGradient) else bool(np.isfinite(grad.numpy()).all())):
             return False
         self.stats.dropped += 1
         self.window.status[Slot.DROPPED] = self.stats.dropped
@@ -287,8 +343,8 @@ class ParameterServer:
         return True
 
     def _bsp_accumulate(
-        self, w: int, header: PushHeader, grad: torch.Tensor, mask: np.ndarray, acc: torch.Tensor,
-        seen: dict[int, tuple[int, torch.Tensor, np.ndarray]], workers: int,
+        self, w: int, header: PushHeader, grad: torch.Tensor | PushGradient, mask: np.ndarray, acc: torch.Tensor,
+        seen: dict[int, tuple[int, torch.Tensor | PushGradient, np.ndarray]], workers: int,
     ) -> None:
         step = int(self.window.status[Slot.CLOCK])
         if header.step != step or w in seen:
@@ -304,7 +360,10 @@ class ParameterServer:
         for v in range(workers):
             n, g, m = seen[v]
             if n:
-                acc.add_(g, alpha=float(n))
+                if isinstance(g, PushGradient):
+                    g.add_into(acc, alpha=float(n))  # sparse chunks: index_add_ of their entries only
+                else:
+                    acc.add_(g, alpha=float(n))
                 used |= m.astype(bool)  # a tensor has a gradient if any worker's forward used it
             self.receiver.repost(v)
         samples = sum(n for n, _, _ in seen.values())
@@ -360,10 +419,12 @@ class ParameterServer:
         if self.pull_server is not None:
             self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
-            self.optimizer.step()
+            with self.tracer.span("optimizer step"):
+                self.optimizer.step()
             self.stats.applied += 1
             self.window.status[Slot.APPLIED] = self.stats.applied
             for piece in self.pieces:
                 piece.grad = None
         self.window.status[Slot.CLOCK] = clock
-        self._publish()
+        with self.tracer.span("publish"):
+            self._publish()

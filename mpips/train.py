@@ -3,6 +3,7 @@
     mpirun -n 4 python -m mpips.train                       # MLP on digits: 1 server, 1 data server, 2 workers
     mpirun -n 6 python -m mpips.train --servers 2 --sync ssp --staleness 2
     mpirun -n 4 python -m mpips.train --dry-run             # print the role map and shard plan
+    mpirun -n 4 python -m mpips.train --metrics m.jsonl --trace t.json   # then: see mpips.report
     srun python -m mpips.train --config run.toml            # on a Slurm allocation
 
 Bad input (configuration, launcher, dataset, model) is said once, in one line, and every rank
@@ -47,6 +48,7 @@ from mpips.server import ParameterServer
 from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
 from mpips.text import plural
+from mpips.trace import NULL_TRACER, Tracer
 from mpips.transport import HEADER_BYTES
 from mpips.watchdog import Watchdog, abort_job
 from mpips.worker import FlatModel, Worker, evaluate
@@ -131,19 +133,28 @@ def run(
         ckpt = Checkpointing.setup(cfg, comm, counts, plan, module, steps, preemption)
         comms = RoleComms.split(comm, layout)
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
+    with dog.blocking("start-up: measuring clock offsets for --trace (ping-pongs with rank 0)"):
+        tracer = Tracer.start(comm, role.value, layout.index_of(rank), enabled=bool(cfg.train.trace))
+    ckpt.tracer = tracer
     try:
         if role == Role.SERVER:
             # a server keeps its shard's values only, and they become its working copy (``[...]``:
             # no reference is left here once the server owns them)
             init = [shard_values(model, plan, layout.index_of(rank))]
             model = None
-            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog)
+            _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog, tracer)
         elif role == Role.WORKER:
-            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog)
+            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, tracer)
         else:
             from mpips.dataserver import run_data_server
 
-            run_data_server(cfg, layout, comms, data, epoch_plan, steps)
+            run_data_server(cfg, layout, comms, data, epoch_plan, steps, tracer)
+        if cfg.train.trace:
+            with dog.blocking("shutdown: gathering every rank's trace spans to rank 0 (--trace)"):
+                tracer.write(comm, cfg.train.trace)
+            if rank == 0:
+                print(f"trace of {comm.Get_size()} ranks written to {cfg.train.trace}"
+                      " (open it in https://ui.perfetto.dev, or run python -m mpips.report)", flush=True)
     finally:
         comms.free()
         ps_comm.Free()
@@ -184,15 +195,18 @@ def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardP
                 ckpt: Checkpointing) -> PSContext:
     return PSContext(comm=ps_comm, servers=[_ps_rank(layout, r) for r in layout.servers],
                      workers=[_ps_rank(layout, r) for r in layout.workers], plan=plan, train=cfg.train,
-                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt)
+                     optim=cfg.optim, pull=pull, total_steps=steps, checkpoints=ckpt, compression=cfg.compression)
 
 
-def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog) -> None:
+def _run_server(
+    cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps, pull, ckpt, dog, tracer=NULL_TRACER
+) -> None:
     index = layout.index_of(comms.world.Get_rank())
     ckpt.bind(ps_comm, "server", index)
     server = ParameterServer(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, init.pop(),
                              comms.role, cfg.data.batch_size)
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+    server.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         server.start()
     resumed = ckpt.server_state(server.state_dict())  # any --servers: the flat vector is re-cut here
     if resumed is not None:
@@ -204,13 +218,17 @@ def _run_server(cfg, layout, comms, ps_comm, plan, init: list[np.ndarray], steps
 
 
 def _run_worker(
-    cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog
+    cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog,
+    tracer=NULL_TRACER,
 ) -> None:
     world = comms.world
     rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker
     device = _device(cfg.train.device, layout.local_rank(rank))
-    decision = decide(cfg.train.cuda_aware, _cuda_support(), device.type)
+    comp = cfg.compression
+    needs_host = " and ".join(f for f in (f"--compress {comp.compress}" if comp.compress != "none" else "",
+                                          f"--pull-codec {comp.pull_codec}" if comp.pull_codec != "fp32" else "") if f)
+    decision = decide(cfg.train.cuda_aware, _cuda_support(), device.type, needs_host)
     flat = FlatModel(model, plan, device, path=decision.path, overlap_backward=cfg.train.precision != "fp16")
     trainable = [p for p in flat.model.parameters() if p.requires_grad]
     precision = Precision(cfg.train.precision, device, flat.dtype, trainable)
@@ -240,11 +258,12 @@ def _run_worker(
             return
         loss, acc = result
         metrics.event("eval", step, loss=loss, accuracy=acc)
-        print(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}", flush=True)
+        progress.write(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}")
 
     worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
                     metrics, progress, on_eval if lead else None, precision=precision)
-    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"):
+    worker.tracer = tracer
+    with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         worker.start()
     if lead:  # only now: the windows may have fallen back to message pulls
         print(pull_line(cfg.train.pull, pull, worker.pull_mode), flush=True)
@@ -257,7 +276,8 @@ def _run_worker(
                       " (collective over servers and workers)"):
         final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
     if lead:
-        _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
+        with tracer.span("final evaluation and report"):
+            _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.close()
 
 
@@ -280,6 +300,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     loss, acc = result if result is not None else (None, None)
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     servers = worker.server_stats
+    pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
     rows = {
         "steps": steps,
         "held-out loss": none if loss is None else loss,
@@ -292,6 +313,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
         "max staleness applied": max(s.max_staleness for s in servers),
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
+        "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
     if cfg.train.precision == "fp16":
         rows["steps skipped, fp16 overflow (worker 0)"] = stats.skipped
@@ -301,7 +323,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     metrics.event(
         "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
         dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
-        staleness=[x for s in servers for x in s.staleness],
+        staleness=[x for s in servers for x in s.staleness], bytes_pushed=pushed, bytes_pulled=pulled,
     )
     _save_model(cfg, flat)
 

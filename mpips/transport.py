@@ -14,8 +14,9 @@ sender and receiver cut with the same ``chunk_bytes`` (one setting for the whole
 
 Wire format of a push (worker -> server): the bytes of a 64-byte header (``PushHeader``)
 followed by ``length`` payload bytes (for ``Codec.RAW32``: the float32 gradient slice of the
-server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient),
-cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
+server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient; for
+a compressed push, one self-describing record per chunk of the slice, then the same mask: see
+``mpips.compression``), cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
 the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` bytes is one message,
 as it always was. The server validates the header as soon as the first chunk is in, before it
 receives the rest into its buffer for that worker, and checks every chunk's length; nothing is
@@ -23,7 +24,8 @@ applied before the whole push is in and valid (``MalformedMessage`` otherwise, n
 The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
 server has matched it, whatever the MPI's eager limit.
 
-A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the float32 shard;
+A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the shard (float32,
+or bf16/fp16 with ``--pull-codec``: pulls widen it);
 a window pull ``Rget``s the status block, then the shard in chunks, under one shared lock. A
 message pull (tag ``PULL_REQUEST``, one int64: the clock needed) is answered with the same bytes
 (status block + shard) in chunks, tag ``PULL_REPLY``. The final parameters go from each server
@@ -61,6 +63,7 @@ __all__ = [
     "ParameterWindow",
     "PullServer",
     "PushHeader",
+    "PULL_CODECS",
     "PushReceiver",
     "Pusher",
     "Slot",
@@ -95,6 +98,14 @@ class Tag(IntEnum):
 
 class Codec(IntEnum):
     RAW32 = 0  # float32 values, one per shard element, then one uint8 per tensor run: has a gradient
+    # mpips.compression's codecs (their ``wire_id``): one record per chunk of the gradient slice,
+    # then the tensor-run mask; the server validates every record before use (parse_payload)
+    FP16 = 1
+    BF16 = 2
+    TOPK = 3
+    RANDOMK = 4
+    QSGD = 5
+    SIGN = 6
     JOIN = 254  # no payload: asp/ssp checkpoint join; step = position, clock_seen = the mark seen
     STOP = 255  # no payload: this worker is done (shutdown is a message)
 
@@ -110,6 +121,26 @@ class Slot(IntEnum):
     MAX_STALENESS = 5  # largest staleness of an applied gradient
     CHECKPOINT = 6  # bsp: boundary k that is a checkpoint (-k: then stop, preemption); 0 = none
     REQUEST = 7  # preemption doorbell: a worker that got SIGTERM/SIGUSR1 raises it (raise_flag)
+
+
+# --pull-codec: the element type of a published shard. Servers keep float32 weights and optimizer
+# state; a window exposes a copy in this type, and workers widen what they read back to float32.
+PULL_CODECS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_MAX = 65504.0
+
+
+def narrow(out: np.ndarray, values: np.ndarray, codec: str) -> None:
+    """Write float32 ``values`` [n] into the bytes ``out`` [n * itemsize] as ``codec`` elements
+    (fp16 saturates at +-65504 instead of overflowing to Inf)."""
+    src = torch.from_numpy(values)
+    if codec == "fp16":
+        src = src.clamp(-FP16_MAX, FP16_MAX)
+    torch.from_numpy(out).view(PULL_CODECS[codec]).copy_(src)
+
+
+def widen(out: np.ndarray, raw: np.ndarray, codec: str) -> None:
+    """Read the ``codec`` elements in the bytes ``raw`` into float32 ``out`` [n]."""
+    torch.from_numpy(out).copy_(torch.from_numpy(raw).view(PULL_CODECS[codec]))
 
 
 class MalformedMessage(ValueError):
@@ -320,16 +351,21 @@ class ParameterWindow:
     Each rank also exposes a small doorbell block that peers raise atomically (``raise_flag``)
     and the owner reads (``flag``). Workers expose nothing else. Creation and ``free()`` are
     collective over ``comm``.
+
+    ``pull_codec`` (``--pull-codec``, the same on every rank): the exposed buffers hold the shard
+    as float32, bf16 or fp16 elements; ``params`` stays float32, and ``pull`` widens.
     """
 
     NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)
 
     def __init__(
         self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, pull_codec: str = "fp32",
     ):
         """``init``: the shard's initial values; a contiguous float32 vector becomes the working copy."""
-        self.comm, self.chunk_bytes = comm, chunk_bytes
+        self.comm, self.chunk_bytes, self.pull_codec = comm, chunk_bytes, pull_codec
+        self.itemsize = PULL_CODECS[pull_codec].itemsize
+        self._staging: list[np.ndarray] = []  # worker, low-precision pulls: the bytes read per target
         n = shard_elements
         # server's working copy: ``init`` itself where it is a float32 vector (no second copy);
         # set before the windows exist, so no pull can see uninitialised memory
@@ -340,11 +376,11 @@ class ParameterWindow:
             if init is not None:
                 self.params[:] = init
         self.status = np.zeros(HEADER_BYTES // 8, dtype=np.int64)  # server's working status
-        nbytes = HEADER_BYTES + 4 * n if n else 0
+        nbytes = HEADER_BYTES + self.itemsize * n if n else 0
         # Win.Create over our own buffers: passive Get measured ~3x faster than Win.Allocate here.
         self._memory = [np.zeros(max(nbytes, HEADER_BYTES), dtype=np.uint8) for _ in range(2)]
         for i, mem in enumerate(self._memory):
-            mem[HEADER_BYTES:nbytes].view(np.float32)[:] = self.params
+            self._expose(mem[HEADER_BYTES:nbytes])
             mem[:HEADER_BYTES].view(np.int64)[Slot.VERSION] = -i  # buffer 0 is current
         self._bell_memory = np.zeros(HEADER_BYTES // 8, dtype=np.int64)
         self._wins: list[MPI.Win] | None = []
@@ -387,6 +423,13 @@ class ParameterWindow:
         v = [int(m[:HEADER_BYTES].view(np.int64)[Slot.VERSION]) for m in self._memory]
         return 0 if v[0] >= v[1] else 1
 
+    def _expose(self, out: np.ndarray) -> None:
+        """``params`` into the bytes ``out`` of an exposed buffer, in the pull codec's type."""
+        if self.pull_codec == "fp32":
+            out.view(np.float32)[:] = self.params
+        else:
+            narrow(out, self.params, self.pull_codec)
+
     def published(self) -> np.ndarray:
         """Server: the bytes of the current version (status block + shard)."""
         return self._memory[self._current()]
@@ -403,7 +446,7 @@ class ParameterWindow:
         if self.rma:
             self.wins[stale].Lock(me, MPI.LOCK_EXCLUSIVE)
         try:
-            mem[HEADER_BYTES:].view(np.float32)[:] = self.params
+            self._expose(mem[HEADER_BYTES:])
             mem[:HEADER_BYTES].view(np.int64)[:] = self.status
         finally:
             if self.rma:
@@ -457,13 +500,20 @@ class ParameterWindow:
         """
         if which is None:
             which = self.newest(targets)
+        wide = self.pull_codec == "fp32"
+        if not wide and not self._staging:
+            self._staging = [np.empty(self.itemsize * s.size, dtype=np.uint8) for s in shards]
         self._lock_all(targets, which)
         reqs = []
         for i, (t, b) in enumerate(zip(targets, which, strict=True)):
             reqs += get_chunks(self.wins[b], status[i], t, 0, self.chunk_bytes)
-            reqs += get_chunks(self.wins[b], shards[i], t, HEADER_BYTES, self.chunk_bytes)
+            reqs += get_chunks(self.wins[b], shards[i] if wide else self._staging[i], t, HEADER_BYTES,
+                               self.chunk_bytes)
         MPI.Request.Waitall(reqs)
         self._unlock_all(targets, which)
+        if not wide:
+            for shard, raw in zip(shards, self._staging, strict=True):
+                widen(shard, raw, self.pull_codec)
 
     def raise_flag(self, target: int, slot: int, value: int) -> None:
         """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX).
@@ -542,7 +592,6 @@ class Pusher:
         on_device = isinstance(buf, torch.Tensor)
         head = self._head if on_device else buf
         header.pack_into(head)
-        faults.at("push", header.step, message=head)
         n, at = HEADER_BYTES + header.length, HEADER_BYTES
         if on_device:
             buf[:HEADER_BYTES].copy_(torch.from_numpy(head[:HEADER_BYTES]))
@@ -560,6 +609,7 @@ class Pusher:
             torch.cuda.current_stream(buf.device).synchronize()
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
+        faults.at("push", header.step, message=buf, payload_at=HEADER_BYTES)
         # the last chunk synchronous: a push counts as in flight until the server has taken it in
         requests = send_chunks(self.comm, buf[:n], self.servers[s], Tag.PUSH_DATA, self.chunk_bytes,
                                first_tag=Tag.PUSH, synchronous_last=True)
@@ -715,10 +765,13 @@ class MessagePuller:
 
     def __init__(
         self, comm: MPI.Comm, servers: list[int], shard_sizes: list[int], stall_timeout: float,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, pull_codec: str = "fp32",
     ):
+        """``pull_codec``: the element type the servers publish (``--pull-codec``); pulls widen it."""
         self.comm, self.servers, self.timeout, self.chunk_bytes = comm, servers, stall_timeout, chunk_bytes
-        self.buffers = [np.empty(HEADER_BYTES + 4 * n, dtype=np.uint8) for n in shard_sizes]
+        self.pull_codec = pull_codec
+        itemsize = PULL_CODECS[pull_codec].itemsize
+        self.buffers = [np.empty(HEADER_BYTES + itemsize * n, dtype=np.uint8) for n in shard_sizes]
         self.need = np.zeros(1, dtype=np.int64)
 
     def pull(self, need: int, status: np.ndarray, shards: list[np.ndarray]) -> None:
@@ -732,7 +785,7 @@ class MessagePuller:
         wait_for(lambda: MPI.Request.Testall(every), lambda: self._lagging(need, replies, status), self.timeout)
         for i, b in enumerate(self.buffers):
             status[i] = b[:HEADER_BYTES].view(np.int64)
-            shards[i][:] = b[HEADER_BYTES:].view(np.float32)
+            widen(shards[i], b[HEADER_BYTES:], self.pull_codec)
 
     def _lagging(self, need: int, replies: list[list[MPI.Request]], status: np.ndarray) -> str:
         """Which servers have not replied, for the stall message (as the window path names them)."""

@@ -1,8 +1,10 @@
 """Worker role: pull parameters, compute a gradient on its batch, push it to the servers.
 
 The model's parameters and gradients are views into two flat float32 buffers laid out by the
-ShardPlan, so a pull writes straight into the model (no copy on the CPU) and each server's slice
-of the gradient is a contiguous range that is sent as it is.
+ShardPlan, so a pull writes straight into the model (no copy on the CPU; with ``--pull-codec``
+bf16/fp16 the window widens what it read) and each server's slice of the gradient is a
+contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
+(``mpips.compression``, error-feedback residuals in ``state_dict``).
 
 Lifecycle: ``start()`` creates the window (collective over the parameter-server communicator)
 -> ``run()`` trains -> ``finish()`` sends the stop messages, receives the final parameters (lead
@@ -22,14 +24,17 @@ import torch
 from torch import nn
 
 from mpips import faults
+from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, payload_bound
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
 from mpips.precision import Precision, param_dtype
 from mpips.shard import ShardPlan
 from mpips.staging import STAGE_CHUNK_BYTES, CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
+from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
+    PULL_CODECS,
     Codec,
     MessagePuller,
     NoticeReceiver,
@@ -255,7 +260,11 @@ class Worker:
         on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
             evaluation), or None.
         precision: forward/backward under ``--precision`` (default: fp32, the model's dtype).
+
+    ``tracer`` (an attribute, set after construction; ``mpips.trace``) records the spans of a step.
     """
+
+    tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(
         self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
@@ -271,9 +280,12 @@ class Worker:
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
         self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
         self.chunk_bytes = train.chunk_bytes
+        self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
+        self.codec, self.encoder = None, None  # set by start()
         self.stats = WorkerStats()
         self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
+        self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
         self.status = np.zeros((len(self.servers), HEADER_BYTES // 8), dtype=np.int64)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -281,14 +293,24 @@ class Worker:
         plan = self.flat.plan
         sizes = [plan.shard_numel(s) for s in range(plan.servers)]
         runs = [len(plan.server_pieces(s)) for s in range(plan.servers)]
-        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes)
-        self.pusher = Pusher(self.comm, self.servers, [4 * n + r for n, r in zip(sizes, runs, strict=True)],
-                             self.max_inflight, chunk_bytes=self.chunk_bytes,
+        c = self.compression
+        self.pull_codec = c.pull_codec if c else "fp32"
+        self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
+        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
+        self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
+        if self.flat.path == "direct" and (self.codec is not None or self.pull_codec != "fp32"):
+            raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
+                             " (mpips.train stages through host memory when they are set)")
+        self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
+        bound = [max(4 * n + r, payload_bound(self.codec, rg, r))
+                 for n, r, rg in zip(sizes, runs, self.ranges, strict=True)]
+        self.pusher = Pusher(self.comm, self.servers, bound, self.max_inflight, chunk_bytes=self.chunk_bytes,
                              device=self.flat.device if self.flat.path == "direct" else None)
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
-            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes)
+            MessagePuller(self.comm, self.servers, sizes, self.stall_timeout, chunk_bytes=self.chunk_bytes,
+                          pull_codec=self.pull_codec)
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
@@ -300,17 +322,23 @@ class Worker:
         """What a checkpoint keeps of this worker.
 
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
-        ``module``: buffers and frozen parameters by name (``FlatModel.module_state``).
+        ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
+        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback.
         """
-        return {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
+        state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
+        if self.encoder is not None:
+            state.update(self.encoder.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         torch.set_rng_state(state["rng"])
         self.flat.load_module_state(state["module"])
+        if self.encoder is not None:
+            self.encoder.load_state_dict(state)
 
     def run(self) -> WorkerStats:
-        model, flat = self.flat.model, self.flat
+        model, flat, tracer = self.flat.model, self.flat, self.tracer
         model.train()
         start = time.perf_counter()
         while self.position < self.total_steps:
@@ -327,15 +355,17 @@ class Worker:
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
             faults.at("data", step)
-            batch = self.source.batch(epoch, in_epoch)
+            with tracer.span("wait for data", step):
+                batch = self.source.batch(epoch, in_epoch)
             self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
             flat.zero_grad()
             loss, samples = torch.zeros(()), len(batch)
             if samples:
-                loss, _ = self.precision.loss(model, torch.from_numpy(batch.x), torch.from_numpy(batch.y))
-                self.precision.backward(loss)
-                self.precision.unscale()  # fp16: gradients divided by the loss scale
-                loss = loss.detach()
+                with tracer.span("forward/backward", step):
+                    loss, _ = self.precision.loss(model, torch.from_numpy(batch.x), torch.from_numpy(batch.y))
+                    self.precision.backward(loss)
+                    self.precision.unscale()  # fp16: gradients divided by the loss scale
+                    loss = loss.detach()
             grad_norm = flat.grad_norm()
             if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
                 # fp16 overflow: a skipped step pushes a zero gradient of 0 samples, never NaN/Inf
@@ -344,12 +374,14 @@ class Worker:
                 samples, grad_norm = 0, 0.0
             flat.before_push()
             t2 = time.perf_counter()
-            self.push(step, samples, clock, grad_norm, float(loss))
+            with tracer.span("push", step):
+                self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()
             self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
             if self.on_eval and self.eval_every and (step + 1) % self.eval_every == 0:
-                self.on_eval(step + 1)
+                with tracer.span("evaluate", step + 1):
+                    self.on_eval(step + 1)
         if not self.stats.preempted:
             self._final_checkpoint()
         return self.stats
@@ -412,9 +444,10 @@ class Worker:
                         for r in recv_chunks(self.comm, final[slice(*plan.shard_range(s))], rank, Tag.FINAL,
                                              self.chunk_bytes)]
             wait_all(requests, "the final shards of every server", self.stall_timeout)
-        gathered = self.comm.gather(None, root=lead)
+        gathered = self.comm.gather(self.stats, root=lead)  # servers send theirs, workers these
         if me == lead:
             server_stats = [gathered[r] for r in self.servers]
+            self.worker_stats = [g for g in gathered if isinstance(g, WorkerStats)]
         self.window.free()
         self.server_stats = server_stats
         return final
@@ -432,10 +465,13 @@ class Worker:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
         self.flat.before_pull()
         if self.puller is not None:
-            self.puller.pull(need, self.status, self.shards)
+            with self.tracer.span("pull"):
+                self.puller.pull(need, self.status, self.shards)
         elif self.notices is not None:  # bsp: wait for the notices, pull the buffers they name
-            self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
-            self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
+            with self.tracer.span("wait for parameters"):
+                self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
+            with self.tracer.span("pull"):
+                self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
 
@@ -447,9 +483,11 @@ class Worker:
                 return int(self.status[:, Slot.CLOCK].min()) >= need or marked
 
             if need >= 0:
-                wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
-            self.window.pull(targets, self.status, self.shards, which=newest)
-        self.stats.bytes_pulled += 4 * self.flat.plan.numel
+                with self.tracer.span("wait for parameters"):
+                    wait_for(ready, lambda: self._lagging(need), self.stall_timeout)
+            with self.tracer.span("pull"):
+                self.window.pull(targets, self.status, self.shards, which=newest)
+        self.stats.bytes_pulled += PULL_CODECS[self.pull_codec].itemsize * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
 
@@ -466,11 +504,26 @@ class Worker:
         for s in range(len(self.servers)):
             self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
+            parts, codec = [payload], Codec.RAW32
+            if self.codec is not None:
+                parts, codec = self._encode(s, step, payload, np.isfinite(grad_norm)), Codec(self.codec.wire_id)
             header = PushHeader(
-                step, self.index, Codec.RAW32, samples, clock, payload.nbytes + mask.nbytes, grad_norm, loss,
-                applied_seen=int(self.status[s, Slot.APPLIED]),
+                step, self.index, codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes, grad_norm,
+                loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
-            self.pusher.push(s, header, payload, mask)
+            self.pusher.push(s, header, *parts, mask)
+
+    def _encode(self, s: int, step: int, grad: np.ndarray, finite: bool) -> list[np.ndarray]:
+        """One codec record per chunk of server ``s``'s gradient slice (``mpips.compression``).
+
+        A non-finite gradient (which the server drops) is encoded without error feedback, so
+        its NaN or Inf does not stay in the residual.
+        """
+        g, lo = torch.from_numpy(grad), self.flat.plan.shard_range(s)[0]
+        seeds = [chunk_seed(self.seed, step, self.index, s, c) for c in range(len(self.ranges[s]))]
+        if not finite:
+            return [self.codec.encode(g[a:b], seed) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]
+        return [self.encoder.encode(g[a:b], seed, lo + a) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]
 
     def _account(self, step, samples, loss, staleness, t_pull, t_compute, t_push, start) -> None:
         st = self.stats
@@ -479,6 +532,8 @@ class Worker:
         st.pull_seconds += t_pull
         st.compute_seconds += t_compute
         st.push_seconds += t_push
+        step_pushed, step_pulled = self.pusher.bytes_sent - st.bytes_pushed, st.bytes_pulled - self._pulled_before
+        self._pulled_before = st.bytes_pulled
         st.bytes_pushed = self.pusher.bytes_sent
         st.max_staleness = max(st.max_staleness, staleness)
         st.last_loss = loss
@@ -486,7 +541,9 @@ class Worker:
         rate = st.samples / elapsed if elapsed > 0 else 0.0
         self.metrics.event(
             "step", step + 1, worker=self.index, loss=loss, samples_per_s=rate,
-            bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, staleness=staleness,
-            server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait,
+            bytes_pushed=st.bytes_pushed, bytes_pulled=st.bytes_pulled, step_bytes_pushed=step_pushed,
+            step_bytes_pulled=step_pulled, staleness=staleness,
+            server_queue=int(self.status[:, Slot.QUEUE].max()), data_wait_s=self.data_wait, samples=samples,
         )
-        self.progress.update(step, loss=loss, **{"samples/s": rate * self.epoch_plan.workers})
+        self.progress.update(step, loss=loss, samples_per_s=rate * self.epoch_plan.workers, staleness=staleness,
+                             data_wait_s=self.data_wait)

@@ -89,6 +89,11 @@ def test_train_rows_compare_every_system_at_equal_workers(bench_all):
         if r["workers"] == 1:
             assert r["efficiency"] == 1.0
     assert "x DDP" in stdout and "efficiency" in stdout
+    # progress, off a terminal: one line per run, counted against all of them, with the time left
+    runs = len(rows)  # --train-reps 1
+    lines = [line for line in stdout.splitlines() if line.startswith("train run ")]
+    assert [line.split()[2] for line in lines] == [f"{k}/{runs}" for k in range(1, runs + 1)]
+    assert all(", left about " in line and " s" in line for line in lines)
 
 
 def test_data_benchmark_is_part_of_all(bench_all):

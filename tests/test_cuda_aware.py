@@ -116,6 +116,13 @@ def test_the_decision_line_says_what_the_library_said():
                     " (--cuda-aware auto; MPI not CUDA-aware: Open MPI MPIX_Query_cuda_support() = 0)")
 
 
+@pytest.mark.parametrize("mode", ["auto", "yes"])
+def test_codecs_that_encode_on_the_host_keep_a_cuda_aware_library_on_the_staging_path(mode):
+    decision = decide(mode, CudaSupport(True, "faked"), "cuda", needs_host="--compress topk")
+    assert decision.path == "staging"
+    assert "(--compress topk encodes on the host; MPI CUDA-aware: faked)" in decision.line
+
+
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="--cuda-aware must be auto, yes or no"):
         decide("maybe", CudaSupport(None, ""), "cuda")

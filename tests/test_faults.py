@@ -119,6 +119,14 @@ CASES = [
         SMALL,
         [fatal(2, "server 0", "MalformedMessage: malformed push from worker 1: bad magic")],
     ),
+    (  # a compressed push whose first record announces the wrong element count: refused, never applied
+        "malformed-payload-worker-push-topk",
+        3,
+        "rank=1,phase=push,step=2,kind=malformed-payload",
+        (*SMALL, "--compress", "topk"),
+        [fatal(2, "server 0", r"MalformedMessage: server 0: malformed topk push from worker 1 for step 2:"
+                              r" chunk 0 \(elements 0\.\.\d+\): record for \d+ elements, the chunk has \d+")],
+    ),
 ]
 
 

@@ -245,6 +245,46 @@ def test_chunked_window_and_message_pulls_read_the_whole_shard():
     window.free()
 
 
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+@pytest.mark.parametrize("codec", ["bf16", "fp16"])
+def test_low_precision_pulls_read_the_rounded_shard_and_half_the_bytes(codec):
+    """--pull-codec: the server keeps float32, exposes a bf16/fp16 copy (half the window bytes);
+    window and message pulls read it in chunks and widen it: exactly the rounded float32 values."""
+    import torch
+    from mpi4py import MPI
+
+    from mpips.transport import PULL_CODECS, MessagePuller, ParameterWindow, PullServer, wait_for
+
+    comm = MPI.COMM_WORLD
+    n = 10_007
+    want = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    want[:2] = [1e6, -1e6]  # beyond fp16's range: saturates at +-65504 rather than becoming Inf
+    window = ParameterWindow(comm, n if comm.rank == 0 else 0, init=want.copy() if comm.rank == 0 else None,
+                             chunk_bytes=CHUNK, pull_codec=codec)
+    if comm.rank == 0:
+        window.publish()
+        assert np.array_equal(window.params, want)  # the master copy stays float32
+        assert window.published().nbytes == HEADER_BYTES + 2 * n
+    comm.Barrier()
+    if comm.rank == 0:
+        pulls = PullServer(comm, window, chunk_bytes=CHUNK)
+        wait_for(pulls.poll, "a pull request", 30)
+        pulls.close()
+    else:
+        t = torch.from_numpy(want)
+        rounded = (t.clamp(-65504, 65504) if codec == "fp16" else t).to(PULL_CODECS[codec]).float().numpy()
+        assert not np.array_equal(rounded, want) and np.isfinite(rounded).all()
+        status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
+        shard = np.zeros(n, dtype=np.float32)
+        window.pull([0], status, [shard])
+        assert np.array_equal(shard, rounded)
+        shard[:] = 0
+        MessagePuller(comm, [0], [n], 30, chunk_bytes=CHUNK, pull_codec=codec).pull(0, status, [shard])
+        assert np.array_equal(shard, rounded)
+    comm.Barrier()
+    window.free()
+
+
 def _available_gib() -> float:
     with open("/proc/meminfo") as f:
         for line in f:

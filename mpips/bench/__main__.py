@@ -1,9 +1,9 @@
-"""``python -m mpips.bench {rma,apply,train,memory,data,all}``: run under mpirun; rank 0 prints a table
+"""``python -m mpips.bench {rma,apply,train,memory,data,compress,all}``: run under mpirun; rank 0 prints a table
 in which every figure stands next to its same-job baseline as a ratio, and writes ``--json FILE``.
 
 The JSON holds ``machine`` (cores, memory, MPI library, mpi4py/torch/numpy versions, torch
 threads per rank, ranks), ``settings`` (the parsed flags) and one key per benchmark run:
-``rma``, ``apply``, ``train`` and ``memory`` are lists of rows (see each module's docstring), ``data`` is
+``rma``, ``apply``, ``train``, ``memory`` and ``compress`` are lists of rows (see each module's docstring), ``data`` is
 what ``mpips.bench.data.main`` returns.
 
     mpirun -n 4 python -m mpips.bench all --json bench.json
@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from mpips.bench import apply as apply_bench
+from mpips.bench import compress as compress_bench
 from mpips.bench import memory as memory_bench
 from mpips.bench import rma as rma_bench
 from mpips.bench import train as train_bench
@@ -32,6 +33,8 @@ from mpips.watchdog import abort_job
 __all__ = ["main"]
 
 BENCHMARKS = {"rma": rma_bench, "apply": apply_bench, "train": train_bench, "memory": memory_bench}
+# not in ``all``: it trains the default job to the end once per codec (minutes)
+SEPARATE = {"compress": compress_bench}
 
 
 def _data_module():
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              help="end-to-end training vs DDP and Allreduce"))
     memory_bench.add_arguments(sub.add_parser("memory", parents=[common], formatter_class=fmt,
                                               help="peak memory per role and parameter vs a bare process"))
+    compress_bench.add_arguments(sub.add_parser("compress", parents=[common], formatter_class=fmt,
+                                                help="gradient codecs and low-precision pulls vs float32"))
     sub.add_parser("data", add_help=False,
                    help="data-server throughput vs raw h5py (flags: python -m mpips.bench data -h)")
     every = sub.add_parser("all", parents=[common], formatter_class=fmt,
@@ -117,10 +122,11 @@ def run(argv: list[str], comm: MPI.Comm) -> int:
     status = 0
     for name in names:
         t0 = time.perf_counter()
-        rows = BENCHMARKS[name].run(args, comm)
+        bench = {**BENCHMARKS, **SEPARATE}[name]
+        rows = bench.run(args, comm)
         if rank == 0:
             results[name] = rows
-            print("\n" + BENCHMARKS[name].format_rows(rows), flush=True)
+            print("\n" + bench.format_rows(rows), flush=True)
             print(f"({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
     if args.command == "all":
         status = _run_data(args.data_args.split(), results, comm)

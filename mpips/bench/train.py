@@ -46,6 +46,7 @@ from mpi4py import MPI
 from mpips.bench.common import BenchError, Spread, format_table, quiet_barrier, ratio
 from mpips.config import Config, parse_args
 from mpips.data import EpochPlan, LocalSource, open_dataset
+from mpips.metrics import Progress
 from mpips.models import build_model, loss_and_correct
 from mpips.optim import build_optimizer
 from mpips.shard import ShardPlan
@@ -261,6 +262,11 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     workdir = args.workdir or comm.bcast(
         tempfile.mkdtemp(prefix="mpips-bench-") if rank == 0 else None, root=0)
     rows: list[dict[str, Any]] = []
+    planned = len(models) * args.train_reps * sum(
+        1 for w in counts for s in systems if (w + 1 if s.startswith("mpips") else w) <= size)
+    # a long benchmark shows how far it is: a bar on a terminal, else a line per run (with the time left)
+    progress = Progress(planned, 1, enabled=rank == 0, unit="train run")
+    done = [0, time.perf_counter()]
     try:
         for model in models:
             target = args.target_loss if args.target_loss is not None else TARGET[model]
@@ -275,13 +281,21 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
                             print(f"train: skipping {system} at W={workers}: needs {ranks} ranks,"
                                   f" the job has {size}", flush=True)
                         continue
-                    runs = [_one_run(args, comm, model, system, ranks, data, workdir, rep)
-                            for rep in range(args.train_reps)]
+                    runs = []
+                    for rep in range(args.train_reps):
+                        t0 = time.perf_counter()
+                        runs.append(_one_run(args, comm, model, system, ranks, data, workdir, rep))
+                        done[0] += 1
+                        left = (time.perf_counter() - done[1]) / done[0] * (planned - done[0])
+                        progress.update(done[0] - 1, model=model, system=system, ranks=ranks,
+                                        repetition=f"{rep + 1}/{args.train_reps}",
+                                        took=f"{time.perf_counter() - t0:.1f} s", left=f"about {left:,.0f} s")
                     if rank == 0:
                         rows.append(_row(args, runs, model, params, system, workers, ranks, target))
                         _add_ratios(rows)  # against the baselines measured so far
                         print(format_rows(rows[-1:], title=False), flush=True)  # each row as it is measured
     finally:
+        progress.close()
         if rank == 0 and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     if rank == 0:
@@ -293,7 +307,6 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
              rep: int) -> list[list[tuple]] | None:
     """One run of ``system`` on the first ``ranks`` ranks; the others wait, sleeping."""
     rank = comm.Get_rank()
-    t0 = time.perf_counter()
     sub = comm.Split(0 if rank < ranks else MPI.UNDEFINED, rank)
     records = None
     if sub != MPI.COMM_NULL:
@@ -309,9 +322,6 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
             records = _run_allreduce(cfg, sub, data)
         sub.Free()
     quiet_barrier(comm)
-    if rank == 0:  # progress: a long benchmark says what it is doing
-        print(f"train: {model} {system} on {ranks} ranks, run {rep + 1}/{args.train_reps}:"
-              f" {time.perf_counter() - t0:.1f} s", flush=True)
     return records
 
 

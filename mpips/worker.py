@@ -366,15 +366,15 @@ class Worker:
                     self.precision.backward(loss)
                     self.precision.unscale()  # fp16: gradients divided by the loss scale
                     loss = loss.detach()
-            grad_norm = flat.grad_norm()
-            if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
-                # fp16 overflow: a skipped step pushes a zero gradient of 0 samples, never NaN/Inf
-                flat.skip_gradient()
-                self.stats.skipped += 1
-                samples, grad_norm = 0, 0.0
-            flat.before_push()
-            t2 = time.perf_counter()
             with tracer.span("push", step):
+                grad_norm = flat.grad_norm()
+                if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
+                    # fp16 overflow: a skipped step pushes a zero gradient of 0 samples, never NaN/Inf
+                    flat.skip_gradient()
+                    self.stats.skipped += 1
+                    samples, grad_norm = 0, 0.0
+                flat.before_push()  # staging: the chunks backward did not copy yet
+                t2 = time.perf_counter()
                 self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()

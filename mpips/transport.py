@@ -138,9 +138,11 @@ def narrow(out: np.ndarray, values: np.ndarray, codec: str) -> None:
     torch.from_numpy(out).view(PULL_CODECS[codec]).copy_(src)
 
 
-def widen(out: np.ndarray, raw: np.ndarray, codec: str) -> None:
-    """Read the ``codec`` elements in the bytes ``raw`` into float32 ``out`` [n]."""
-    torch.from_numpy(out).copy_(torch.from_numpy(raw).view(PULL_CODECS[codec]))
+def widen(out: np.ndarray | torch.Tensor, raw: np.ndarray, codec: str) -> None:
+    """Read the ``codec`` elements in the bytes ``raw`` into float32 ``out`` [n] (a tensor on the
+    direct path: a message pull's reply lands in host memory, then goes to the device)."""
+    dst = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+    dst.copy_(torch.from_numpy(raw).view(PULL_CODECS[codec]))
 
 
 class MalformedMessage(ValueError):

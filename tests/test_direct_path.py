@@ -19,10 +19,10 @@ from mpips.worker import FlatModel
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))
-def test_window_pulls_land_in_tensors_and_pushes_leave_from_tensors_in_chunks():
+def test_window_and_message_pulls_land_in_tensors_and_pushes_leave_from_tensors_in_chunks():
     from mpi4py import MPI
 
-    from mpips.transport import ParameterWindow, Pusher, PushReceiver, wait_for
+    from mpips.transport import MessagePuller, ParameterWindow, PullServer, Pusher, PushReceiver, wait_for
 
     comm = MPI.COMM_WORLD
     torch.manual_seed(0)
@@ -43,6 +43,10 @@ def test_window_pulls_land_in_tensors_and_pushes_leave_from_tensors_in_chunks():
         ok &= bool(payload[4 * n :].tolist() == [1] * runs)
         receiver.repost(0)
         receiver.cancel()
+        # a message pull (the fallback where windows cannot be created) answered into a tensor
+        server = PullServer(comm, window, chunk_bytes=chunk)
+        wait_for(lambda: (server.poll(), bool(server.sending))[1], "the pull request", 60)
+        server.close()
     else:
         flat = FlatModel(model, plan, torch.device("cpu"), path="direct")
         assert isinstance(flat.host, torch.Tensor) and flat.params is flat.host  # MPI writes the model
@@ -59,5 +63,8 @@ def test_window_pulls_land_in_tensors_and_pushes_leave_from_tensors_in_chunks():
         pusher.push(0, PushHeader(0, 0, Codec.RAW32, 5, 0, payload.numel() * 4 + runs, 1.0, 0.5),
                     payload, flat.mask(0))
         pusher.drain()
+        flat.params.zero_()
+        MessagePuller(comm, [0], [n], 60, chunk_bytes=chunk).pull(0, status, [flat.shard(0)])
+        ok &= bool(torch.equal(flat.params, torch.from_numpy(values)))
     assert comm.allgather(ok) == [True, True]
     window.free()

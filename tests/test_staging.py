@@ -1,9 +1,11 @@
 """The staging path (GPU workers without a CUDA-aware MPI) driven on CPU through its copy-engine seam.
 
-``DeferredCopyEngine`` stands in for a side CUDA stream: a copy is only queued when issued and
-runs when someone waits for it (the host, or the compute stream), in issue order, as on a
-stream. A parameter used before its chunk was waited for therefore still holds its old value,
-and the forward result is wrong: the tests compare with the same model loaded directly.
+``DeferredCopyEngine`` stands in for a side CUDA stream: a copy reads its source when it is
+issued (a stream copies what the work before it produced, not what comes later) and writes its
+destination only when someone waits for it (the host, or the compute stream), in issue order.
+A parameter used before its chunk was waited for therefore still holds its old value, and a
+gradient chunk copied before backward finished it carries a partial gradient: either way the
+numbers differ from the same model run without staging, which the tests compare with.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mpips.worker import FlatModel
 
 
 class DeferredCopyEngine:
-    """A fake side stream: copies queue up and run, in order, when waited for."""
+    """A fake side stream: a copy snapshots its source when issued and lands when waited for."""
 
     def __init__(self):
         self.queue: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -33,7 +35,7 @@ class DeferredCopyEngine:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> int:
         self.issued += 1
-        self.queue.append((self.issued, dst, src))
+        self.queue.append((self.issued, dst, src.clone()))
         self.log.append(f"copy {self.issued}")
         return self.issued
 
@@ -91,6 +93,12 @@ def test_a_pull_queues_chunk_copies_and_each_layer_waits_only_for_its_own():
     first_layer_chunks = -(-(16 * 32 + 32) // 128)
     assert seen_at_first_layer[0] <= first_layer_chunks + 1 < chunks
     assert engine.done == chunks
+    # the next pull: before MPI overwrites the wire, every copy reading it has run (a stream
+    # reads a host source when it runs, which the snapshots above do not model)
+    flat.after_pull()
+    assert engine.done < engine.issued
+    flat.before_pull()
+    assert engine.done == engine.issued == 2 * chunks
 
 
 def test_backward_copies_each_chunk_once_its_tensors_have_gradients_and_a_push_waits_for_its_shard():
@@ -170,3 +178,35 @@ def test_staging_refuses_an_unknown_path():
     with pytest.raises(ValueError, match="path must be host, staging or direct"):
         FlatModel(_model(), ShardPlan.for_module(_model(), 1), torch.device("cpu"), path="rdma")
 
+
+
+def test_twenty_steps_through_the_staging_path_are_bitwise_the_host_path():
+    """The CPU stand-in for "bsp on GPU against CPU": a loop of pull, forward, backward, push and
+    an SGD step on the wire values, once with MPI's buffers shared with the model (the CPU host
+    path) and once through staged, deferred chunk copies. A copy missed, or reused from the step
+    before, changes the numbers."""
+    torch.manual_seed(3)
+    data = [(torch.randn(8, 16), torch.randint(0, 5, (8,))) for _ in range(20)]
+
+    def train(path: str, engine) -> np.ndarray:
+        model = _model()
+        plan = ShardPlan.for_module(model, 2)
+        flat = FlatModel(model, plan, torch.device("cpu"), path=path, engine=engine, stage_chunk_elements=100)
+        values = _wire_values(plan, _model()).copy()  # the servers' float32 master
+        for x, y in data:
+            flat.before_pull()
+            flat.host[:] = values
+            flat.after_pull()
+            flat.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            flat.before_push()
+            for s in range(plan.servers):
+                flat.grads_ready(s)
+                lo, hi = plan.shard_range(s)
+                values[lo:hi] -= 0.1 * flat.shard(s, grad=True)
+        return values
+
+    host = train("host", None)
+    staged = train("staging", DeferredCopyEngine())
+    np.testing.assert_array_equal(staged, host)
+    assert not np.array_equal(host, _wire_values(ShardPlan.for_module(_model(), 2), _model()))

@@ -23,7 +23,7 @@ def expected_bytes_per_param(
         role: "server" (per element of its shard) or "worker" (per trainable parameter).
         optimizer: the optimizer's name (its state: ``STATE_FACTOR`` floats per element).
         workers: W, the number of workers (a server keeps one receive buffer per worker).
-        max_inflight: pushes a worker keeps in flight per server (one send buffer each).
+        max_inflight: pushes a worker keeps in flight per server (one send buffer each; bsp: 1).
         sync: "bsp" adds the server's accumulator of the step's mean gradient.
         weight_decay: non-zero adds torch.optim's temporary ``grad + wd * param``.
         largest_tensor_fraction: the largest parameter tensor's share of all parameters.
@@ -32,10 +32,10 @@ def expected_bytes_per_param(
         {buffer name: bytes per parameter}, plus "total". Activations and the batch are not in it.
     """
     if role == "server":
-        # torch.optim's single-tensor steps allocate: Adam sqrt(v) and its quotient (the
-        # denominator), nesterov its look-ahead gradient, weight decay grad + wd * param
-        temporaries = {"adam": 2, "adamw": 2, "nesterov": 1}.get(optimizer, 0)
-        temporaries += weight_decay != 0 and optimizer != "adamw"
+        # torch.optim's single-tensor SGD steps allocate: nesterov its look-ahead gradient,
+        # weight decay grad + wd * param; Adam and AdamW run fused, in place (mpips.optim)
+        temporaries = 1 if optimizer == "nesterov" else 0
+        temporaries += weight_decay != 0 and optimizer not in ("adam", "adamw")
         parts = {
             "working copy": FLOAT,
             "two published versions (RMA windows)": 2 * FLOAT,
@@ -48,7 +48,7 @@ def expected_bytes_per_param(
         parts = {
             "parameters": FLOAT,
             "gradient": FLOAT,
-            "send buffers (--max-inflight)": max_inflight * FLOAT,
+            "send buffers (--max-inflight; bsp: 1)": (1 if sync == "bsp" else max_inflight) * FLOAT,
             # autograd computes a tensor's gradient, then adds it into .grad (our flat buffer)
             "backward's gradient of the largest tensor": largest_tensor_fraction * FLOAT,
         }

@@ -22,7 +22,12 @@ STATE_FACTOR = {"sgd": 0.0, "momentum": 1.0, "nesterov": 1.0, "adam": 2.0, "adam
 def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
     """The torch.optim optimizer named by ``cfg.optimizer`` over ``params``."""
     kind, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
-    # foreach=False: the per-tensor loop is the same arithmetic on any number of shards.
+    # SGD: foreach=False, the per-tensor loop is the same arithmetic on any number of shards.
+    # Adam/AdamW: torch's fused CPU kernel, one pass with no temporaries (measured here on 20 M
+    # float32: 10x faster than the single-tensor loop, which allocates sqrt(v) and the quotient,
+    # 8 bytes per parameter). Its vectorised loop leaves a tensor's last few elements to scalar
+    # code, so the last bit of an update depends on where a tensor run starts and ends: the same
+    # shard layout is bitwise repeatable (resume), a different one (--servers) agrees to rounding.
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, foreach=False)
     if kind in ("momentum", "nesterov"):
@@ -31,9 +36,9 @@ def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig) -> torch.optim
             weight_decay=wd, foreach=False,
         )
     if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, foreach=False)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=True)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
     raise ValueError(f"unknown optimizer {kind!r}")
 
 

@@ -304,7 +304,10 @@ class Worker:
         self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
         bound = [max(4 * n + r, payload_bound(self.codec, rg, r))
                  for n, r, rg in zip(sizes, runs, self.ranges, strict=True)]
-        self.pusher = Pusher(self.comm, self.servers, bound, self.max_inflight, chunk_bytes=self.chunk_bytes,
+        # bsp: a worker's next push comes after the notice that its last one is applied, so one
+        # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
+        inflight = 1 if self.sync == "bsp" else self.max_inflight
+        self.pusher = Pusher(self.comm, self.servers, bound, inflight, chunk_bytes=self.chunk_bytes,
                              device=self.flat.device if self.flat.path == "direct" else None)
         if not self.window.rma:
             self.pull_mode = "message"

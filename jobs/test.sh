@@ -46,7 +46,7 @@ stage() {
 }
 
 total_start=$(now)
-stage "lint (ruff)" 120 ruff check mpips tests
+stage "lint (ruff)" 120 ruff check mpips tests examples
 stage "unit + end-to-end (plain pytest)" 1800 \
     python -m pytest -q -p no:cacheprovider -m "not mpi and not slurm" "$@"
 for k in ${MPIPS_TEST_SIZES:-1 2 4 6}; do

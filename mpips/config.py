@@ -59,11 +59,13 @@ class ModelConfig:
     """Which network to train."""
 
     model: str = _opt(
-        "mlp", "mlp | cnn | gpt | package.module:factory: mpips imports package.module and calls factory with"
-        " the keywords input_shape (tuple of ints, one sample's shape) and num_classes (int), each only if"
-        " the factory's signature names it; it must return an nn.Module with float32, bfloat16 or float16"
-        " parameters (one dtype) whose output for a batch of B samples has num_classes as its last dimension"
-        " (B x num_classes; text: B x T x 256)"
+        "mlp", "mlp | cnn | gpt | package.module:factory: mpips imports package.module and, after"
+        " torch.manual_seed(--seed), calls factory with those of these keywords its signature names (all"
+        " with **kwargs): input_shape (tuple of ints, one sample's shape), num_classes (int, the output's"
+        " last dimension: classes, regression targets per sample, labels, or vocabulary), task (str) and"
+        " target_shape (tuple of ints, one sample's target); it must return an nn.Module with float32,"
+        " bfloat16 or float16 parameters (one dtype) whose output for a batch of B samples is B x num_classes"
+        " (tokens: B x T x num_classes; regression may match the targets' shape)"
     )
     hidden: int = _opt(128, "MLP hidden width")
     gpt_layers: int = _opt(2, "GPT: transformer blocks")
@@ -77,7 +79,23 @@ class DataConfig:
     """Where samples come from and how they reach the workers."""
 
     dataset: str = _opt("digits", "built-in dataset: digits (UCI handwritten digits) | pytext (stdlib sources, bytes)")
-    data: str | None = _opt(None, "HDF5 dataset file made by `python -m mpips.data prepare` (overrides --dataset)")
+    data: str | None = _opt(
+        None, "HDF5 data (overrides --dataset): a file made by `python -m mpips.data prepare`, or HDF5 files"
+        " read in place, no copy: a path, a quoted glob ('shards/*.h5') or a comma-separated list, each"
+        " holding datasets --x-key and --y-key with one row per sample; each file (or chunk-aligned range of"
+        " a large one) is a partition"
+    )
+    val_data: str | None = _opt(None, "held-out HDF5 file(s) for --data read in place (same keys and shapes)")
+    x_key: str = _opt("x", "files read in place: the dataset of inputs, (N, *shape)")
+    y_key: str = _opt("y", "files read in place: the dataset of targets, (N, *target)")
+    task: Literal["auto", "classification", "regression", "multilabel", "tokens"] = _opt(
+        "auto", "what the targets are: class indices; float targets; 0/1 per label; next-token ids. auto: a"
+        " prepared file's kind, or for files read in place integer y -> classification (integer x and y of"
+        " one shape -> tokens), float y -> regression"
+    )
+    num_classes: int | None = _opt(
+        None, "files read in place: classes (classification) or vocabulary (tokens); default largest + 1"
+    )
     batch_size: int = _opt(32, "samples per worker per step")
     prefetch: int = _opt(2, "batches each worker keeps in flight from its data server")
     replicas: int = _opt(1, "data servers holding each partition")
@@ -115,6 +133,11 @@ class TrainConfig:
     sync: Literal["bsp", "asp", "ssp"] = _opt("bsp", "bsp = synchronous; asp = fully async; ssp = bounded staleness")
     staleness: int = _opt(2, "ssp: no worker runs more than this many steps ahead of the slowest")
     seed: int = _opt(0, "seeds model initialisation and the sample order")
+    loss: str = _opt(
+        "auto", "auto (the task's) | cross_entropy | mse | huber | bce | next_token | package.module:function, a"
+        " callable (output, target) -> scalar tensor, the batch mean. Held-out metrics follow the task:"
+        " accuracy; mse, mae, r2; f1 (micro); perplexity"
+    )
     eval_every: int = _opt(0, "evaluate on the held-out split every N steps (0 = at the end only)")
     final_eval: bool = _opt(True, "evaluate the final model on the held-out split (benchmarks turn it off)")
     save: str | None = _opt(None, "write the final model as a torch state_dict to this file")
@@ -239,6 +262,8 @@ class Config:
                 self.checkpoint.checkpoint_every or self.checkpoint.checkpoint_interval),
              "--checkpoint-every / --checkpoint-interval need --checkpoint-dir"),
             (self.data.replicas <= max(1, self.roles.data_servers), "--replicas cannot exceed --data-servers"),
+            (self.data.num_classes is None or self.data.num_classes >= 2, "--num-classes must be at least 2"),
+            (self.data.val_data is None or self.data.data is not None, "--val-data needs --data"),
             (0 < self.compression.compress_ratio <= 1, "--compress-ratio must be in (0, 1]"),
             (1 <= self.compression.qsgd_levels <= 127, "--qsgd-levels must be between 1 and 127"),
         ]

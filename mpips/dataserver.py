@@ -72,6 +72,7 @@ class DataServer:
         cache_bytes: bound of the partition read cache.
         stall_timeout: seconds without any request before giving up (StallError).
         mpio: open with the MPI-IO driver (default: when h5py has it).
+        data: the opened dataset, whose ``open_file`` reads HDF5 files in place (``path`` unused).
 
     ``tracer`` (an attribute, set after construction; ``mpips.trace``) records reading, serving
     and waiting for requests.
@@ -92,17 +93,20 @@ class DataServer:
         cache_bytes: int,
         stall_timeout: float,
         mpio: bool | None = None,
+        data: DatasetHandle | None = None,
     ):
         self.comm, self.servers, self.index, self.workers = comm, servers, index, workers
         self.path, self.held, self.max_ids = path, set(held), max_ids
         self.cache_bytes, self.stall_timeout = cache_bytes, stall_timeout
         self.mpio = has_mpio() if mpio is None else mpio
+        self.data = data
         self.stats = DataServerStats(per_worker=[0] * len(workers))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Collective over ``servers`` (with MPI-IO): open the file, post the request receives."""
-        self.file = DatasetFile(self.path, comm=self.servers if self.mpio else None)
+        mpio = self.servers if self.mpio else None
+        self.file = self.data.open_file(mpio) if self.data is not None else DatasetFile(self.path, comm=mpio)
         self.reader = PartitionReader(self.file, self.cache_bytes)
         self.format: SampleFormat = self.file.format
         self.partitions: Partitions = self.file.partitions
@@ -392,6 +396,7 @@ def run_data_server(
         max_ids=cfg.data.batch_size,
         cache_bytes=int(cfg.data.cache_mb * (1 << 20)),
         stall_timeout=cfg.train.stall_timeout,
+        data=data,
     )
     server.tracer = tracer
     with tracer.span("start-up"):

@@ -36,6 +36,7 @@ from mpips.config import ConfigError
 from mpips.data.hdf5 import DatasetError
 from mpips.layout import LayoutError
 from mpips.models import ModelError
+from mpips.tasks import LossError
 
 __all__ = [
     "AGREE_S",
@@ -58,9 +59,10 @@ class LaunchError(ValueError):
     """The launcher and the MPI library do not match: every process is alone in its world."""
 
 
-INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, LaunchError, LayoutError, DatasetError, ModelError)
+INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, LaunchError, LayoutError, DatasetError, ModelError,
+                                              LossError)
 _WHAT = {ConfigError: "configuration", LaunchError: "launch", LayoutError: "configuration",
-         DatasetError: "dataset", ModelError: "model"}
+         DatasetError: "dataset", ModelError: "model", LossError: "loss"}
 
 T = TypeVar("T")
 

@@ -22,7 +22,8 @@ def expected_bytes_per_param(
     Args:
         role: "server" (per element of its shard) or "worker" (per trainable parameter).
         optimizer: the optimizer's name (its state: ``STATE_FACTOR`` floats per element).
-        workers: W, the number of workers (a server keeps one receive buffer per worker).
+        workers: W, the number of workers (a server receives one push at a time into one buffer,
+            plus a first chunk per worker: bounded by --chunk-bytes, left out here).
         max_inflight: pushes a worker keeps in flight per server (one send buffer each; bsp: 1).
         sync: "bsp" adds the server's accumulator of the step's mean gradient.
         weight_decay: non-zero adds torch.optim's temporary ``grad + wd * param``.
@@ -40,7 +41,7 @@ def expected_bytes_per_param(
             "working copy": FLOAT,
             "two published versions (RMA windows)": 2 * FLOAT,
             f"{optimizer} state": STATE_FACTOR[optimizer] * FLOAT,
-            "receive buffers (one per worker)": workers * FLOAT,
+            "receive buffer (one push at a time)": FLOAT,
             "bsp accumulator": FLOAT if sync == "bsp" else 0,
             "optimizer step temporaries": temporaries * FLOAT,
         }

@@ -30,8 +30,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from mpips.models import loss_and_correct
-
 __all__ = ["PARAM_DTYPES", "PRECISIONS", "Precision", "param_dtype"]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,11 +88,12 @@ class Precision:
         x = x.to(self.device, non_blocking=True)
         return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy (float32 scalar) and correct predictions of ``model`` on (x, y)."""
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model``'s output for the batch ``x`` under autocast, floating point outputs in float32
+        (the job's loss and metrics then run in float32, as autocast runs its losses)."""
         with self.context():
-            logits = model(self.inputs(x))
-        return loss_and_correct(logits.float(), y.to(self.device, non_blocking=True))
+            out = model(self.inputs(x))
+        return out.float() if out.is_floating_point() else out
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, scaled under fp16."""

@@ -67,6 +67,29 @@ class ServerStats:
     max_queue: int = 0
 
 
+@dataclass
+class _BspStep:
+    """The bsp step in progress: pushes held until their turn, the sum's progress."""
+
+    workers: int
+    runs: int  # tensor runs of the shard
+    next: int = 0  # the worker whose push is added next
+    held: dict[int, tuple[int, Any, np.ndarray]] = field(default_factory=dict)  # w -> samples, grad, mask
+    samples: int = 0
+    used: np.ndarray = field(init=False)  # bool [runs]: tensor runs with a gradient from any worker
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.next, self.samples, self.used = 0, 0, np.zeros(self.runs, dtype=bool)
+        self.held.clear()
+
+    def missing(self) -> list[int]:
+        """Workers whose push for the step has not come."""
+        return [w for w in range(self.next, self.workers) if w not in self.held]
+
+
 class ParameterServer:
     """Owns shard ``index`` of the flat parameter vector.
 
@@ -155,10 +178,10 @@ class ParameterServer:
         workers = len(self.workers)
         active = set(range(workers))
         acc = torch.zeros_like(self.param) if self.sync == "bsp" else None
-        # bsp: worker -> (samples, gradient, tensor-run mask), for the step in progress; each
-        # gradient stays in its receive buffer until the step is applied, then all are summed in
-        # worker order
-        bsp_seen: dict[int, tuple[int, torch.Tensor, np.ndarray]] = {}
+        # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
+        bsp = _BspStep(workers, len(self.pieces)) if self.sync == "bsp" else None
+        if bsp is not None:
+            self.receiver.prefer = 0
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
         final_saved = False
         backoff, last_progress = Backoff.for_messages(), time.monotonic()
@@ -187,7 +210,7 @@ class ParameterServer:
                     if isinstance(grad, PushGradient) and self.sync != "bsp":
                         grad = grad.dense(self.dense)  # asp/ssp: the optimizer takes a dense gradient
                     if self.sync == "bsp":
-                        self._bsp_accumulate(w, header, grad, mask, acc, bsp_seen, workers)
+                        self._bsp_accumulate(w, header, grad, mask, acc, bsp)
                     else:
                         self.clocks[w] = header.step + 1
                         self._async_apply(w, header, grad, mask, min(self.clocks))
@@ -208,7 +231,7 @@ class ParameterServer:
                 last_progress = time.monotonic()
             else:
                 if time.monotonic() - last_progress > self.stall_timeout:
-                    waiting = sorted(set(range(workers)) - set(bsp_seen)) if self.sync == "bsp" else sorted(active)
+                    waiting = bsp.missing() if bsp is not None else sorted(active)
                     raise StallError(
                         f"server {self.index}: no push for {self.stall_timeout:.0f} s; waiting for"
                         f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
@@ -344,37 +367,46 @@ class ParameterServer:
 
     def _bsp_accumulate(
         self, w: int, header: PushHeader, grad: torch.Tensor | PushGradient, mask: np.ndarray, acc: torch.Tensor,
-        seen: dict[int, tuple[int, torch.Tensor | PushGradient, np.ndarray]], workers: int,
+        bsp: _BspStep,
     ) -> None:
+        """Add worker ``w``'s push to the step's sum in worker order; apply once all are in.
+
+        Worker order, not arrival order: the same sum, bit for bit, on every run (resume). A push
+        that comes before its turn waits in its receive buffer (a first-chunk buffer: the
+        receiver gives the body, for a push longer than one chunk, only to the worker whose turn
+        it is), so the server holds one push of a shard's size at a time, whatever W.
+        """
         step = int(self.window.status[Slot.CLOCK])
-        if header.step != step or w in seen:
+        if header.step != step or w in bsp.held or w < bsp.next:
             raise MalformedMessage(
                 f"server {self.index}: bsp step {step} got a push for step {header.step}"
-                f" from worker {w}" + (" twice" if w in seen else "")
+                f" from worker {w}" + (" twice" if w in bsp.held or w < bsp.next else "")
             )
-        seen[w] = (0 if self._is_bad(header, grad) else header.samples, grad, mask)
-        if len(seen) < workers:
-            return
-        # worker order, not arrival order: the same sum, bit for bit, on every run (resume)
-        used = np.zeros(len(self.pieces), dtype=bool)
-        for v in range(workers):
-            n, g, m = seen[v]
+        bsp.held[w] = (0 if self._is_bad(header, grad) else header.samples, grad, mask)
+        while bsp.next in bsp.held:
+            v = bsp.next
+            n, g, m = bsp.held.pop(v)
             if n:
                 if isinstance(g, PushGradient):
                     g.add_into(acc, alpha=float(n))  # sparse chunks: index_add_ of their entries only
                 else:
                     acc.add_(g, alpha=float(n))
-                used |= m.astype(bool)  # a tensor has a gradient if any worker's forward used it
+                bsp.used |= m.astype(bool)  # a tensor has a gradient if any worker's forward used it
+                bsp.samples += n
+            bsp.next += 1
+            self.receiver.prefer = bsp.next % bsp.workers
             self.receiver.repost(v)
-        samples = sum(n for n, _, _ in seen.values())
-        seen.clear()
+        if bsp.next < bsp.workers:
+            return
+        samples, used = bsp.samples, bsp.used
+        bsp.reset()
         norm = None
         if samples:
             acc.div_(samples)
         if self.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
             norm = self.servers.allreduce(sum_of_squares(acc.numpy())) ** 0.5
         mark = self.checkpoints.schedule(self.window, self.servers, step + 1) if self.checkpoints else 0
-        self.clocks = [step + 1] * workers
+        self.clocks = [step + 1] * bsp.workers
         self._apply(acc if samples else None, used, step, norm=norm, clock=step + 1)
         if mark:  # every worker joins once it sees clock step + 1 and this mark
             self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)

@@ -18,11 +18,13 @@ from torch import nn
 from mpips.config import Config
 from mpips.data import DatasetHandle
 from mpips.models import ModelError, build_model, check_model
+from mpips.tasks import LossFn
 
 __all__ = ["checked_model", "pull_line"]
 
 
-def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) -> nn.Module | None:
+def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool, model: object = None,
+                  loss: LossFn | None = None) -> nn.Module | None:
     """The model, built from ``cfg.train.seed``; None where ``builds`` is False (a data server).
 
     Args:
@@ -30,23 +32,25 @@ def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool) 
         data: the opened dataset.
         builds: whether this rank needs the model (servers and workers).
         checks: whether this rank runs the forward check (one rank is enough: the lead worker).
+        model: an ``nn.Module`` or a factory given to ``mpips.fit`` instead of ``--model``.
+        loss: the job's loss, run on the check's output.
 
     Raises:
         ModelError: naming the model, the samples and what is wrong.
     """
     if not builds:
         return None
-    model = build_model(cfg.model, data.spec, cfg.train.seed)
-    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    built = build_model(cfg.model, data.spec, cfg.train.seed, model)
+    name = cfg.model.model if model is None else getattr(model, "__name__", type(model).__name__)
+    dtype = next(p.dtype for p in built.parameters() if p.requires_grad)
     if cfg.train.precision == "fp16" and dtype == torch.float16:
-        raise ModelError(f"--model {cfg.model.model!r} has float16 parameters: --precision fp16's loss scaler"
+        raise ModelError(f"--model {name!r} has float16 parameters: --precision fp16's loss scaler"
                          " (torch.amp.GradScaler) does not unscale float16 gradients; use --precision fp32 or bf16"
                          " with this model, or a float32 model with --precision fp16")
     if checks:
         x, y = data.sample(2)
-        check_model(model, torch.from_numpy(x), torch.from_numpy(y), data.spec, cfg.model.model,
-                    data.path or data.name)
-    return model
+        check_model(built, torch.from_numpy(x), torch.from_numpy(y), data.spec, name, data.path or data.name, loss)
+    return built
 
 
 def pull_line(requested: str, chosen: str, used: str) -> str:

@@ -22,10 +22,11 @@ if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot 
 import logging
 import math
 import os
-import signal
 import sys
-import traceback
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,26 +35,28 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import Config, ConfigError, parse_args
+from mpips.config import Config, ConfigError
 from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
-from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.doctor import find_loaded_libmpi
-from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks
+from mpips.errors import agree
 from mpips.layout import PSContext, Role, RoleComms, RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
+from mpips.models import ModelError
 from mpips.optim import STATE_FACTOR
 from mpips.precision import Precision
 from mpips.server import ParameterServer
 from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
+from mpips.tasks import LossFn, TaskMetrics, resolve_loss
 from mpips.text import plural
 from mpips.trace import NULL_TRACER, Tracer
 from mpips.transport import HEADER_BYTES
-from mpips.watchdog import Watchdog, abort_job
+from mpips.watchdog import Watchdog
 from mpips.worker import FlatModel, Worker, evaluate
 
-__all__ = ["main", "run"]
+__all__ = ["FitResult", "main", "run", "run_job"]
 
 
 def choose_pull(mode: str) -> str:
@@ -77,6 +80,34 @@ def total_steps(cfg: Config, plan: EpochPlan) -> int:
     return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
 
 
+@dataclass
+class FitResult:
+    """What one rank gets back from a job (``mpips.fit``, ``run_job``).
+
+    Attributes:
+        role: this rank's role, ``"worker"``, ``"server"`` or ``"data server"``.
+        index: its index within the role.
+        status: the job's exit status (0; 75 or 143 after a stop on a signal, ``mpips.checkpoint``).
+        model: the lead worker's model, holding the final parameters (None on every other rank).
+        metrics: lead worker only: the final metrics by name: ``steps``, the held-out metrics of the
+            task (``loss``, ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``; None
+            without held-out samples or after a stop), ``last_train_loss``, ``samples_per_s``,
+            ``gradients_applied``, ``gradients_dropped``, ``max_staleness`` (and, unless stopped,
+            ``bytes_pushed``, ``bytes_pulled``: all workers).
+    """
+
+    role: str
+    index: int
+    status: int = 0
+    model: torch.nn.Module | None = None
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def lead(self) -> bool:
+        """Whether this rank is the lead worker (the one with the model and the metrics)."""
+        return self.model is not None
+
+
 def run(
     cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None, preemption: Preemption | None = None
 ) -> int:
@@ -86,6 +117,21 @@ def run(
     ``preemption`` holds the stop requests of signal handlers ``main`` installed
     (``Preemption.install()``); a script calling ``run`` keeps its own signal handling.
     """
+    return run_job(cfg, comm, who, preemption).status
+
+
+def run_job(
+    cfg: Config, comm: MPI.Comm, who: dict[str, str] | None = None, preemption: Preemption | None = None, *,
+    model: object = None, loss: LossFn | None = None,
+) -> FitResult:
+    """``run``, with a model and loss given as objects (``mpips.fit``); returns this rank's FitResult.
+
+    Args:
+        model: an ``nn.Module`` (the same on every rank: checked), or a factory called as
+            ``--model package.module:factory`` is; None: ``cfg.model.model``.
+        loss: ``(output, target) -> scalar tensor``; None: ``cfg.train.loss``.
+    """
+    given_model = model
     preemption = preemption if preemption is not None else Preemption()
     dog = Watchdog(comm, cfg.train.stall_timeout, who if who is not None else {})
     rank = comm.Get_rank()
@@ -102,11 +148,21 @@ def run(
         data = open_dataset(
             cfg.data.dataset, cfg.data.data, context=cfg.model.gpt_context, comm=comm, data_dir=cfg.data.data_dir,
             data_servers=len(layout.data_servers), replicas=cfg.data.replicas, cache_mb=cfg.data.cache_mb,
+            x_key=cfg.data.x_key, y_key=cfg.data.y_key, task=cfg.data.task, num_classes=cfg.data.num_classes,
+            val_data=cfg.data.val_data,
         )
+    task = data.spec.task
+    if cfg.data.task not in ("auto", task):
+        raise DatasetError(f"--task {cfg.data.task}, but {data.path or data.name} holds {task} samples")
     epoch_plan = data.plan(len(layout.workers), cfg.data.batch_size, cfg.train.seed)
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
-    model = agree(comm, lambda: checked_model(cfg, data, role != Role.DATA, rank == layout.lead_worker), dog.blocking)
+    loss_fn = agree(comm, lambda: resolve_loss(loss if loss is not None else cfg.train.loss, task), dog.blocking)
+    model = agree(comm, lambda: checked_model(cfg, data, role != Role.DATA, rank == layout.lead_worker, given_model,
+                                              loss_fn), dog.blocking)
+    if isinstance(given_model, torch.nn.Module):
+        with dog.blocking("start-up: every rank's checksum of the given model (allgather over the world)"):
+            _same_model_everywhere(comm, model)
     plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
     if rank == 0:
         print(layout.describe(), flush=True)
@@ -123,8 +179,9 @@ def run(
 
             sizes, d, w = data.partitions.sizes, len(layout.data_servers), len(layout.workers)
             print(DataAssignment.build(sizes, d, w, cfg.data.replicas).describe(layout.data_servers), flush=True)
+    result = FitResult(role.value.replace("-", " "), layout.index_of(rank))
     if cfg.train.dry_run:
-        return 0
+        return result
 
     with dog.blocking("start-up: every rank to choose the checkpoint and split the communicators"):
         counts = {"servers": len(layout.servers), "data_servers": len(layout.data_servers),
@@ -144,7 +201,9 @@ def run(
             model = None
             _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog, tracer)
         elif role == Role.WORKER:
-            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, tracer)
+            job = _WorkerJob(task, loss_fn, result)
+            _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, job,
+                        tracer)
         else:
             from mpips.dataserver import run_data_server
 
@@ -159,7 +218,32 @@ def run(
         comms.free()
         ps_comm.Free()
         dog.close()
-    return ckpt.exit_status()
+    result.status = ckpt.exit_status()
+    return result
+
+
+@dataclass
+class _WorkerJob:
+    """What a worker needs beyond the configuration: the task, the loss, where results go."""
+
+    task: str
+    loss: LossFn
+    result: FitResult
+
+
+def _same_model_everywhere(comm: MPI.Comm, model: torch.nn.Module | None) -> None:
+    """ModelError on every rank when the model object given to ``fit`` differs between ranks
+    (each server takes its shard from its own rank's copy)."""
+    crc = None
+    if model is not None:
+        crc = 0
+        for p in model.parameters():
+            crc = zlib.crc32(p.detach().cpu().contiguous().numpy().tobytes(), crc)
+    sums = {c for c in comm.allgather(crc) if c is not None}
+    if len(sums) > 1:
+        raise ModelError("the model given to mpips.fit has different parameters on different ranks: seed torch"
+                         " before building it (torch.manual_seed) or pass a factory, which mpips calls after"
+                         " seeding with --seed")
 
 
 def _memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
@@ -219,6 +303,7 @@ def _run_server(
 
 def _run_worker(
     cfg, layout, comms, ps_comm, plan, model, data: DatasetHandle, epoch_plan, steps, pull, ckpt, dog,
+    job: _WorkerJob,
     tracer=NULL_TRACER,
 ) -> None:
     world = comms.world
@@ -250,18 +335,18 @@ def _run_worker(
 
     def on_eval(step: int) -> None:
         faults.at("evaluation", step)
-        result = evaluate(flat.model, data.val_x, data.val_y, device, precision=precision)
+        result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss,
+                          precision=precision)
         if result is None:
             if not said_no_eval[0]:
                 print("no held-out samples: evaluation skipped (--eval-every)", flush=True)
                 said_no_eval[0] = True
             return
-        loss, acc = result
-        metrics.event("eval", step, loss=loss, accuracy=acc)
-        progress.write(f"eval step {step}: held-out loss {loss:.4f} accuracy {acc:.4f}")
+        metrics.event("eval", step, **result)
+        progress.write(f"eval step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
-                    metrics, progress, on_eval if lead else None, precision=precision)
+                    metrics, progress, on_eval if lead else None, loss=job.loss, precision=precision)
     worker.tracer = tracer
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         worker.start()
@@ -277,16 +362,30 @@ def _run_worker(
         final = worker.finish(lead=_ps_rank(layout, layout.lead_worker))
     if lead:
         with tracer.span("final evaluation and report"):
-            _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
+            job.result.metrics = _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt, job)
+        job.result.model = flat.model
     metrics.close()
 
 
-def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt) -> None:
-    """Lead worker: evaluate the final parameters, print the table, save the model.
+def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt, job: _WorkerJob
+            ) -> dict[str, Any]:
+    """Lead worker: evaluate the final parameters, print the table, save the model; returns the
+    metrics by name (``FitResult.metrics``).
 
     After a stop on a signal the model is saved (where ``--save`` asks) but not evaluated.
     """
     flat.load_wire(final)
+    names = TaskMetrics.names(job.task)
+    servers = worker.server_stats
+    out: dict[str, Any] = {
+        "steps": steps, **dict.fromkeys(names),
+        "last_train_loss": stats.last_loss,
+        "samples_per_s": stats.samples * worker.epoch_plan.workers
+        / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),
+        "gradients_applied": sum(s.applied for s in servers),
+        "gradients_dropped": sum(s.dropped for s in servers),
+        "max_staleness": max(s.max_staleness for s in servers),
+    }
     if stats.preempted:
         print(f"stopped on {ckpt.preemption.signal_name or 'a signal'} at step {worker.position} of {steps}: "
               + (f"checkpoint {ckpt.last_path} written; exiting with status {REQUEUE_STATUS}"
@@ -294,23 +393,22 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
                  f"no --checkpoint-dir, so nothing to resume from; exiting with status {ckpt.exit_status()}"),
               flush=True)
         _save_model(cfg, flat)
-        return
-    result = (evaluate(flat.model, data.val_x, data.val_y, device, precision=worker.precision)
-              if cfg.train.final_eval else None)
-    loss, acc = result if result is not None else (None, None)
+        out["steps"] = worker.position
+        return out
+    result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss,
+                      precision=worker.precision) if cfg.train.final_eval else None
+    out.update(result or {})
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
-    servers = worker.server_stats
     pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
+    out.update(bytes_pushed=pushed, bytes_pulled=pulled)
     rows = {
         "steps": steps,
-        "held-out loss": none if loss is None else loss,
-        "held-out accuracy": none if acc is None else acc,
+        **{f"held-out {name}": none if result is None else result[name] for name in names},
         "last train loss (worker 0)": stats.last_loss,
-        "samples/s (all workers)": stats.samples * worker.epoch_plan.workers
-        / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),
-        "gradients applied": sum(s.applied for s in servers),
-        "gradients dropped": sum(s.dropped for s in servers),
-        "max staleness applied": max(s.max_staleness for s in servers),
+        "samples/s (all workers)": out["samples_per_s"],
+        "gradients applied": out["gradients_applied"],
+        "gradients dropped": out["gradients_dropped"],
+        "max staleness applied": out["max_staleness"],
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
         "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
@@ -318,14 +416,16 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt)
     if cfg.train.precision == "fp16":
         rows["steps skipped, fp16 overflow (worker 0)"] = stats.skipped
     print(format_table(rows, "final metrics"), flush=True)
+    held_out = {name: out[name] for name in names}
     if result is not None:
-        metrics.event("eval", steps, loss=loss, accuracy=acc)
+        metrics.event("eval", steps, **held_out)
     metrics.event(
-        "end", steps, loss=loss, accuracy=acc, applied=rows["gradients applied"],
-        dropped=rows["gradients dropped"], max_staleness=rows["max staleness applied"],
-        staleness=[x for s in servers for x in s.staleness], bytes_pushed=pushed, bytes_pulled=pulled,
+        "end", steps, **held_out, applied=out["gradients_applied"], dropped=out["gradients_dropped"],
+        max_staleness=out["max_staleness"], staleness=[x for s in servers for x in s.staleness],
+        bytes_pushed=pushed, bytes_pulled=pulled,
     )
     _save_model(cfg, flat)
+    return out
 
 
 def _save_model(cfg, flat) -> None:
@@ -371,46 +471,18 @@ def _setup_logging(rank: int, role: Role, layout: RoleLayout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, check the launch, run this rank's role; bad input exits 2 (said once), a crash aborts."""
+    """Parse, check the launch, run this rank's role; bad input exits 2 (said once), a crash aborts.
+
+    The command line is a user of ``mpips.fit``: the same call, with the flags as its config and
+    the stop signals handled (SIGTERM, SIGUSR1, SIGINT: checkpoint and stop at a step boundary).
+    """
+    from mpips.api import _fit
+
     argv = sys.argv[1:] if argv is None else list(argv)
     comm = MPI.COMM_WORLD
     if MPI.get_vendor()[0] == "Open MPI" and comm.Get_size() > 1:
         stderr_filter.install()  # a dead peer must not flood the terminal
-    report = Reporter(comm, speaks(comm.Get_rank(), comm.Get_size(), os.environ), MPI.Get_processor_name(),
-                      debug="--debug" in argv)
-    who = {"role": "role not yet assigned"}
-    try:
-        try:
-            with report.quiet_unless_speaker():
-                cfg = parse_args(argv)
-        except SystemExit as exc:  # --help, printed by one rank
-            return exc.code if isinstance(exc.code, int) else 0
-        report.debug = report.debug or cfg.train.debug
-        check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
-        # SIGTERM/SIGUSR1/SIGINT now mean "stop at the next step boundary"
-        status = run(cfg, comm, who, Preemption.install())
-        # The run is over, and a stop request has nothing left to stop: a late SIGUSR1 (Slurm's
-        # --signal=USR1@T comes up to ~30 s late) must not kill this rank in its shutdown, where
-        # Python restores the default action, terminate, of the handlers it installed.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        return status
-    except INPUT_ERRORS as exc:  # the same on every rank: said once, status 2
-        return report.bad_input(exc)
-    except BaseException as exc:  # noqa: BLE001 - any failure must end the whole job
-        _abort(comm, exc, who["role"])
-        return 1
-
-
-def _abort(comm: MPI.Comm, exc: BaseException, role: str) -> None:
-    """Report the failure once, with rank, host and role, then take the whole job down."""
-    rank = comm.Get_rank()
-    traceback.print_exc(file=sys.stderr)
-    print(
-        f"mpips: FATAL on rank {rank} (host {MPI.Get_processor_name()}, {role}):"
-        f" {type(exc).__name__}: {exc}",
-        file=sys.stderr, flush=True,
-    )
-    abort_job(comm)
+    return _fit(None, None, None, None, argv, comm, handle_signals=True).status
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ a compressed push, one self-describing record per chunk of the slice, then the s
 ``mpips.compression``), cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
 the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` bytes is one message,
 as it always was. The server validates the header as soon as the first chunk is in, before it
-receives the rest into its buffer for that worker, and checks every chunk's length; nothing is
+receives the rest (into its one body buffer, one push at a time: ``PushReceiver``), and checks
+every chunk's length; nothing is
 applied before the whole push is in and valid (``MalformedMessage`` otherwise, naming the worker).
 The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
 server has matched it, whatever the MPI's eager limit.
@@ -638,9 +639,14 @@ class PushReceiver:
     """Server side: the first chunk of each worker's next push is received ahead; ``poll`` returns
     the pushes that are complete.
 
-    One receive buffer per worker, as large as the largest push (header + ``max_payload``). When a
-    first chunk arrives its header is validated, then the rest of the push is received into the
-    same buffer, chunk by chunk (all posted at once; MPI keeps them in order).
+    Memory is bounded by chunks, not by workers x shard: one first-chunk buffer per worker (at
+    most ``chunk_bytes``) and one **body** buffer, as large as the largest push, that one push at
+    a time is received into. When a first chunk arrives its header is validated; a push that fits
+    in it is complete at once. A longer one waits until the body is free, is copied into its head
+    and the rest is received there, chunk by chunk (all posted at once; MPI keeps them in order);
+    meanwhile its sender's chunks stay with the sender (above the eager limit) or in MPI's queue.
+    ``prefer``: the only worker whose push may take the body next (bsp sums in worker order, so a
+    later worker's push must not hold the body the next one needs); None: the first to arrive.
     """
 
     def __init__(self, comm: MPI.Comm, workers: list[int], max_payload: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -649,19 +655,24 @@ class PushReceiver:
         self.comm, self.workers, self.max_payload = comm, workers, max_payload
         self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
         self.first = min(self.chunk_bytes, HEADER_BYTES + max_payload)  # bytes of a push's first chunk
-        self.buffers = [np.empty(HEADER_BYTES + max_payload, dtype=np.uint8) for _ in workers]
+        self.firsts = [np.empty(self.first, dtype=np.uint8) for _ in workers]
+        self.body = np.empty(HEADER_BYTES + max_payload, dtype=np.uint8) if HEADER_BYTES + max_payload > self.first \
+            else None
         self.requests = [MPI.REQUEST_NULL] * len(workers)  # first chunks
-        # worker -> the push being received: validated header, a request and expected size per
-        # chunk after the first, how many of them are still to come
-        self.receiving: dict[int, _Incoming] = {}
+        self.waiting: dict[int, tuple[PushHeader, int]] = {}  # first chunk in, body not yet: header, bytes
+        self.owner: int | None = None  # the worker whose push is in (or coming into) the body
+        self.receiving: _Incoming | None = None  # the rest of the owner's push, while it comes
+        self.prefer: int | None = None
         self.progressed = False  # the last poll saw a chunk arrive
         self.bytes_received = 0
         for w in range(len(workers)):
             self.repost(w)
 
     def repost(self, w: int) -> None:
-        self.requests[w] = self.comm.Irecv([self.buffers[w][: self.first], MPI.BYTE], source=self.workers[w],
-                                           tag=Tag.PUSH)
+        """Worker ``w``'s push is consumed: free its buffer (the body, if it held it), receive its next."""
+        if self.owner == w:
+            self.owner = None
+        self.requests[w] = self.comm.Irecv([self.firsts[w], MPI.BYTE], source=self.workers[w], tag=Tag.PUSH)
 
     def poll(self) -> list[tuple[int, PushHeader, np.ndarray]]:
         """Completed pushes as (worker index, validated header, payload bytes view).
@@ -675,43 +686,54 @@ class PushReceiver:
         statuses: list[MPI.Status] = []
         done = MPI.Request.Testsome(self.requests, statuses)
         self.progressed = bool(done)
+        out = []
         for w, st in zip(done or [], statuses, strict=True):
             nbytes = st.Get_count(MPI.BYTE)
-            header = PushHeader.decode_first(self.buffers[w], nbytes, worker=w, max_payload=self.max_payload,
+            header = PushHeader.decode_first(self.firsts[w], nbytes, worker=w, max_payload=self.max_payload,
                                              first=self.first)
-            rest = self.buffers[w][nbytes : HEADER_BYTES + header.length]
-            requests = recv_chunks(self.comm, rest, self.workers[w], Tag.PUSH_DATA, self.chunk_bytes)
-            sizes = [b - a for a, b in chunks(rest.size, self.chunk_bytes)]
-            self.receiving[w] = _Incoming(header, requests, sizes, left=len(requests))
-        out = []
-        for w in sorted(self.receiving):
-            incoming = self.receiving[w]
-            if incoming.left:
-                statuses = []
-                done = MPI.Request.Testsome(incoming.requests, statuses)
-                for i, st in zip(done or [], statuses, strict=True):
-                    if st.Get_count(MPI.BYTE) != incoming.sizes[i]:
-                        raise MalformedMessage(
-                            f"malformed push from worker {w}: chunk {i + 2} of its push for step"
-                            f" {incoming.header.step} has {st.Get_count(MPI.BYTE)} bytes, expected"
-                            f" {incoming.sizes[i]} (a different --chunk-bytes?)"
-                        )
-                incoming.left -= len(done or [])
-                self.progressed |= bool(done)
-            if incoming.left:
-                continue
-            del self.receiving[w]
-            header = incoming.header
-            self.bytes_received += HEADER_BYTES + header.length
-            out.append((w, header, self.buffers[w][HEADER_BYTES : HEADER_BYTES + header.length]))
+            if HEADER_BYTES + header.length <= nbytes:  # the whole push came in its first chunk
+                self.bytes_received += HEADER_BYTES + header.length
+                out.append((w, header, self.firsts[w][HEADER_BYTES : HEADER_BYTES + header.length]))
+            else:
+                self.waiting[w] = (header, nbytes)
+        if self.owner is None and self.waiting:
+            w = self.prefer if self.prefer is not None else next(iter(self.waiting))
+            if w in self.waiting:
+                header, nbytes = self.waiting.pop(w)
+                self.owner = w
+                self.body[:nbytes] = self.firsts[w][:nbytes]
+                rest = self.body[nbytes : HEADER_BYTES + header.length]
+                requests = recv_chunks(self.comm, rest, self.workers[w], Tag.PUSH_DATA, self.chunk_bytes)
+                sizes = [b - a for a, b in chunks(rest.size, self.chunk_bytes)]
+                self.receiving = _Incoming(header, requests, sizes, left=len(requests))
+        incoming = self.receiving
+        if incoming is not None:
+            statuses = []
+            done = MPI.Request.Testsome(incoming.requests, statuses)
+            for i, st in zip(done or [], statuses, strict=True):
+                if st.Get_count(MPI.BYTE) != incoming.sizes[i]:
+                    raise MalformedMessage(
+                        f"malformed push from worker {self.owner}: chunk {i + 2} of its push for step"
+                        f" {incoming.header.step} has {st.Get_count(MPI.BYTE)} bytes, expected"
+                        f" {incoming.sizes[i]} (a different --chunk-bytes?)"
+                    )
+            incoming.left -= len(done or [])
+            self.progressed |= bool(done)
+            if not incoming.left:
+                self.receiving = None
+                header = incoming.header
+                self.bytes_received += HEADER_BYTES + header.length
+                out.append((self.owner, header, self.body[HEADER_BYTES : HEADER_BYTES + header.length]))
         return out
 
     def cancel(self) -> None:
-        for req in [*self.requests, *(r for incoming in self.receiving.values() for r in incoming.requests)]:
+        pending = [*self.requests, *(self.receiving.requests if self.receiving is not None else [])]
+        for req in pending:
             if req != MPI.REQUEST_NULL:
                 req.Cancel()
                 req.Wait()
-        self.receiving.clear()
+        self.receiving = None
+        self.waiting.clear()
 
 
 class PullServer:

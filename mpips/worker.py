@@ -31,6 +31,7 @@ from mpips.optim import sum_of_squares
 from mpips.precision import Precision, param_dtype
 from mpips.shard import ShardPlan
 from mpips.staging import STAGE_CHUNK_BYTES, CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
+from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
@@ -205,31 +206,35 @@ class FlatModel:
 
 
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512,
-    precision: Precision | None = None,
-) -> tuple[float, float] | None:
-    """Mean loss and accuracy of ``model`` on (x, y); None when there are no samples.
+    model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
+    task: str = "classification", loss: LossFn | None = None, precision: Precision | None = None,
+) -> dict[str, float] | None:
+    """Held-out metrics of ``model`` on (x, y) by name (``mpips.tasks.TaskMetrics``: ``loss`` and
+    ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``), in eval mode, ``batch``
+    samples at a time; None when there are no samples.
 
-    ``precision``: the workers' (autocast, input dtype); default float32 without autocast.
+    Args:
+        x, y: inputs ``(N, *shape)`` and targets ``(N, *target)`` as the workers get them.
+        task: ``classification`` | ``regression`` | ``multilabel`` | ``tokens``.
+        loss: the job's loss ``(output, target) -> scalar`` (default: cross-entropy).
+        precision: the workers' (autocast, input dtype); default: the model's dtype, no autocast.
     """
     if len(y) == 0:
         return None
+    loss = loss if loss is not None else cross_entropy
+    metrics = TaskMetrics(task)
     if precision is None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         precision = Precision("fp32", device, param_dtype(trainable) if trainable else torch.float32)
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(y), batch):
             xb = torch.from_numpy(x[i : i + batch])
             yb = torch.from_numpy(y[i : i + batch]).to(device)
-            loss, ok = precision.loss(model, xb, yb)
-            n = yb.numel()
-            total_loss += float(loss) * n
-            correct += ok
-            count += n
+            out = precision.forward(model, xb)
+            metrics.update(out, yb, loss(out, yb))
     model.train()
-    return total_loss / count, correct / count
+    return metrics.result()
 
 
 @dataclass
@@ -259,6 +264,7 @@ class Worker:
         metrics: JSON-lines events; progress: the lead's progress line.
         on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
             evaluation), or None.
+        loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
         precision: forward/backward under ``--precision`` (default: fp32, the model's dtype).
 
     ``tracer`` (an attribute, set after construction; ``mpips.trace``) records the spans of a step.
@@ -269,7 +275,7 @@ class Worker:
     def __init__(
         self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
         metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
-        precision: Precision | None = None,
+        loss: LossFn | None = None, precision: Precision | None = None,
     ):
         self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
         self.precision = precision if precision is not None else Precision("fp32", flat.device, flat.dtype)
@@ -283,6 +289,7 @@ class Worker:
         self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
         self.codec, self.encoder = None, None  # set by start()
         self.stats = WorkerStats()
+        self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
@@ -365,7 +372,8 @@ class Worker:
             loss, samples = torch.zeros(()), len(batch)
             if samples:
                 with tracer.span("forward/backward", step):
-                    loss, _ = self.precision.loss(model, torch.from_numpy(batch.x), torch.from_numpy(batch.y))
+                    out = self.precision.forward(model, torch.from_numpy(batch.x))
+                    loss = self.loss(out, torch.from_numpy(batch.y).to(flat.device))
                     self.precision.backward(loss)
                     self.precision.unscale()  # fp16: gradients divided by the loss scale
                     loss = loss.detach()

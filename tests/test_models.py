@@ -141,3 +141,21 @@ def test_epoch_plan_contract():
     one = EpochPlan(samples=10, workers=1, batch_size=6, seed=1)
     assert list(one.global_ids(0, 0)) == list(plan.global_ids(0, 0))
     assert list(plan.order(1)) != list(plan.order(0))
+
+
+def test_check_model_follows_the_task_and_the_loss():
+    from mpips.tasks import LOSSES
+
+    reg = DataSpec("regression", (3,), 1)
+    x, y = torch.zeros(2, 3), torch.zeros(2)
+    check_model(torch.nn.Linear(3, 1), x, y, reg, "lin", "f.h5", LOSSES["mse"])  # (2, 1) output for (2,) targets
+    with pytest.raises(ModelError, match=r"returned shape \(2, 2\) for 2 samples .* the regression targets have"
+                       r" shape \(2,\): the last layer must have 1 output"):
+        check_model(torch.nn.Linear(3, 2), x, y, reg, "lin", "f.h5", LOSSES["mse"])
+    with pytest.raises(ModelError, match=r"the loss returned shape \(2, 1\) .* it must return a scalar tensor"):
+        check_model(torch.nn.Linear(3, 1), x, y, reg, "lin", "f.h5", lambda out, t: out)
+    tokens = DataSpec("tokens", (5,), 11, (5,))
+    gpt = build_model(ModelConfig(model="gpt", gpt_width=16, gpt_heads=2, gpt_layers=1, gpt_context=5), tokens, 0)
+    ids = torch.randint(0, 11, (2, 5))
+    check_model(gpt, ids, ids, tokens, "gpt", "t.h5", LOSSES["next_token"])  # a vocabulary of 11
+    assert gpt(ids).shape == (2, 5, 11)

@@ -68,7 +68,7 @@ def test_saved_model_loads_into_plain_torch_and_reproduces_the_accuracy(tmp_path
     data = open_dataset("digits", None, data_dir=str(tmp_path))
     model = build_model(ModelConfig(model="mlp"), data.spec, seed=12345)
     model.load_state_dict(torch.load(save, weights_only=True))
-    _, acc = evaluate(model, data.val_x, data.val_y, torch.device("cpu"))
+    acc = evaluate(model, data.val_x, data.val_y, torch.device("cpu"))["accuracy"]
     assert acc == pytest.approx(reported, abs=1e-4)
     # the metrics file: one JSON object per line, each with event and step
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

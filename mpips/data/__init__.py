@@ -1,9 +1,10 @@
 """Training data: the sample-order plan, the HDF5 dataset format, and batch sources for workers.
 
-Every job reads an HDF5 dataset file: ``--data FILE.h5`` (made by ``python -m mpips.data
-prepare``), or a built-in dataset (``--dataset digits``) materialised once as such a file in
-``--data-dir``. ``open_dataset`` checks the file up front, on every rank alike, so a bad file
-ends the job with one clear ``DatasetError`` before training starts.
+Every job reads HDF5: ``--data FILE.h5`` (made by ``python -m mpips.data prepare``), a built-in
+dataset (``--dataset digits``) materialised once as such a file in ``--data-dir``, or a user's own
+HDF5 files read in place (``--data 'shards/*.h5' --x-key ... --y-key ...``, ``mpips.data.foreign``).
+``open_dataset`` checks the data up front, on every rank alike, so a bad file ends the job with
+one clear ``DatasetError`` before training starts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mpips.data.builtin import load_builtin
+from mpips.data.foreign import ForeignData, is_foreign
 from mpips.data.hdf5 import DatasetError, DatasetFile, HDF5Store, HeldOut, Partitions, SampleFormat
 from mpips.data.plan import EpochPlan
 from mpips.data.prepare import materialise_builtin
@@ -28,6 +30,7 @@ __all__ = [
     "DatasetError",
     "DatasetHandle",
     "EpochPlan",
+    "ForeignData",
     "LocalSource",
     "load_builtin",
     "open_dataset",
@@ -51,6 +54,14 @@ class DatasetHandle:
     path: str | None = None
     format: SampleFormat | None = None
     partitions: Partitions | None = None
+    foreign: ForeignData | None = None  # HDF5 files read in place (``mpips.data.foreign``)
+
+    def open_file(self, mpio_comm: Any = None) -> Any:
+        """A reader of the training rows: the dataset file (collectively over ``mpio_comm`` with
+        MPI-IO when given), or the files read in place (MPI-IO per file when ``mpio_comm``)."""
+        if self.foreign is not None:
+            return self.foreign.open(mpio=mpio_comm is not None)
+        return DatasetFile(self.path, comm=mpio_comm)
 
     @property
     def val_x(self) -> np.ndarray:
@@ -63,9 +74,11 @@ class DatasetHandle:
     def sample(self, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` training samples as a worker gets them, (x, y), read without the cache."""
         n = min(n, len(self.train))
-        if self.path is None or self.format is None:
+        if self.foreign is not None:
+            n = min(n, self.partitions.sizes[0])
+        elif self.path is None or self.format is None:
             return self.train.take(np.arange(n))
-        with DatasetFile(self.path) as f:
+        with self.open_file() as f:
             return self.format.to_xy(f.read_train(0, n), self.spec.input_shape[0] if self.spec.kind == "text" else 0)
 
     def plan(self, workers: int, batch_size: int, seed: int) -> EpochPlan:
@@ -74,15 +87,20 @@ class DatasetHandle:
 
 
 def open_dataset(
-    dataset: str, path: str | None, context: int = 64, *, comm: Any = None,
+    dataset: str, path: str | list | None, context: int = 64, *, comm: Any = None,
     data_dir: str | None = None,
     data_servers: int = 0, replicas: int = 1, cache_mb: float = 256.0, verify: bool = True,
+    x_key: str = "x", y_key: str = "y", task: str = "auto", num_classes: int | None = None,
+    val_data: str | list | None = None,
 ) -> DatasetHandle:
     """Open the HDF5 file at ``path``, or the built-in ``dataset`` materialised in ``data_dir``.
 
     Args:
         dataset: built-in name, used when ``path`` is None.
-        path: an mpips dataset file.
+        path: an mpips dataset file; or HDF5 file(s) mpips did not write, read in place (a path,
+            a glob, a comma-separated list or a list: ``mpips.data.foreign``), with datasets
+            ``x_key`` and ``y_key``, targets of ``task`` (auto: guessed from them),
+            ``num_classes`` (default: largest label + 1) and held-out file(s) ``val_data``.
         context: window length for text datasets (at most the file's).
         comm: collective over ``comm`` when given: the built-in file is written once per node,
             and the partition checksums are verified with the work spread over the ranks.
@@ -94,6 +112,21 @@ def open_dataset(
     Raises:
         DatasetError: naming the file and partition, the same on every rank.
     """
+    if path is not None and val_data and not is_foreign(path):
+        raise DatasetError(f"--val-data goes with --data files read in place; {path} was written by `python -m"
+                           " mpips.data prepare` and holds its own held-out split")
+    if path is not None and is_foreign(path):
+        need = math.ceil(data_servers / replicas) if data_servers else 1
+        foreign = ForeignData.scan(path, x_key=x_key, y_key=y_key, task=task, num_classes=num_classes,
+                                   val_data=val_data, min_partitions=need, comm=comm)
+        if len(foreign.partitions) < need:
+            raise DatasetError(f"{foreign.name}: {len(foreign.partitions)} partition(s) (files, or chunk-aligned"
+                               f" ranges of them), but {data_servers} data servers with --replicas {replicas} need"
+                               f" at least {need}: give more files or lower --data-servers")
+        fmt = foreign.format
+        store = HDF5Store(foreign.name, fmt, foreign.samples, int(cache_mb * (1 << 20)), 0, opener=foreign.open)
+        val = HeldOut(foreign.name, fmt, 0, read=foreign.read_val)
+        return DatasetHandle(foreign.name, fmt.spec(0), store, val, None, fmt, foreign.partitions, foreign)
     if path is None:
         path = materialise_builtin(dataset, context, data_dir, comm)
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)

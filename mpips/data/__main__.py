@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", help="FILE.npz | FILE.npy (with --labels) | FOLDER of text | builtin:NAME"
     )
-    p.add_argument("--labels", help=".npy of integer labels, for an .npy source")
+    p.add_argument("--labels", help=".npy of labels or targets, for an .npy source")
+    p.add_argument("--task", choices=["classification", "regression", "multilabel", "tokens"],
+                   default="classification", help="what y is: class indices; float targets; 0/1 per label"
+                   " (N, C); next-token ids with x of the same shape (N, T)")
     p.add_argument("--x-key", default="x", help=".npz array of inputs")
     p.add_argument("--y-key", default="y", help=".npz array of labels")
-    p.add_argument("--num-classes", type=int, help="default: largest label + 1")
+    p.add_argument("--num-classes", type=int, help="default: largest label + 1 (tokens: largest id + 1)")
     p.add_argument("--context", type=int, default=64, help="text: window of context + 1 bytes")
     p.add_argument(
         "--suffix",
@@ -121,6 +124,7 @@ def _source(args: argparse.Namespace):
             val_fraction=args.val_fraction,
             seed=args.seed,
             shuffle=args.shuffle,
+            task=args.task,
         )
     return text_source(
         src,

@@ -2,9 +2,11 @@
 
 Layout of a file (``schema = "mpips.dataset"``, ``version = 1``)::
 
-    /            attrs: schema, version, name, kind ("classification" | "text"), num_classes
-    /train/x     (N, *shape) inputs       } classification: one row per sample
-    /train/y     (N,) int64 labels        }
+    /            attrs: schema, version, name, kind, num_classes
+                 kind: "classification" | "regression" | "multilabel" | "tokens" | "text"
+    /train/x     (N, *shape) inputs       } one row per sample; y: classification (N,) int64 labels,
+    /train/y     (N, *target) targets     } regression float32, multilabel 0/1 (N, C), tokens
+                                            (N, T) next-token ids for x (N, T) ids
     /train/tokens (N, L + 1) uint8        text: byte windows; x = w[:-1], y = w[1:] (next byte)
     /train       attrs: partition_offsets, partition_sizes (int64[P]),
                         partition_crc32 (int64[P, fields]: zlib.crc32 of each field's rows)
@@ -79,9 +81,16 @@ class Field:
 class SampleFormat:
     """What one stored sample is, and how it becomes a model's (x, y)."""
 
-    kind: str  # "classification" | "text"
-    num_classes: int
+    kind: str  # "classification" | "regression" | "multilabel" | "tokens" | "text"
+    num_classes: int  # the model's output size: classes, target values, labels, vocabulary
     fields: tuple[Field, ...]
+
+    @classmethod
+    def xy(cls, kind: str, x_shape: tuple[int, ...], x_dtype: Any, y_shape: tuple[int, ...], y_dtype: Any,
+           num_classes: int) -> SampleFormat:
+        """Inputs ``x`` and targets ``y`` stored as they are (any task but text)."""
+        return cls(kind, num_classes, (Field("x", tuple(x_shape), np.dtype(x_dtype)),
+                                       Field("y", tuple(y_shape), np.dtype(y_dtype))))
 
     @classmethod
     def classification(
@@ -109,20 +118,21 @@ class SampleFormat:
     def spec(self, context: int) -> DataSpec:
         if self.kind == "text":
             return DataSpec("text", (min(context, self.max_context),), 256)
-        return DataSpec("classification", self.fields[0].shape, self.num_classes)
+        return DataSpec(self.kind, self.fields[0].shape, self.num_classes, self.fields[1].shape)
 
     def to_xy(
         self, arrays: dict[str, np.ndarray], context: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Training arrays: float32 inputs and int64 labels (or byte ids for text)."""
+        """Training arrays: float32 inputs (tokens: int64 ids); int64 labels or token ids
+        (classification, tokens, text) or float32 targets (regression, multilabel)."""
         if self.kind == "text":
             tok = arrays["tokens"]
             c = min(context or self.max_context, self.max_context)
             return tok[:, :c].astype(np.int64), tok[:, 1 : c + 1].astype(np.int64)
-        x = arrays["x"]
-        return (x if x.dtype == np.float32 else x.astype(np.float32)), arrays["y"].astype(
-            np.int64, copy=False
-        )
+        ids = self.kind == "tokens"
+        x = arrays["x"].astype(np.int64 if ids else np.float32, copy=False)
+        y = arrays["y"].astype(np.int64 if self.kind in ("classification", "tokens") else np.float32, copy=False)
+        return x, y
 
     def empty(self, n: int) -> dict[str, np.ndarray]:
         return {f.name: np.empty((n, *f.shape), dtype=f.dtype) for f in self.fields}
@@ -255,6 +265,9 @@ class DatasetFile:
         elif kind == "classification":
             x = train["x"]
             self.format = SampleFormat.classification(x.shape[1:], x.dtype, classes)
+        elif kind in ("regression", "multilabel", "tokens"):
+            x, y = train["x"], train["y"]
+            self.format = SampleFormat.xy(kind, x.shape[1:], x.dtype, y.shape[1:], y.dtype, classes)
         else:
             raise DatasetError(f"{where}: unknown kind {kind!r}")
         self.train = {f.name: train[f.name] for f in self.format.fields}
@@ -333,13 +346,15 @@ class DatasetFile:
 
     def check_val(self) -> list[str]:
         """Problems of the held-out split: non-finite features, labels out of range."""
-        if self.format.kind != "classification" or self.val_samples == 0:
+        if self.format.kind in ("text", "tokens") or self.val_samples == 0:
             return []
         problems = []
-        x = self.val["x"]
-        _, bad = _scan_rows(x, 0, self.val_samples, self.format.fields[0].row_bytes)
-        if bad is not None:
-            problems.append(self._nonfinite("held-out", bad, x[bad]))
+        for f in self.format.fields:
+            _, bad = _scan_rows(self.val[f.name], 0, self.val_samples, f.row_bytes)
+            if bad is not None:
+                problems.append(self._nonfinite("held-out", bad, self.val[f.name][bad]))
+        if self.format.kind != "classification":
+            return problems
         y = self.val["y"][()]
         bad = np.nonzero((y < 0) | (y >= self.format.num_classes))[0]
         if len(bad):
@@ -454,10 +469,12 @@ class HDF5Store:
     """
 
     def __init__(
-        self, path: str, fmt: SampleFormat, samples: int, cache_bytes: int, context: int = 0
+        self, path: str, fmt: SampleFormat, samples: int, cache_bytes: int, context: int = 0,
+        opener: Any = None,
     ):
         self.path, self.format, self.samples = path, fmt, samples
         self.cache_bytes, self.context = cache_bytes, context
+        self.opener = opener  # () -> a DatasetFile-like reader (HDF5 files read in place)
         self.reader: PartitionReader | None = None
 
     def __len__(self) -> int:
@@ -465,7 +482,8 @@ class HDF5Store:
 
     def take_raw(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         if self.reader is None:
-            self.reader = PartitionReader(DatasetFile(self.path), self.cache_bytes)
+            file = self.opener() if self.opener is not None else DatasetFile(self.path)
+            self.reader = PartitionReader(file, self.cache_bytes)
         return self.reader.take(ids)
 
     def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -478,16 +496,22 @@ class HDF5Store:
 
 
 class HeldOut:
-    """The held-out split, read into memory on first use of ``x`` or ``y``."""
+    """The held-out split, read into memory on first use of ``x`` or ``y``.
 
-    def __init__(self, path: str, fmt: SampleFormat, context: int = 0):
-        self.path, self.format, self.context = path, fmt, context
+    ``read``: instead of the file's /val, a callable returning the stored fields (``--val-data``).
+    """
+
+    def __init__(self, path: str, fmt: SampleFormat, context: int = 0, read: Any = None):
+        self.path, self.format, self.context, self.read = path, fmt, context, read
         self._xy: tuple[np.ndarray, np.ndarray] | None = None
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         if self._xy is None:
-            with DatasetFile(self.path) as f:
-                self._xy = self.format.to_xy(f.read_val(), self.context)
+            if self.read is not None:
+                self._xy = self.format.to_xy(self.read(), self.context)
+            else:
+                with DatasetFile(self.path) as f:
+                    self._xy = self.format.to_xy(f.read_val(), self.context)
         return self._xy
 
     @property

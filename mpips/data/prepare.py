@@ -118,8 +118,15 @@ def array_source(
     val_fraction: float = 0.1,
     seed: int = 0,
     shuffle: bool = False,
+    task: str = "classification",
 ) -> ArraySource:
-    """A ``.npz`` with arrays ``x`` and ``y``, or an ``.npy`` of inputs with ``labels`` (.npy)."""
+    """A ``.npz`` with arrays ``x`` and ``y``, or an ``.npy`` of inputs with ``labels`` (.npy).
+
+    ``task``: ``classification`` (y: integer class indices, shape (N,)), ``regression`` (y:
+    float targets, (N,) or (N, k, ...): stored as float32), ``multilabel`` (y: 0/1 per label,
+    (N, C): stored as uint8) or ``tokens`` (x and y: integer token ids of the same shape
+    (N, T), y the next tokens; ``num_classes``: the vocabulary, default largest id + 1).
+    """
     try:
         if path.endswith(".npz"):
             with np.load(path) as z:
@@ -136,14 +143,48 @@ def array_source(
         if isinstance(exc, DatasetError):
             raise
         raise DatasetError(f"cannot read {path}: {exc}") from exc
+    where = f"{path} (labels {labels})" if labels else path
+    if task != "classification":
+        return _target_source(path, where, x, y, task, num_classes, val_fraction, seed, shuffle)
     if len(x) != len(y) or y.ndim != 1:
         raise DatasetError(f"{path}: {len(x)} inputs but labels of shape {y.shape}")
-    where = f"{path} (labels {labels})" if labels else path
     if not np.issubdtype(y.dtype, np.integer):
         raise DatasetError(f"{where}: labels must be integer class indices 0..C-1, got {y.dtype}")
     classes = num_classes if num_classes is not None else (int(np.max(y)) + 1 if len(y) else 0)
     labels_ok(np.asarray(y), classes, where, given=num_classes is not None)
     fmt = SampleFormat.classification(x.shape[1:], x.dtype, classes)
+    train, val = split_ids(len(y), val_fraction, seed, shuffle)
+    return ArraySource(Path(path).stem, fmt, {"x": x, "y": y}, train, val, origin=path)
+
+
+def _target_source(path: str, where: str, x: Any, y: Any, task: str, num_classes: int | None,
+                   val_fraction: float, seed: int, shuffle: bool) -> ArraySource:
+    """``array_source`` for regression, multilabel and tokens."""
+    if len(x) != len(y):
+        raise DatasetError(f"{where}: {len(x)} inputs but {len(y)} targets")
+    if task == "regression":
+        if not np.issubdtype(y.dtype, np.number):
+            raise DatasetError(f"{where}: regression targets must be numbers, got {y.dtype}")
+        y_dtype, classes = np.float32, math.prod(y.shape[1:])
+    elif task == "multilabel":
+        if y.ndim != 2 or not np.isin(np.unique(np.asarray(y)), (0, 1)).all():
+            raise DatasetError(f"{where}: multilabel targets must be 0/1 of shape (N, labels), got {y.dtype}"
+                               f" {y.shape}")
+        y_dtype, classes = np.uint8, y.shape[1]
+    elif task == "tokens":
+        if not (np.issubdtype(x.dtype, np.integer) and np.issubdtype(y.dtype, np.integer)) or x.shape != y.shape \
+                or x.ndim != 2:
+            raise DatasetError(f"{where}: tokens need integer ids x and y of one shape (N, T), got x {x.dtype}"
+                               f" {x.shape}, y {y.dtype} {y.shape}")
+        top = int(max(np.max(x), np.max(y))) + 1 if len(y) else 0
+        classes = num_classes if num_classes is not None else top
+        low = int(min(np.min(x), np.min(y))) if len(y) else 0
+        if low < 0 or top > classes:
+            raise DatasetError(f"{where}: token ids span {low}..{top - 1}, outside the vocabulary [0, {classes})")
+        y_dtype = y.dtype
+    else:
+        raise DatasetError(f"unknown task {task!r}: classification, regression, multilabel or tokens")
+    fmt = SampleFormat.xy(task, x.shape[1:], x.dtype, y.shape[1:], y_dtype, int(classes))
     train, val = split_ids(len(y), val_fraction, seed, shuffle)
     return ArraySource(Path(path).stem, fmt, {"x": x, "y": y}, train, val, origin=path)
 
@@ -170,7 +211,7 @@ def _check_rows(
     source: ArraySource | SynthSource, ids: np.ndarray, rows: dict[str, np.ndarray]
 ) -> tuple[int, str] | None:
     """(sample id, problem) of the first row about to be written with non-finite features, or None."""
-    if source.fmt.kind != "classification":
+    if source.fmt.kind in ("text", "tokens"):
         return None
     bad = first_nonfinite(rows["x"])
     if bad is None:

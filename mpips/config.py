@@ -63,9 +63,9 @@ class ModelConfig:
         " torch.manual_seed(--seed), calls factory with those of these keywords its signature names (all"
         " with **kwargs): input_shape (tuple of ints, one sample's shape), num_classes (int, the output's"
         " last dimension: classes, regression targets per sample, labels, or vocabulary), task (str) and"
-        " target_shape (tuple of ints, one sample's target); it must return an nn.Module with float32"
-        " parameters whose output for a batch of B samples is B x num_classes (tokens: B x T x"
-        " num_classes; regression may match the targets' shape)"
+        " target_shape (tuple of ints, one sample's target); it must return an nn.Module with float32,"
+        " bfloat16 or float16 parameters (one dtype) whose output for a batch of B samples is B x num_classes"
+        " (tokens: B x T x num_classes; regression may match the targets' shape)"
     )
     hidden: int = _opt(128, "MLP hidden width")
     gpt_layers: int = _opt(2, "GPT: transformer blocks")
@@ -146,7 +146,20 @@ class TrainConfig:
         None, "write a Chrome trace (open in https://ui.perfetto.dev or chrome://tracing) of what every rank"
         " spends its time on to this JSON file, clocks aligned across ranks; `python -m mpips.report` plots it"
     )
-    device: Literal["cpu", "cuda", "auto"] = _opt("cpu", "where workers compute")
+    device: Literal["cpu", "cuda", "auto"] = _opt(
+        "cpu", "where workers compute; cuda: one GPU per worker rank of a node (local rank modulo the GPUs"
+        " torch sees); servers and data servers stay on the CPU"
+    )
+    cuda_aware: Literal["auto", "yes", "no"] = _opt(
+        "auto", "GPU workers: yes = MPI reads and writes GPU memory directly; no = staged through pinned host"
+        " buffers, chunk by chunk on a side stream; auto = direct where the MPI library says it is CUDA-aware"
+        " (MPIX_Query_cuda_support, MPIX_GPU_query_support, MPICH_GPU_SUPPORT_ENABLED, MV2_USE_CUDA)"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = _opt(
+        "fp32", "worker compute: bf16 = torch.autocast to bfloat16 (CPU and CUDA); fp16 = autocast to float16"
+        " with a dynamic loss scaler (torch.amp.GradScaler; a step that overflows pushes nothing); servers"
+        " keep float32 weights and optimizer state either way"
+    )
     pull: Literal["auto", "rma", "message"] = _opt(
         "auto", "how workers pull: one-sided MPI_Get, or messages served by the server; auto picks by MPI library"
     )

@@ -31,8 +31,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mpips.cuda_aware import library_lookup
+from mpips.cuda_aware import query as query_cuda
+
 __all__ = [
     "Finding",
+    "cuda_probe",
     "ProbeResult",
     "cuda_aware",
     "end_session",
@@ -423,7 +427,7 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
+def _mpi_findings(MPI: Any, comm: Any, busy_s: float, force_probe: bool = False) -> list[Finding]:
     """The MPI checks; collective over ``comm``."""
     vendor = MPI.get_vendor()[0]
     library = MPI.Get_library_version().strip("\0 \n")
@@ -456,11 +460,71 @@ def _mpi_findings(MPI: Any, comm: Any, busy_s: float) -> list[Finding]:
             probe = _probe_with_mpirun(mpirun, version, busy_s)
             findings.append(_rma_finding(probe, vendor, f" (under {Path(mpirun).name} -n 2)" if mpirun else ""))
     libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
-    aware = cuda_aware(libmpi) if libmpi else None
-    answer = {True: "yes", False: "no", None: "unknown"}[aware]
-    source = "no MPIX_Query_cuda_support" if aware is None else "MPIX_Query_cuda_support"
-    findings.append(Finding("CUDA-aware MPI", f"{answer} ({source} in {libmpi or 'no libmpi'})"))
+    support = query_cuda(library_lookup(libmpi), library.splitlines()[0], os.environ)
+    answer = {True: "yes", False: "no", None: "unknown"}[support.aware]
+    findings.append(Finding("CUDA-aware MPI", f"{answer} ({support.source}; {libmpi or 'no libmpi'})"))
+    findings.append(_cuda_probe_finding(cuda_probe(comm, support.aware, force_probe)))
     return findings
+
+
+def cuda_probe(comm: Any, aware: bool | None, force: bool = False, nbytes: int = 1 << 20) -> str:
+    """Send/Recv of a device buffer between ranks 0 and 1: does the MPI take GPU memory?
+
+    ChainerMN's ``_check_cuda_aware_mpi`` does the same: rank 0 sends ``nbytes`` of a CUDA tensor
+    (float32 0, 1, 2, ...) to rank 1, which receives into a CUDA tensor and compares. Each rank
+    uses GPU ``local rank % GPUs``. An MPI that is not CUDA-aware may crash on a device pointer
+    instead of failing, so the probe runs only where the library said yes, or with ``force``.
+    Collective over ``comm``.
+
+    Returns:
+        One line, the same on every rank: ``"passed: ..."``, ``"FAILED: ..."`` or ``"not run: ..."``.
+    """
+    try:
+        import torch
+    except ImportError:
+        return "not run: torch cannot be imported"
+    gpus = comm.allgather(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if comm.Get_size() < 2:
+        return "not run: needs 2 ranks (mpirun -n 2 python -m mpips.doctor)"
+    if not gpus[0] or not gpus[1]:
+        return "not run: no GPU visible to torch on rank 0 or rank 1 (torch.cuda.is_available() is False)"
+    if not aware and not force:
+        return ("not run: the MPI library did not say it is CUDA-aware, and a device pointer can crash it"
+                " (--cuda-probe runs it anyway); mpips stages through pinned host memory")
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local = node.Get_rank()
+    node.Free()
+    result = None
+    rank = comm.Get_rank()
+    if rank in (0, 1):
+        device = torch.device("cuda", local % gpus[rank])
+        n = nbytes // 4
+        try:
+            if rank == 0:
+                buf = torch.arange(n, dtype=torch.float32, device=device)
+                torch.cuda.synchronize(device)
+                comm.Send([buf, MPI.FLOAT], dest=1, tag=77)
+            else:
+                buf = torch.zeros(n, dtype=torch.float32, device=device)
+                comm.Recv([buf, MPI.FLOAT], source=0, tag=77)
+                torch.cuda.synchronize(device)
+                ok = bool(torch.equal(buf, torch.arange(n, dtype=torch.float32, device=device)))
+                result = (f"passed: {nbytes / 2**20:g} MiB sent from GPU memory on rank 0 arrived intact in"
+                          " GPU memory on rank 1" if ok else
+                          f"FAILED: {nbytes / 2**20:g} MiB sent from GPU memory arrived wrong on rank 1")
+        except Exception as exc:  # noqa: BLE001 - any failure is the probe's answer
+            result = f"FAILED on rank {rank}: {type(exc).__name__}: {exc}"
+    results = comm.allgather(result)
+    return next((r for r in results if r and r.startswith("FAILED")), results[1])
+
+
+def _cuda_probe_finding(line: str) -> Finding:
+    if line.startswith("FAILED"):
+        return Finding("CUDA Send/Recv", line, WARN, (
+            "run GPU workers with --cuda-aware no (staging through pinned host memory)",))
+    return Finding("CUDA Send/Recv", line)
 
 
 def _world_finding(MPI: Any, comm: Any) -> Finding:
@@ -595,6 +659,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", action="store_true",
                         help="print only the path of the launcher (mpirun) of the MPI that mpi4py uses; "
                              "exit status 1 when there is none (used by jobs/run.sh)")
+    parser.add_argument("--cuda-probe", action="store_true",
+                        help="with GPUs: run the device-buffer Send/Recv probe even where the MPI library"
+                             " does not say it is CUDA-aware (it may crash there)")
     parser.add_argument("--rma-probe", action="store_true",
                         help="run only the passive RMA probe (2+ ranks); rank 0 prints it as JSON")
     return parser.parse_args(argv)
@@ -617,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         if comm.Get_rank() == 0:
             print(json.dumps(asdict(probe)), flush=True)
         return 0 if probe.passive is not None else 1
-    findings = _mpi_findings(MPI, comm, args.busy) + _package_findings()
+    findings = _mpi_findings(MPI, comm, args.busy, args.cuda_probe) + _package_findings()
     status = 1 if any(f.status == FAIL for f in findings) else 0
     if comm.Get_rank() == 0:
         print(_report(findings), flush=True)

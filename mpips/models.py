@@ -12,8 +12,9 @@ keywords that its signature names (all of them if it takes ``**kwargs``):
 - ``task``: str, ``classification`` | ``regression`` | ``multilabel`` | ``tokens``;
 - ``target_shape``: tuple of ints, one sample's target shape (``()`` for a class or a scalar).
 
-It must return an ``nn.Module`` with float32 parameters whose output for a batch of B samples
-is ``(B, num_classes)`` (tokens: ``(B, T, num_classes)``; regression may also give the target's
+It must return an ``nn.Module`` whose trainable parameters are all float32, all bfloat16 or all
+float16 (servers keep a float32 master) and whose output for a batch of B samples is
+``(B, num_classes)`` (tokens: ``(B, T, num_classes)``; regression may also give the target's
 shape, e.g. ``(B,)``), what the loss takes. Anything else is a ``ModelError``.
 """
 
@@ -202,10 +203,13 @@ def _checked_params(model: nn.Module, name: str) -> nn.Module:
     named = list(model.named_parameters())
     if not named:
         raise ModelError(f"--model {name!r}: the model has no parameters to train")
-    bad = [n for n, p in named if p.dtype != torch.float32]
-    if bad:
-        raise ModelError(f"--model {name!r}: mpips trains float32 parameters; these are not:"
-                         f" {', '.join(f'{n} ({p.dtype})' for n, p in named if n in bad)} (call .float() on the model)")
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    dtypes = {p.dtype for _, p in trainable}
+    if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        found = ", ".join(f"{n} ({str(p.dtype).removeprefix('torch.')})" for n, p in trainable)
+        raise ModelError(f"--model {name!r}: mpips trains float32, bfloat16 or float16 parameters, all"
+                         f" trainable ones of one dtype (servers keep a float32 master); these are: {found}"
+                         " (call .float() or .bfloat16() on the model)")
     return model
 
 
@@ -230,6 +234,9 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DataSp
     for pname, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ModelError(f"--model {name!r}: parameter {pname} holds NaN or Inf before training")
+    dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+    if x.is_floating_point() and x.dtype != dtype:
+        x = x.to(dtype)  # as the workers feed it (mpips.precision.Precision.inputs)
     what = f"{len(x)} samples of shape {tuple(x.shape[1:])} ({x.dtype}) from {where}"
     training = model.training
     model.eval()
@@ -253,7 +260,7 @@ def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: DataSp
         raise ModelError(f"--model {name!r} returned shape {tuple(out.shape)} for {what}; the {task} targets"
                          f" have shape {tuple(y.shape)}: the last layer must have {classes} output(s)")
     try:
-        value = loss(out, y)
+        value = loss(out.float(), y)
     except Exception as exc:
         raise ModelError(f"--model {name!r}: the loss rejects its output for {what}: {type(exc).__name__}: {exc}"
                          ) from exc

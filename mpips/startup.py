@@ -3,7 +3,8 @@
 The dataset checks itself when it is opened (``mpips.data.open_dataset``: checksums, finite
 features, labels inside the class count, a plausible class count). Here, every server and
 worker builds the model (``build_model``: a factory that cannot be imported, raises, or returns
-something else than a float32 ``nn.Module`` is a ``ModelError``), and the lead worker feeds it
+something else than an ``nn.Module`` with float32, bfloat16 or float16 parameters is a
+``ModelError``; so is a float16 model with ``--precision fp16``), and the lead worker feeds it
 two samples of the dataset under ``torch.no_grad`` (``check_model``: it must accept them and
 return logits the loss takes). ``mpips.errors.agree`` then makes every rank, data servers
 included, raise the same ``ModelError`` or none.
@@ -16,7 +17,7 @@ from torch import nn
 
 from mpips.config import Config
 from mpips.data import DatasetHandle
-from mpips.models import build_model, check_model
+from mpips.models import ModelError, build_model, check_model
 from mpips.tasks import LossFn
 
 __all__ = ["checked_model", "pull_line"]
@@ -41,6 +42,11 @@ def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool, 
         return None
     built = build_model(cfg.model, data.spec, cfg.train.seed, model)
     name = cfg.model.model if model is None else getattr(model, "__name__", type(model).__name__)
+    dtype = next(p.dtype for p in built.parameters() if p.requires_grad)
+    if cfg.train.precision == "fp16" and dtype == torch.float16:
+        raise ModelError(f"--model {name!r} has float16 parameters: --precision fp16's loss scaler"
+                         " (torch.amp.GradScaler) does not unscale float16 gradients; use --precision fp32 or bf16"
+                         " with this model, or a float32 model with --precision fp16")
     if checks:
         x, y = data.sample(2)
         check_model(built, torch.from_numpy(x), torch.from_numpy(y), data.spec, name, data.path or data.name, loss)

@@ -25,6 +25,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,14 +35,17 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import Config
+from mpips.config import Config, ConfigError
+from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.doctor import find_loaded_libmpi
 from mpips.errors import agree
 from mpips.layout import PSContext, Role, RoleComms, RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import ModelError
 from mpips.optim import STATE_FACTOR
+from mpips.precision import Precision
 from mpips.server import ParameterServer
 from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.startup import checked_model, pull_line
@@ -262,12 +266,13 @@ def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
 
 
 def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.ndarray:
-    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters."""
+    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters (the
+    float32 master of a bf16/fp16 model)."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     out = np.empty(plan.shard_numel(server), dtype=np.float32)
     for run in plan.server_pieces(server):
         values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
-        out[run.server_offset : run.server_offset + run.length] = values.numpy()
+        out[run.server_offset : run.server_offset + run.length] = values.float().numpy()  # bf16/fp16: widened
     return out
 
 
@@ -306,7 +311,18 @@ def _run_worker(
     rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker
     device = _device(cfg.train.device, layout.local_rank(rank))
-    flat = FlatModel(model, plan, device)
+    comp = cfg.compression
+    needs_host = " and ".join(f for f in (f"--compress {comp.compress}" if comp.compress != "none" else "",
+                                          f"--pull-codec {comp.pull_codec}" if comp.pull_codec != "fp32" else "") if f)
+    decision = decide(cfg.train.cuda_aware, _cuda_support(), device.type, needs_host)
+    flat = FlatModel(model, plan, device, path=decision.path, overlap_backward=cfg.train.precision != "fp16")
+    trainable = [p for p in flat.model.parameters() if p.requires_grad]
+    precision = Precision(cfg.train.precision, device, flat.dtype, trainable)
+    if lead:
+        print(decision.line, flush=True)
+        print(f"precision: {cfg.train.precision} on {device.type} workers"
+              f" ({precision_words(cfg.train.precision)}); parameters {str(flat.dtype).removeprefix('torch.')} on"
+              " workers, float32 master and optimizer state on the servers", flush=True)
     ckpt.bind(ps_comm, "worker", index, epoch_plan)
     if layout.data_servers:
         from mpips.dataserver import RemoteSource
@@ -320,7 +336,8 @@ def _run_worker(
 
     def on_eval(step: int) -> None:
         faults.at("evaluation", step)
-        result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss)
+        result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss,
+                          precision=precision)
         if result is None:
             if not said_no_eval[0]:
                 print("no held-out samples: evaluation skipped (--eval-every)", flush=True)
@@ -330,7 +347,7 @@ def _run_worker(
         progress.write(f"eval step {step}: held-out " + " ".join(f"{k} {v:.4f}" for k, v in result.items()))
 
     worker = Worker(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, flat, source, epoch_plan,
-                    metrics, progress, on_eval if lead else None, loss=job.loss)
+                    metrics, progress, on_eval if lead else None, loss=job.loss, precision=precision)
     worker.tracer = tracer
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):
         worker.start()
@@ -358,8 +375,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
 
     After a stop on a signal the model is saved (where ``--save`` asks) but not evaluated.
     """
-    flat.host[:] = final
-    flat.after_pull()
+    flat.load_wire(final)
     names = TaskMetrics.names(job.task)
     servers = worker.server_stats
     out: dict[str, Any] = {
@@ -380,8 +396,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         _save_model(cfg, flat)
         out["steps"] = worker.position
         return out
-    result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss) \
-        if cfg.train.final_eval else None
+    result = evaluate(flat.model, data.val_x, data.val_y, device, task=job.task, loss=job.loss,
+                      precision=worker.precision) if cfg.train.final_eval else None
     out.update(result or {})
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
@@ -398,6 +414,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
         "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
+    if cfg.train.precision == "fp16":
+        rows["steps skipped, fp16 overflow (worker 0)"] = stats.skipped
     print(format_table(rows, "final metrics"), flush=True)
     held_out = {name: out[name] for name in names}
     if result is not None:
@@ -418,13 +436,29 @@ def _save_model(cfg, flat) -> None:
         print(f"saved model state_dict to {cfg.train.save}", flush=True)
 
 
+def _cuda_support() -> CudaSupport:
+    """What this process's MPI library says about device buffers (``mpips.cuda_aware.query``)."""
+    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
+    return query(library_lookup(libmpi), MPI.Get_library_version().splitlines()[0], os.environ)
+
+
+def precision_words(mode: str) -> str:
+    return {"fp32": "no autocast", "bf16": "torch.autocast to bfloat16",
+            "fp16": "torch.autocast to float16, torch.amp.GradScaler loss scaling"}[mode]
+
+
 def _device(name: str, local_rank: int) -> torch.device:
-    """The worker's device: with cuda, one GPU per rank of a node, round-robin."""
+    """The worker's device: with cuda, one GPU per rank of a node, round-robin.
+
+    Several workers on one GPU (more worker ranks on a node than GPUs) share it: each has its
+    own CUDA context and streams; the kernels of the others interleave with its own.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+            raise ConfigError(f"--device cuda, but torch {torch.__version__} sees no CUDA device on"
+                              f" {MPI.Get_processor_name()} (torch.cuda.is_available() is False)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -139,9 +139,11 @@ def narrow(out: np.ndarray, values: np.ndarray, codec: str) -> None:
     torch.from_numpy(out).view(PULL_CODECS[codec]).copy_(src)
 
 
-def widen(out: np.ndarray, raw: np.ndarray, codec: str) -> None:
-    """Read the ``codec`` elements in the bytes ``raw`` into float32 ``out`` [n]."""
-    torch.from_numpy(out).copy_(torch.from_numpy(raw).view(PULL_CODECS[codec]))
+def widen(out: np.ndarray | torch.Tensor, raw: np.ndarray, codec: str) -> None:
+    """Read the ``codec`` elements in the bytes ``raw`` into float32 ``out`` [n] (a tensor on the
+    direct path: a message pull's reply lands in host memory, then goes to the device)."""
+    dst = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+    dst.copy_(torch.from_numpy(raw).view(PULL_CODECS[codec]))
 
 
 class MalformedMessage(ValueError):
@@ -203,11 +205,20 @@ def wait_for(
 
 
 # -- chunked transfers: the only MPI calls that move shards ---------------------------------------
-def _bytes_of(array: np.ndarray) -> np.ndarray:
-    """A uint8 view (no copy) of a C-contiguous array."""
+def _bytes_of(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """A uint8 view (no copy) of a C-contiguous array, or of a contiguous torch tensor (device
+    memory on the direct path: mpi4py takes it through DLPack / ``__cuda_array_interface__``)."""
+    if isinstance(array, torch.Tensor):
+        if not array.is_contiguous():
+            raise ValueError("chunked transfers need contiguous buffers")
+        return array.reshape(-1).view(torch.uint8)
     if not array.flags.c_contiguous:
         raise ValueError("chunked transfers need C-contiguous buffers")
     return array.reshape(-1).view(np.uint8)
+
+
+def _nbytes(raw: np.ndarray | torch.Tensor) -> int:
+    return raw.numel() if isinstance(raw, torch.Tensor) else raw.size
 
 
 def send_chunks(
@@ -224,7 +235,7 @@ def send_chunks(
     ``data`` must stay unchanged until every request has completed.
     """
     raw = _bytes_of(data)
-    cuts = chunks(raw.size, chunk_bytes)
+    cuts = chunks(_nbytes(raw), chunk_bytes)
     requests = []
     for i, (a, b) in enumerate(cuts):
         send = comm.Issend if synchronous_last and i == len(cuts) - 1 else comm.Isend
@@ -236,7 +247,7 @@ def send_chunks(
 def recv_chunks(comm: MPI.Comm, out: np.ndarray, source: int, tag: int, chunk_bytes: int) -> list[MPI.Request]:
     """``Irecv`` into the bytes of ``out`` from ``source`` in chunks, as ``send_chunks`` cut them."""
     raw = _bytes_of(out)
-    return [comm.Irecv([raw[a:b], MPI.BYTE], source=source, tag=tag) for a, b in chunks(raw.size, chunk_bytes)]
+    return [comm.Irecv([raw[a:b], MPI.BYTE], source=source, tag=tag) for a, b in chunks(_nbytes(raw), chunk_bytes)]
 
 
 def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_bytes: int) -> list[MPI.Request]:
@@ -248,7 +259,7 @@ def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_byte
     raw = _bytes_of(out)
     return [
         win.Rget([raw[a:b], MPI.BYTE], target, (disp + a, b - a, MPI.BYTE))
-        for a, b in chunks(raw.size, chunk_bytes)
+        for a, b in chunks(_nbytes(raw), chunk_bytes)
     ]
 
 
@@ -583,20 +594,29 @@ class ParameterWindow:
 
 
 class Pusher:
-    """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server."""
+    """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server.
+
+    ``device`` (the direct path, a CUDA-aware MPI): the send buffers are uint8 tensors on that
+    device, payload tensors are copied into them on the device, and the copying stream is
+    synchronised before the MPI call (MPI does not order itself after CUDA streams).
+    """
 
     def __init__(
         self, comm: MPI.Comm, servers: list[int], max_payload: list[int], max_inflight: int,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: torch.device | None = None,
     ):
         """``max_payload[s]``: the largest payload in bytes that server index ``s`` is sent."""
         if chunk_bytes < HEADER_BYTES:
             raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
         self.comm, self.servers, self.chunk_bytes = comm, servers, chunk_bytes
-        self.buffers = [
-            [np.empty(HEADER_BYTES + n, dtype=np.uint8) for _ in range(max_inflight)]
-            for n in max_payload
-        ]
+
+        def buffer(nbytes: int) -> np.ndarray | torch.Tensor:
+            if device is None:
+                return np.empty(nbytes, dtype=np.uint8)
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+        self.buffers = [[buffer(HEADER_BYTES + n) for _ in range(max_inflight)] for n in max_payload]
+        self._head = np.empty(HEADER_BYTES, dtype=np.uint8)  # a device buffer's header, packed on the host
         # per server, the pushes in flight: (one request per chunk, bytes)
         self.pending: list[deque[tuple[list[MPI.Request], int]]] = [deque() for _ in servers]
         self.next_slot = [0] * len(servers)
@@ -613,15 +633,27 @@ class Pusher:
         self.next_slot[s] = (slot + 1) % len(self.buffers[s])
         return self.buffers[s][slot]
 
-    def push(self, s: int, header: PushHeader, *payload: np.ndarray) -> None:
-        """Send ``header`` and the ``payload`` arrays, concatenated as bytes, to server index ``s``."""
+    def push(self, s: int, header: PushHeader, *payload: np.ndarray | torch.Tensor) -> None:
+        """Send ``header`` and the ``payload`` arrays (or tensors), concatenated as bytes, to server index ``s``."""
         buf = self._free_slot(s)
-        header.pack_into(buf)
+        on_device = isinstance(buf, torch.Tensor)
+        head = self._head if on_device else buf
+        header.pack_into(head)
         n, at = HEADER_BYTES + header.length, HEADER_BYTES
+        if on_device:
+            buf[:HEADER_BYTES].copy_(torch.from_numpy(head[:HEADER_BYTES]))
         for part in payload:
+            if on_device:
+                raw = (part.reshape(-1).view(torch.uint8) if isinstance(part, torch.Tensor)
+                       else torch.from_numpy(np.frombuffer(part, dtype=np.uint8)))
+                buf[at : at + raw.numel()].copy_(raw)
+                at += raw.numel()
+                continue
             raw = np.frombuffer(part, dtype=np.uint8)
             buf[at : at + raw.size] = raw
             at += raw.size
+        if on_device and buf.is_cuda:
+            torch.cuda.current_stream(buf.device).synchronize()
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
         faults.at("push", header.step, message=buf, payload_at=HEADER_BYTES)

@@ -13,6 +13,7 @@ worker) and frees the window (collective).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
+from mpips.precision import Precision, param_dtype
 from mpips.shard import ShardPlan
+from mpips.staging import STAGE_CHUNK_BYTES, CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
 from mpips.tasks import LossFn, TaskMetrics, cross_entropy
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
@@ -53,36 +56,80 @@ __all__ = ["FlatModel", "Worker", "evaluate"]
 
 
 class FlatModel:
-    """A module whose trainable parameters and their gradients live in flat buffers (host + device).
+    """A module whose trainable parameters and their gradients live in flat buffers.
+
+    ``params`` / ``grads`` [plan.numel]: the model's dtype on its device; every trainable
+    parameter and its ``.grad`` is a view of them. ``host`` / ``host_grad`` [plan.numel]: the
+    float32 "wire" buffers MPI writes (pulls) and reads (pushes): numpy arrays over host memory
+    (pinned for a CUDA worker), or float32 device tensors on the direct path (a CUDA-aware MPI).
+    Where wire and model buffers are the same memory (a float32 model on the CPU, or on the
+    direct path) nothing is copied; otherwise ``staging`` (``mpips.staging.Staging``) copies
+    chunk by chunk, overlapped with forward and backward, on ``engine``.
 
     Only parameters with ``requires_grad`` are in the flat buffers (``plan``); frozen parameters
     and buffers stay in the module, as they are. ``used[i]`` says whether tensor ``i`` of the plan
     received a gradient since ``zero_grad()`` (torch leaves ``.grad`` None for the others, and
     torch.optim then skips them: the servers do the same with this mask).
+
+    Args:
+        model: the module; its trainable parameters must share one dtype (float32, bfloat16 or
+            float16; ``mpips.precision.param_dtype``).
+        plan: the shard plan of its trainable parameters.
+        device: where it computes.
+        path: ``"host"`` or ``"staging"`` (wire in host memory) or ``"direct"`` (wire on the
+            device); see ``mpips.cuda_aware.decide``.
+        engine: the copy engine for staging (default: ``CudaCopyEngine`` on a CUDA device,
+            ``ImmediateCopyEngine`` on the CPU).
+        overlap_backward: copy gradient chunks during backward (off under fp16 loss scaling).
+        stage_chunk_elements: the largest staged copy, in elements.
     """
 
-    def __init__(self, model: nn.Module, plan: ShardPlan, device: torch.device):
-        self.model, self.plan, self.device = model.to(device), plan, device
-        self.host = np.zeros(plan.numel, dtype=np.float32)  # what MPI reads and writes
-        self.host_grad = np.zeros(plan.numel, dtype=np.float32)
-        if device.type == "cpu":
-            self.params, self.grads = torch.from_numpy(self.host), torch.from_numpy(self.host_grad)
-        else:  # host staging: copy after a pull and before a push
-            self.params = torch.zeros(plan.numel, device=device)
-            self.grads = torch.zeros(plan.numel, device=device)
+    def __init__(self, model: nn.Module, plan: ShardPlan, device: torch.device, path: str = "host",
+                 engine: CopyEngine | None = None, overlap_backward: bool = True,
+                 stage_chunk_elements: int = STAGE_CHUNK_BYTES // 4):
+        if path not in ("host", "staging", "direct"):
+            raise ValueError(f"path must be host, staging or direct, got {path!r}")
         trainable = [p for p in model.parameters() if p.requires_grad]
+        self.dtype = param_dtype(trainable)
+        self.model, self.plan, self.device, self.path = model.to(device), plan, device, path
+        n, cuda = plan.numel, device.type == "cuda"
+        if path == "direct":
+            wire, wire_grad = torch.zeros(n, device=device), torch.zeros(n, device=device)
+            self.host, self.host_grad = wire, wire_grad
+        else:  # host memory; pinned for a GPU, or asynchronous copies would be synchronous
+            wire = torch.zeros(n, dtype=torch.float32, pin_memory=cuda)
+            wire_grad = torch.zeros(n, dtype=torch.float32, pin_memory=cuda)
+            self.host, self.host_grad = wire.numpy(), wire_grad.numpy()  # what MPI reads and writes
+        if path != "staging" and wire.device == device and self.dtype == torch.float32:
+            self.params, self.grads = wire, wire_grad  # one buffer: MPI and the model share it
+        else:
+            self.params = torch.zeros(n, dtype=self.dtype, device=device)
+            self.grads = torch.zeros(n, dtype=self.dtype, device=device)
         self.used = np.zeros(len(trainable), dtype=np.uint8)
+        self.staging: Staging | None = None
+        if self.params is not wire:
+            engine = engine or (CudaCopyEngine(device) if cuda else ImmediateCopyEngine())
+            self.staging = Staging(engine, plan, wire, wire_grad, self.params, self.grads,
+                                   chunk_elements=stage_chunk_elements, overlap_backward=overlap_backward)
         for i, (spec, p) in enumerate(zip(plan.tensors, trainable, strict=True)):
             view = slice(spec.offset, spec.offset + spec.numel)
-            self.params[view].copy_(p.data.reshape(-1))
+            with torch.no_grad():
+                self.params[view].copy_(p.data.reshape(-1))
+                wire[view].copy_(p.data.reshape(-1))
             p.data = self.params[view].view_as(p)
             p.grad = self.grads[view].view_as(p)
-            p.register_post_accumulate_grad_hook(lambda _, i=i: self.used.__setitem__(i, 1))
-        if device.type != "cpu":
-            self.host[:] = self.params.cpu().numpy()
+            p.register_post_accumulate_grad_hook(lambda _, i=i: self._grad_done(i))
+        if self.staging is not None:
+            self.staging.forward_hooks(self.model, trainable)
         self._mask_index = [plan.server_tensor_indices(s) for s in range(plan.servers)]
 
-    def shard(self, s: int, grad: bool = False) -> np.ndarray:
+    def _grad_done(self, i: int) -> None:
+        self.used[i] = 1
+        if self.staging is not None:
+            self.staging.grad_done(i)
+
+    def shard(self, s: int, grad: bool = False) -> np.ndarray | torch.Tensor:
+        """Server ``s``'s slice of the wire buffer (float32; numpy, or a device tensor if direct)."""
         lo, hi = self.plan.shard_range(s)
         return (self.host_grad if grad else self.host)[lo:hi]
 
@@ -91,16 +138,53 @@ class FlatModel:
         return self.used[self._mask_index[s]]
 
     def zero_grad(self) -> None:
+        if self.staging is not None:
+            self.staging.start_backward()  # the last step's gradient copies are done
         self.grads.zero_()
         self.used[:] = 0
 
+    def before_pull(self) -> None:
+        """Before MPI overwrites the wire: the last pull's copies out of it are done."""
+        if self.staging is not None:
+            self.staging.before_pull()
+
     def after_pull(self) -> None:
-        if self.device.type != "cpu":
-            self.params.copy_(torch.from_numpy(self.host), non_blocking=False)
+        """After a pull: queue the copies to the model (forward waits for each module's chunks)."""
+        if self.staging is not None:
+            self.staging.after_pull()
 
     def before_push(self) -> None:
-        if self.device.type != "cpu":
-            self.host_grad[:] = self.grads.cpu().numpy()
+        """After backward (and unscaling): the gradient chunks backward did not copy yet."""
+        if self.staging is not None:
+            self.staging.finish_backward()
+
+    def grads_ready(self, s: int) -> None:
+        """Before MPI reads server ``s``'s gradient slice: its copies are done, or on the direct
+        path the compute stream that produced it is (a CUDA-aware MPI does not wait on streams)."""
+        if self.staging is not None:
+            self.staging.grads_ready(s)
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def grad_norm(self) -> float:
+        """L2 norm of the whole gradient (float; NaN or Inf where it is not finite)."""
+        if self.staging is None and isinstance(self.host_grad, np.ndarray):
+            return sum_of_squares(self.host_grad) ** 0.5  # numpy, float32 on the host (as before)
+        return float(torch.linalg.vector_norm(self.grads, dtype=torch.float32))
+
+    def skip_gradient(self) -> None:
+        """A skipped step (fp16 overflow): zero gradient, no tensor marked as having one."""
+        self.grads.zero_()
+        self.used[:] = 0
+
+    def load_wire(self, values: np.ndarray) -> None:
+        """Set the parameters to float32 ``values`` [plan.numel] (the final gather), through the wire."""
+        if isinstance(self.host, np.ndarray):
+            self.before_pull()
+            self.host[:] = values
+        else:
+            self.host.copy_(torch.from_numpy(values))
+        self.after_pull()
 
     @staticmethod
     def module_state_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -123,7 +207,7 @@ class FlatModel:
 
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
-    task: str = "classification", loss: LossFn | None = None,
+    task: str = "classification", loss: LossFn | None = None, precision: Precision | None = None,
 ) -> dict[str, float] | None:
     """Held-out metrics of ``model`` on (x, y) by name (``mpips.tasks.TaskMetrics``: ``loss`` and
     ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``), in eval mode, ``batch``
@@ -133,17 +217,21 @@ def evaluate(
         x, y: inputs ``(N, *shape)`` and targets ``(N, *target)`` as the workers get them.
         task: ``classification`` | ``regression`` | ``multilabel`` | ``tokens``.
         loss: the job's loss ``(output, target) -> scalar`` (default: cross-entropy).
+        precision: the workers' (autocast, input dtype); default: the model's dtype, no autocast.
     """
     if len(y) == 0:
         return None
     loss = loss if loss is not None else cross_entropy
     metrics = TaskMetrics(task)
+    if precision is None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        precision = Precision("fp32", device, param_dtype(trainable) if trainable else torch.float32)
     model.eval()
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            xb = torch.from_numpy(x[i : i + batch]).to(device)
+            xb = torch.from_numpy(x[i : i + batch])
             yb = torch.from_numpy(y[i : i + batch]).to(device)
-            out = model(xb)
+            out = precision.forward(model, xb)
             metrics.update(out, yb, loss(out, yb))
     model.train()
     return metrics.result()
@@ -160,6 +248,7 @@ class WorkerStats:
     bytes_pushed: int = 0
     max_staleness: int = 0
     last_loss: float = float("nan")
+    skipped: int = 0  # fp16: steps whose gradient overflowed and was not pushed (0 samples instead)
     preempted: bool = False  # stopped early after a preemption checkpoint
 
 
@@ -176,6 +265,7 @@ class Worker:
         on_eval: called with the step after every ``train.eval_every`` steps (the lead's held-out
             evaluation), or None.
         loss: ``(output, target) -> scalar tensor``, the batch mean (default: cross-entropy).
+        precision: forward/backward under ``--precision`` (default: fp32, the model's dtype).
 
     ``tracer`` (an attribute, set after construction; ``mpips.trace``) records the spans of a step.
     """
@@ -185,9 +275,10 @@ class Worker:
     def __init__(
         self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
         metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
-        loss: LossFn | None = None,
+        loss: LossFn | None = None, precision: Precision | None = None,
     ):
         self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
+        self.precision = precision if precision is not None else Precision("fp32", flat.device, flat.dtype)
         self.metrics, self.progress, self.on_eval = metrics, progress, on_eval
         train = ctx.train
         self.comm, self.servers, self.checkpoints = ctx.comm, ctx.servers, ctx.checkpoints
@@ -214,13 +305,17 @@ class Worker:
         self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
         self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
         self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
+        if self.flat.path == "direct" and (self.codec is not None or self.pull_codec != "fp32"):
+            raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
+                             " (mpips.train stages through host memory when they are set)")
         self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
         bound = [max(4 * n + r, payload_bound(self.codec, rg, r))
                  for n, r, rg in zip(sizes, runs, self.ranges, strict=True)]
         # bsp: a worker's next push comes after the notice that its last one is applied, so one
         # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
         inflight = 1 if self.sync == "bsp" else self.max_inflight
-        self.pusher = Pusher(self.comm, self.servers, bound, inflight, chunk_bytes=self.chunk_bytes)
+        self.pusher = Pusher(self.comm, self.servers, bound, inflight, chunk_bytes=self.chunk_bytes,
+                             device=self.flat.device if self.flat.path == "direct" else None)
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
@@ -274,19 +369,24 @@ class Worker:
                 batch = self.source.batch(epoch, in_epoch)
             self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
             flat.zero_grad()
-            loss = torch.zeros(())
-            if len(batch):
+            loss, samples = torch.zeros(()), len(batch)
+            if samples:
                 with tracer.span("forward/backward", step):
-                    x = torch.from_numpy(batch.x).to(flat.device)
-                    y = torch.from_numpy(batch.y).to(flat.device)
-                    loss = self.loss(model(x), y)
-                    loss.backward()
+                    out = self.precision.forward(model, torch.from_numpy(batch.x))
+                    loss = self.loss(out, torch.from_numpy(batch.y).to(flat.device))
+                    self.precision.backward(loss)
+                    self.precision.unscale()  # fp16: gradients divided by the loss scale
                     loss = loss.detach()
-            flat.before_push()
-            t2 = time.perf_counter()
             with tracer.span("push", step):
-                grad_norm = sum_of_squares(flat.host_grad) ** 0.5
-                self.push(step, len(batch), clock, grad_norm, float(loss))
+                grad_norm = flat.grad_norm()
+                if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
+                    # fp16 overflow: a skipped step pushes a zero gradient of 0 samples, never NaN/Inf
+                    flat.skip_gradient()
+                    self.stats.skipped += 1
+                    samples, grad_norm = 0, 0.0
+                flat.before_push()  # staging: the chunks backward did not copy yet
+                t2 = time.perf_counter()
+                self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()
             self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
@@ -374,6 +474,7 @@ class Worker:
 
     def pull(self, need: int) -> int:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
+        self.flat.before_pull()
         if self.puller is not None:
             with self.tracer.span("pull"):
                 self.puller.pull(need, self.status, self.shards)
@@ -412,6 +513,7 @@ class Worker:
 
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
         for s in range(len(self.servers)):
+            self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
             parts, codec = [payload], Codec.RAW32
             if self.codec is not None:

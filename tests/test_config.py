@@ -106,7 +106,7 @@ def test_help_states_the_factory_contract():
     text = " ".join(build_parser().format_help().split())
     for words in ("package.module:factory", "calls factory with those of these keywords its signature names",
                   "input_shape (tuple of ints, one sample's shape)", "num_classes (int, the output's last dimension",
-                  "task (str)", "target_shape (tuple of ints", "nn.Module with float32 parameters",
+                  "task (str)", "target_shape (tuple of ints", "nn.Module with float32, bfloat16 or float16",
                   "B x num_classes"):
         assert words in text, words
     assert parse_args(["--debug"]).train.debug and not parse_args([]).train.debug
@@ -114,7 +114,7 @@ def test_help_states_the_factory_contract():
     start = readme.index("### Your own model")
     section = readme[start:readme.index("\n## ", start)]
     for words in ("`input_shape`: a tuple of ints", "`num_classes`: an int", "only if the factory's",
-                  "`task`: a str", "`target_shape`: a tuple of ints", "parameters are all float32",
+                  "`task`: a str", "`target_shape`: a tuple of ints", "parameters are all float32, all bfloat16 or",
                   "`(B, num_classes)`"):
         assert words in section, words
 

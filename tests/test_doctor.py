@@ -159,12 +159,17 @@ def test_doctor_reports_this_machine(launcher):
     assert result.returncode == 0, out + result.stderr
     assert out.count("mpips doctor") == 1, out  # rank 0 only
     for label in ("MPI library", "MPI standard", "thread level", "world", "passive RMA",
-                  "CUDA-aware MPI", "h5py", "torch", "numpy", "threads"):
+                  "CUDA-aware MPI", "CUDA Send/Recv", "h5py", "torch", "numpy", "threads"):
         assert re.search(rf"^[ !] {label}  ", out, re.MULTILINE), out  # ok or warn (MPICH: passive RMA)
     assert "MPI-IO yes" in out, out
     assert f"{2 if launcher else 1} rank(s)" in out, out
     assert ("  mpirun" in out) == (not launcher), out  # which mpirun, checked when alone
     assert out.rstrip().endswith("result: OK"), out
+    import torch
+
+    if not torch.cuda.is_available():  # the device-buffer probe says why it did not run
+        want = "not run: no GPU visible to torch on rank 0 or rank 1" if launcher else "not run: needs 2 ranks"
+        assert re.search(rf"^  CUDA Send/Recv +{want}", out, re.MULTILINE), out
     if "Open MPI" in out.split("MPI library", 1)[1].splitlines()[0]:
         assert re.search(r"passive RMA +yes:", out), out
 

@@ -52,8 +52,12 @@ def test_user_factory():
                              r" raised RuntimeError: out of ideas$"),
         ("toymodels:returns_int", r"^--model 'toymodels:returns_int': returns_int\(num_classes=10\) returned int,"
                                   r" not a torch.nn.Module$"),
-        ("toymodels:float64", r"^--model 'toymodels:float64': mpips trains float32 parameters; these are not:"
-                              r" 1.weight \(torch.float64\), 1.bias \(torch.float64\) \(call .float\(\)"),
+        ("toymodels:float64", r"^--model 'toymodels:float64': mpips trains float32, bfloat16 or float16"
+                              r" parameters, all trainable ones of one dtype \(servers keep a float32 master\);"
+                              r" these are: 1.weight \(float64\), 1.bias \(float64\) \(call .float\(\)"),
+        ("toymodels:mixed_dtypes", r"^--model 'toymodels:mixed_dtypes': mpips trains float32, bfloat16 or float16"
+                                   r" parameters, all trainable ones of one dtype .*: 1.weight \(bfloat16\),"
+                                   r" 1.bias \(float32\)"),
         ("gpt", r"^--model gpt needs a text dataset"),
     ],
 )

@@ -91,6 +91,25 @@ def float64(input_shape, num_classes):
     return tiny_linear(input_shape, num_classes).double()
 
 
+def mixed_dtypes(input_shape, num_classes):
+    model = tiny_linear(input_shape, num_classes)
+    model[1].weight.data = model[1].weight.data.bfloat16()
+    return model
+
+
+def bf16_mlp(input_shape, num_classes):
+    """The default MLP's shape (hidden 128) with bfloat16 parameters."""
+    n = 1
+    for d in input_shape:
+        n *= d
+    return nn.Sequential(nn.Flatten(), nn.Linear(n, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, num_classes)).bfloat16()
+
+
+def fp16_linear(input_shape, num_classes):
+    return tiny_linear(input_shape, num_classes).half()
+
+
 def raises_on_rank(input_shape, num_classes):
     """tiny_linear, except on the rank named by MPIPS_TEST_BAD_RANK: a bad input only one rank sees."""
     from mpi4py import MPI
@@ -98,6 +117,20 @@ def raises_on_rank(input_shape, num_classes):
     if MPI.COMM_WORLD.Get_rank() == int(os.environ.get("MPIPS_TEST_BAD_RANK", "-1")):
         raise ValueError("no weights file on this node")
     return tiny_linear(input_shape, num_classes)
+
+
+class _Loud(nn.Sequential):
+    """Inputs scaled by 30: under fp16 autocast the first few scaled gradients overflow."""
+
+    def forward(self, x):
+        return super().forward(x * 30.0)
+
+
+def fp16_overflow(input_shape, num_classes):
+    n = 1
+    for d in input_shape:
+        n *= d
+    return _Loud(nn.Flatten(), nn.Linear(n, num_classes))
 
 
 def half_squared_error(output, target):

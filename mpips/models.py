@@ -20,7 +20,6 @@ shape, e.g. ``(B,)``), what the loss takes. Anything else is a ``ModelError``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpips.config import ModelConfig
+from mpips.plugins import load_callable
 
 __all__ = ["ByteGPT", "DataSpec", "ModelError", "build_model", "call_factory", "check_model", "loss_and_correct"]
 
@@ -128,18 +128,7 @@ class ByteGPT(nn.Module):
 
 
 def _user_factory(path: str, spec: DataSpec) -> nn.Module:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f"--model {path!r}: expected mlp, cnn, gpt or package.module:factory")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while it is imported
-        raise ModelError(f"--model {path!r}: cannot import {module_name}: {type(exc).__name__}: {exc}"
-                         " (is its folder on PYTHONPATH on every node?)") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        what = "has no" if factory is None else "has a non-callable"
-        raise ModelError(f"--model {path!r}: module {module_name} ({module.__file__}) {what} {attr!r}")
+    factory = load_callable(path, "--model", ModelError, "mlp, cnn, gpt or package.module:factory")
     return call_factory(factory, spec, f"--model {path!r}")
 
 

@@ -20,13 +20,14 @@ the same number of elements, so a model ending in ``(B, 1)`` fits targets of sha
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from mpips.plugins import load_callable
 
 __all__ = [
     "LOSSES",
@@ -106,18 +107,7 @@ def resolve_loss(spec: str | LossFn, task: str) -> LossFn:
         spec = default_loss(task)
     if spec in LOSSES:
         return LOSSES[spec]
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise LossError(f"--loss {spec!r}: expected one of auto, {', '.join(LOSSES)} or package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while it is imported
-        raise LossError(f"--loss {spec!r}: cannot import {module_name}: {type(exc).__name__}: {exc}"
-                        " (is its folder on PYTHONPATH on every node?)") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise LossError(f"--loss {spec!r}: module {module_name} has no callable {attr!r}")
-    return fn
+    return load_callable(spec, "--loss", LossError, f"one of auto, {', '.join(LOSSES)} or package.module:function")
 
 
 @dataclass

@@ -135,6 +135,7 @@ def main() -> None:
     window = ParameterWindow(comm, N if server else 0, chunk_bytes=chunk)
     status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
     if server:
+        window.begin_update()  # the update is in place, in the stale exposed buffer
         fill(window.params)
         window.publish()
     quiet_barrier(comm)

@@ -36,7 +36,7 @@ def test_loss_names_resolve_by_task_and_from_a_module():
         resolve_loss("l1", "regression")
     with pytest.raises(LossError, match=r"cannot import nosuch_pkg.mod: ModuleNotFoundError"):
         resolve_loss("nosuch_pkg.mod:fn", "regression")
-    with pytest.raises(LossError, match=r"module toymodels has no callable 'nope'"):
+    with pytest.raises(LossError, match=r"module toymodels \(.*toymodels.py\) has no 'nope'"):
         resolve_loss("toymodels:nope", "regression")
 
 

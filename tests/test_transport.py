@@ -329,5 +329,5 @@ def test_a_shard_over_2_gib_is_pushed_and_pulled_intact():
     print(json.dumps(result))  # shown with -s or on failure: seconds per phase, peak RSS per rank
     assert result["server"]["after_push_gib"] < shard + 0.5  # the receive buffer, nothing more
     assert result["worker"]["after_push_gib"] < 2 * shard + 0.5  # the gradient and one send buffer
-    assert result["server"]["peak_gib"] < 3 * shard + 0.5  # the window's private copy + 2 published
+    assert result["server"]["peak_gib"] < 2 * shard + 0.5  # 2 published versions, updated in place: no copy
     assert result["worker"]["peak_gib"] < 2 * shard + 0.5

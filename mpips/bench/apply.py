@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, Spread, format_table, quiet_barrier, ratio, time_repeated
+from mpips.bench.common import BenchError, Spread, format_table, parse_names, quiet_barrier, ratio, time_repeated
 from mpips.config import OptimConfig
 from mpips.optim import build_optimizer
 
@@ -108,10 +108,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     With one rank the server-path columns are left out (None): see ``_server_times``.
     """
     n = _count(args.params)
-    kinds = [k.strip() for k in args.optimizers.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in TOUCHED]
-    if unknown:
-        raise BenchError(f"--optimizers: unknown {unknown}; choose from {', '.join(TOUCHED)}")
+    kinds = parse_names(args.optimizers, "--optimizers", TOUCHED)
     rank = comm.Get_rank()
     group = comm.Split(0 if rank < 2 else MPI.UNDEFINED, rank) if comm.Get_size() > 1 else None
     rows: list[dict[str, Any]] = []

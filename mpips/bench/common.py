@@ -25,6 +25,7 @@ __all__ = [
     "format_table",
     "load_average",
     "machine_facts",
+    "parse_names",
     "parse_sizes",
     "quiet_barrier",
     "ratio",
@@ -95,6 +96,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b:
         return None
     return a / b
+
+
+def parse_names(text: str, flag: str, allowed) -> list[str]:  # noqa: ANN001 (any container of names)
+    """'mlp, gpt' -> ['mlp', 'gpt']; BenchError naming ``flag`` for a name not in ``allowed``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in allowed:
+            raise BenchError(f"{flag}: unknown {n!r}; choose from {', '.join(allowed)}")
+    return names
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, format_table, quiet_barrier, ratio, time_repeated
+from mpips.bench.common import BenchError, format_table, parse_names, quiet_barrier, ratio, time_repeated
 from mpips.compression import CODECS, make_codec, make_encoder, parse_payload
 from mpips.config import parse_args
 from mpips.data import open_dataset
@@ -73,14 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> list[tuple[str, str]]:
-    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    pulls = [c.strip() for c in args.pull_codecs.split(",") if c.strip()]
-    for c in codecs:
-        if c not in CODECS:
-            raise BenchError(f"--codecs: unknown {c!r}; choose from {', '.join(CODECS)}")
-    for c in pulls:
-        if c not in PULL_CODECS:
-            raise BenchError(f"--pull-codecs: unknown {c!r}; choose from {', '.join(PULL_CODECS)}")
+    codecs = parse_names(args.codecs, "--codecs", CODECS)
+    pulls = parse_names(args.pull_codecs, "--pull-codecs", PULL_CODECS)
     return [("none", "fp32")] + [(c, "fp32") for c in codecs if c != "none"] + [
         ("none", c) for c in pulls if c != "fp32"]
 
@@ -170,10 +164,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     rank = comm.Get_rank()
     if comm.Get_size() < RANKS:
         raise BenchError(f"compress needs {RANKS} ranks (2 workers, 1 server); the job has {comm.Get_size()}")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m not in ("mlp", "gpt"):
-            raise BenchError(f"--models: unknown {m!r}; choose from mlp, gpt")
+    models = parse_names(args.models, "--models", ("mlp", "gpt"))
     settings = _settings(args)
     if args.gpt_steps <= WARMUP + 1 or args.mlp_epochs < 0.5:
         raise BenchError(f"--gpt-steps must exceed {WARMUP + 1} and --mlp-epochs be at least 0.5 (samples/s"

@@ -27,11 +27,12 @@ from typing import Any
 
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, format_table, parse_sizes
+from mpips.bench.common import BenchError, format_table, parse_names, parse_sizes
 from mpips.config import parse_args
 from mpips.data import open_dataset
 from mpips.layout import RoleLayout
 from mpips.memory import expected_bytes_per_param
+from mpips.optim import STATE_FACTOR
 
 __all__ = ["add_arguments", "format_rows", "run"]
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     params = hidden * hidden + 76 * hidden + CLASSES
     open_dataset("digits", None, comm=comm)  # in the baseline: materialised and read once
     rows: list[dict[str, Any]] = []
-    for optimizer in [o.strip() for o in args.mem_optimizers.split(",") if o.strip()]:
+    for optimizer in parse_names(args.mem_optimizers, "--mem-optimizers", STATE_FACTOR):
         cfg = parse_args([
             "--model", "mlp", "--hidden", str(hidden), "--servers", "1", "--data-servers", "0",
             "--steps", str(args.mem_steps), "--optimizer", optimizer, "--batch-size", "32",

@@ -70,7 +70,8 @@ def _measure(group: MPI.Comm, servers: int, nbytes: int, reps: int, warmup: int)
     else:
         n = counts[me - 1]
         window = ParameterWindow(group, n, init=np.full(n, float(me), dtype=np.float32))
-        raw = MPI.Win.Create(window.params, 1, comm=group)  # the same memory, a plain window
+        # the same memory as the published version's shard, in a plain window
+        raw = MPI.Win.Create(window.published()[HEADER_BYTES:], 1, comm=group)
     targets = list(range(1, servers + 1))
 
     def pull() -> None:

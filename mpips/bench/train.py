@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, Spread, format_table, quiet_barrier, ratio
+from mpips.bench.common import BenchError, Spread, format_table, parse_names, quiet_barrier, ratio
 from mpips.config import Config, parse_args
 from mpips.data import EpochPlan, LocalSource, open_dataset
 from mpips.metrics import Progress
@@ -245,14 +245,8 @@ def _warm_optimizer(cfg: Config) -> None:
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     """Rows (model x system x W) on rank 0; an empty list elsewhere."""
     size, rank = comm.Get_size(), comm.Get_rank()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    for m in models:
-        if m not in DATASET:
-            raise BenchError(f"--models: unknown {m!r}; choose from {', '.join(DATASET)}")
-    for s in systems:
-        if s not in SYSTEMS:
-            raise BenchError(f"--systems: unknown {s!r}; choose from {', '.join(SYSTEMS)}")
+    models = parse_names(args.models, "--models", DATASET)
+    systems = parse_names(args.systems, "--systems", SYSTEMS)
     counts = sorted({int(w) for w in args.workers.split(",")}) if args.workers else sorted({1, max(1, size - 1)})
     if any(w < 1 or w > size for w in counts):
         raise BenchError(f"--workers {counts}: with {size} ranks, W must be 1..{size}")

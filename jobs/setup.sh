@@ -141,4 +141,4 @@ fi
 say "installing mpips (editable, [test,dev])"
 pip install -e "${here}[test,dev]"
 say "done: $("$py" -c 'import torch, h5py, mpi4py, numpy; print(f"torch {torch.__version__}, h5py {h5py.__version__} (mpi={h5py.get_config().mpi}), mpi4py {mpi4py.__version__}, numpy {numpy.__version__}")')"
-say "activate with: source $VENV/bin/activate"
+say "before mpirun or python in a shell: source ${here}/jobs/env.sh (the .venv, and Open MPI's settings for root and for more ranks than cores)"

@@ -35,7 +35,7 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import Config, ConfigError
+from mpips.config import CompressionConfig, Config, ConfigError
 from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.doctor import find_loaded_libmpi
@@ -74,6 +74,18 @@ def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
     count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
     return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
             f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
+
+
+def describe_codecs(c: CompressionConfig) -> str:
+    """What pushes and pulls carry (--compress, --pull-codec), for the start-up lines."""
+    if c.compress == "none":
+        push = "float32 (--compress none)"
+    else:
+        ratio = f" {c.compress_ratio:g} of each chunk" if c.compress in ("topk", "randomk") else ""
+        levels = f" {c.qsgd_levels} levels" if c.compress == "qsgd" else ""
+        push = f"{c.compress}{ratio}{levels}, error feedback {'on' if c.feedback() else 'off'}"
+    pull = "float32" if c.pull_codec == "fp32" else f"{c.pull_codec} (float32 on the servers)"
+    return f"codecs: pushes {push}; pulls {pull}"
 
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
@@ -169,6 +181,7 @@ def run_job(
         print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
         print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
         print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
+        print(describe_codecs(cfg.compression), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"

@@ -388,10 +388,11 @@ class ParameterServer:
         it is), so the server holds one push of a shard's size at a time, whatever W.
         """
         step = int(self.window.status[Slot.CLOCK])
-        if header.step != step or w in bsp.held or w < bsp.next:
+        twice = w in bsp.held or w < bsp.next
+        if header.step != step or twice:
             raise MalformedMessage(
                 f"server {self.index}: bsp step {step} got a push for step {header.step}"
-                f" from worker {w}" + (" twice" if w in bsp.held or w < bsp.next else "")
+                f" from worker {w}" + (" twice" if twice else "")
             )
         bsp.held[w] = (0 if self._is_bad(header, grad) else header.samples, grad, mask)
         while bsp.next in bsp.held:

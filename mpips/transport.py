@@ -342,9 +342,9 @@ class PushHeader:
 class ParameterWindow:
     """A server's shard, published to workers through two RMA windows (a versioned double buffer).
 
-    A server optimizes a private copy (``params``, with its private ``status`` block) and
-    ``publish()`` copies both into whichever of its two exposed buffers holds the older version,
-    under an exclusive lock on that buffer alone, then points its doorbell's ``NEWEST`` slot at it.
+    A server writes each new version (``params`` and its ``status`` block) into whichever of its
+    two exposed buffers holds the older version, under an exclusive lock on that buffer alone
+    (see "Server updates" below), then points its doorbell's ``NEWEST`` slot at it.
     Workers read that slot (one atomic read) and then the buffer under a shared lock, status block
     and shard in one epoch, so a pull always sees one whole version, and a server update never waits on the pulls
     of the current version: only on a pull still reading the version before it. (With a single
@@ -499,11 +499,7 @@ class ParameterWindow:
             if self.rma:
                 self.wins[stale].Unlock(me)
         if self.rma:  # readers go there from now on
-            bell = self.wins[2]
-            bell.Lock(me, MPI.LOCK_SHARED)
-            bell.Accumulate([np.array([stale], dtype=np.int64), MPI.INT64_T], me, (self.NEWEST, 1, MPI.INT64_T),
-                            op=MPI.REPLACE)
-            bell.Unlock(me)
+            self._bell_accumulate(me, self.NEWEST, stale, MPI.REPLACE)
         return stale
 
     def _lock_all(self, targets: list[int], which: list[int]) -> None:
@@ -517,12 +513,7 @@ class ParameterWindow:
     def newest(self, targets: list[int]) -> list[int]:
         """Worker: which exposed buffer of each target holds its newest version (its doorbell's
         ``NEWEST`` slot, read atomically in one shared epoch per target)."""
-        win, out = self.wins[2], np.zeros((len(targets), 1), dtype=np.int64)
-        for i, t in enumerate(targets):
-            win.Lock(t, MPI.LOCK_SHARED)
-            win.Get_accumulate(np.zeros(1, dtype=np.int64), out[i], t, (self.NEWEST, 1, MPI.INT64_T), op=MPI.NO_OP)
-            win.Unlock(t)
-        return [int(b) for b in out[:, 0]]
+        return [self._bell_read(t, self.NEWEST) for t in targets]
 
     def read_status(self, targets: list[int], out: np.ndarray) -> list[int]:
         """Worker: the status block of each target's newest version into ``out[i]``; returns the
@@ -567,22 +558,27 @@ class ParameterWindow:
 
         Without RMA windows there is no doorbell: a no-op (Slurm signals every rank anyway).
         """
-        if not self.rma:
-            return
-        win = self.wins[2]
-        win.Lock(target, MPI.LOCK_SHARED)
-        # origin and target must name the same datatype: numpy's int64 maps to MPI_LONG (ERR_ARG)
-        win.Accumulate([np.array([value], dtype=np.int64), MPI.INT64_T], target, (slot, 1, MPI.INT64_T), op=MPI.MAX)
-        win.Unlock(target)
+        if self.rma:
+            self._bell_accumulate(target, slot, value, MPI.MAX)
 
     def flag(self, slot: int) -> int:
         """This rank's doorbell ``slot``, read atomically (0 without RMA windows)."""
-        if not self.rma:
-            return 0
-        win, me, out = self.wins[2], self.comm.Get_rank(), np.zeros(1, dtype=np.int64)
-        win.Lock(me, MPI.LOCK_SHARED)
-        win.Get_accumulate(np.zeros(1, dtype=np.int64), out, me, (slot, 1, MPI.INT64_T), op=MPI.NO_OP)
-        win.Unlock(me)
+        return self._bell_read(self.comm.Get_rank(), slot) if self.rma else 0
+
+    def _bell_accumulate(self, target: int, slot: int, value: int, op: MPI.Op) -> None:
+        """``op`` (MAX, REPLACE) ``value`` into doorbell ``slot`` of ``target``, atomically."""
+        win = self.wins[2]
+        win.Lock(target, MPI.LOCK_SHARED)
+        # origin and target must name the same datatype: numpy's int64 maps to MPI_LONG (ERR_ARG)
+        win.Accumulate([np.array([value], dtype=np.int64), MPI.INT64_T], target, (slot, 1, MPI.INT64_T), op=op)
+        win.Unlock(target)
+
+    def _bell_read(self, target: int, slot: int) -> int:
+        """Doorbell ``slot`` of ``target``, read atomically in one shared epoch."""
+        win, out = self.wins[2], np.zeros(1, dtype=np.int64)
+        win.Lock(target, MPI.LOCK_SHARED)
+        win.Get_accumulate(np.zeros(1, dtype=np.int64), out, target, (slot, 1, MPI.INT64_T), op=MPI.NO_OP)
+        win.Unlock(target)
         return int(out[0])
 
     def free(self) -> None:
@@ -937,16 +933,15 @@ class NoticeReceiver:
     def wait(self, need: int, what: Callable[[], str], timeout: float) -> None:
         """Until every server's clock is at least ``need``; StallError naming ``what()`` after
         ``timeout`` seconds without a notice."""
-        def ready() -> bool:
-            self.poll()
-            return int(self.clock.min()) >= need
-
-        wait_for(ready, what, timeout, backoff=Backoff.for_messages())
+        self._until(lambda: int(self.clock.min()) >= need, what, timeout)
 
     def close(self, timeout: float) -> None:
         """After this worker's stop message: receive every notice up to each server's last."""
+        self._until(lambda: all(self.ended), "every server's last notice", timeout)
+
+    def _until(self, done: Callable[[], bool], what: str | Callable[[], str], timeout: float) -> None:
         def ready() -> bool:
             self.poll()
-            return all(self.ended)
+            return done()
 
-        wait_for(ready, "every server's last notice", timeout, backoff=Backoff.for_messages())
+        wait_for(ready, what, timeout, backoff=Backoff.for_messages())

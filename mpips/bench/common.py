@@ -6,6 +6,9 @@ Pure helpers except ``quiet_barrier`` and ``machine_facts``, which take a commun
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import platform
 import socket
@@ -28,6 +31,7 @@ __all__ = [
     "parse_names",
     "parse_sizes",
     "quiet_barrier",
+    "run_quietly",
     "ratio",
     "time_repeated",
 ]
@@ -96,6 +100,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b:
         return None
     return a / b
+
+
+def run_quietly(cfg: Any, comm: Any, metrics: str | None = None) -> None:
+    """``mpips.train.run(cfg, comm)`` without its lines (stdout, mpips' INFO log): a benchmark
+    prints its own rows. ``metrics``: the run's metrics file, removed first (rank 0) so that it
+    holds this run's events only. Collective over ``comm``."""
+    from mpips.train import run
+
+    if metrics is not None:
+        if comm.Get_rank() == 0 and os.path.exists(metrics):
+            os.remove(metrics)
+        comm.Barrier()
+    logging.getLogger("mpips").setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run(cfg, comm)
 
 
 def parse_names(text: str, flag: str, allowed) -> list[str]:  # noqa: ANN001 (any container of names)

@@ -26,10 +26,7 @@ For every model and setting, on the first 3 ranks of the job (2 workers, 1 param
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -40,7 +37,15 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, format_table, parse_names, quiet_barrier, ratio, time_repeated
+from mpips.bench.common import (
+    BenchError,
+    format_table,
+    parse_names,
+    quiet_barrier,
+    ratio,
+    run_quietly,
+    time_repeated,
+)
 from mpips.compression import CODECS, make_codec, make_encoder, parse_payload
 from mpips.config import parse_args
 from mpips.data import open_dataset
@@ -118,14 +123,7 @@ def _one(args, comm: MPI.Comm, sub: MPI.Comm, model: str, push: str, pull: str, 
     cfg = parse_args(_argv(args, model, push, pull, metrics, save))
     t0 = time.perf_counter()
     if sub != MPI.COMM_NULL:
-        from mpips.train import run as train_run
-
-        if sub.Get_rank() == 0 and os.path.exists(metrics):
-            os.remove(metrics)
-        sub.Barrier()
-        logging.getLogger("mpips").setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(io.StringIO()):
-            train_run(cfg, sub)
+        run_quietly(cfg, sub, metrics)
     quiet_barrier(comm)
     wall = time.perf_counter() - t0
     if rank != 0 or not record:

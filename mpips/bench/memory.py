@@ -18,16 +18,13 @@ baseline_rss_bytes, bytes_per_param, expected_bytes_per_param.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import io
-import logging
 import math
 from typing import Any
 
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, format_table, parse_names, parse_sizes
+from mpips.bench.common import BenchError, format_table, parse_names, parse_sizes, run_quietly
 from mpips.config import parse_args
 from mpips.data import open_dataset
 from mpips.layout import RoleLayout
@@ -72,8 +69,6 @@ def _reset_peak() -> int:
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     """Rows (one per rank and optimizer) on rank 0; an empty list elsewhere."""
-    from mpips.train import run as train_run
-
     size = comm.Get_size()
     if size < 2:
         raise BenchError("memory needs at least 2 ranks: 1 parameter server and 1 worker")
@@ -90,9 +85,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
         ])
         gc.collect()
         baseline = _reset_peak()
-        logging.getLogger("mpips").setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(io.StringIO()):
-            train_run(cfg, comm)
+        run_quietly(cfg, comm)
         peak = _kib("VmHWM")
         layout = RoleLayout.from_counts(size, 1, 0, comm.allgather(MPI.Get_processor_name()))
         role = layout.role_of(comm.Get_rank()).value

@@ -25,12 +25,9 @@ throughput / (W x the same system's one-worker throughput).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
-import io
 import json
-import logging
 import os
 import shutil
 import socket
@@ -43,7 +40,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from mpips.bench.common import BenchError, Spread, format_table, parse_names, quiet_barrier, ratio
+from mpips.bench.common import BenchError, Spread, format_table, parse_names, quiet_barrier, ratio, run_quietly
 from mpips.config import Config, parse_args
 from mpips.data import EpochPlan, LocalSource, open_dataset
 from mpips.metrics import Progress
@@ -101,14 +98,7 @@ def _config(args: argparse.Namespace, model: str, sync: str, metrics: str | None
 # A record is (step, end time in seconds since the epoch, samples, loss).
 
 def _run_mpips(cfg: Config, sub: MPI.Comm, data, metrics: str) -> list[list[tuple]] | None:
-    from mpips.train import run as train_run
-
-    if sub.Get_rank() == 0 and os.path.exists(metrics):
-        os.remove(metrics)
-    sub.Barrier()
-    logging.getLogger("mpips").setLevel(logging.WARNING)
-    with contextlib.redirect_stdout(io.StringIO()):
-        train_run(cfg, sub)
+    run_quietly(cfg, sub, metrics)
     sub.Barrier()
     if sub.Get_rank() != 0:
         return None

@@ -169,6 +169,12 @@ class TrainConfig:
         f" bytes, {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} (1 GiB): no MPI call carries more, so shards over 2 GiB"
         " train on MPI-3.1 libraries; smaller chunks cost a call each"
     )
+    push_during_backward: bool = _opt(
+        True, "a worker sends each chunk of its gradient as soon as backward has produced it (last layers"
+        " first), where the gradient is final then (float32 or bf16 on the CPU host path; not fp16, not GPU);"
+        " --no-push-during-backward: after the whole backward. Only pushes longer than one --chunk-bytes"
+        " are streamed"
+    )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")
     dry_run: bool = _opt(False, "print the role map and shard plan, then exit")

@@ -12,10 +12,13 @@ Fields (comma-separated ``key=value``):
     kind   raise | exit | kill | hang | malformed | malformed-payload (default raise):
            raise = an exception (the normal error path); exit = ``os._exit(3)`` without MPI
            finalisation; kill = SIGKILL to itself; hang = sleep forever (other ranks' stall
-           timeouts must end the job); malformed = corrupt the header of the message being sent
-           (only where the hook is given ``message=``: a worker's push), and carry on;
-           malformed-payload = the same for the first 4 bytes of its payload (``payload_at=``):
-           a compressed push's first record then announces the wrong element count.
+           timeouts must end the job); malformed = corrupt the first 4 bytes (the magic number)
+           of the header of the message being sent (only where the hook is given ``header=``: a
+           worker's push), and carry on; malformed-payload = the same for the first 4 bytes of
+           its payload (only where the hook is given ``payload=``): a compressed push's first
+           record then announces the wrong element count. A push streamed during backward has
+           its header hook where it begins and its payload hook where its first chunk (sent
+           last) is copied; a one-message push gives both to one hook.
 
 Roles call ``faults.at(phase, step)`` at each phase; the hooks are one line each.
 """
@@ -94,28 +97,32 @@ def _world_rank() -> int:
 _fired: set[str] = set()  # phases that already fired a 'malformed' fault (it does not end the rank)
 
 
-def at(phase: str, step: int | None = None, *, message: np.ndarray | None = None, payload_at: int = 0) -> None:
+def at(phase: str, step: int | None = None, *, header: np.ndarray | None = None,
+       payload: np.ndarray | None = None) -> None:
     """Hook: inject the armed fault if it is for this rank, ``phase`` and ``step``.
 
     Args:
         phase: one of PHASES.
         step: the global step the caller is at (None where steps do not apply).
-        message: the packed bytes of a message about to be sent; a ``malformed`` fault corrupts
-            its header in place (``malformed``), or the 4 bytes at ``payload_at`` (``malformed-payload``).
-        payload_at: where the message's payload starts.
+        header: the packed header bytes of a message about to be sent; a ``malformed`` fault
+            corrupts its first 4 bytes in place.
+        payload: payload bytes about to be sent; a ``malformed-payload`` fault corrupts its
+            first 4 bytes in place.
     """
     fault = armed()
     if fault is None or not fault.matches(_world_rank(), phase, step):
         return
     where = f"rank {fault.rank}, phase {phase}, step {step}"
     if fault.kind in ("malformed", "malformed-payload"):
-        if message is None or phase in _fired:
+        target = header if fault.kind == "malformed" else payload
+        if target is None or phase in _fired:
             return
         _fired.add(phase)
-        at = payload_at if fault.kind == "malformed-payload" else 0
-        message[at : at + 4] ^= np.uint8(0xFF)  # header: the magic number; the receiver must refuse it
-        _say(f"corrupting the {'payload' if at else 'header'} of the message sent at {where}")
+        target[:4] ^= np.uint8(0xFF)  # header: the magic number; the receiver must refuse it
+        _say(f"corrupting the {'header' if fault.kind == 'malformed' else 'payload'} of the message sent at {where}")
         return
+    if header is None and payload is not None:
+        return  # the rest of a push that began at its header's hook, where this fault fired
     _say(f"{fault.kind} at {where}")
     if fault.kind == "raise":
         raise FaultInjected(f"injected fault at {where}")

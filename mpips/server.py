@@ -29,7 +29,6 @@ from mpips.compression import (
     chunk_seed,
     make_codec,
     parse_payload,
-    payload_bound,
 )
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
@@ -41,6 +40,7 @@ from mpips.transport import (
     ParameterWindow,
     PullServer,
     PushHeader,
+    PushLayout,
     PushReceiver,
     Slot,
     StallError,
@@ -139,8 +139,8 @@ class ParameterServer:
         self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
         self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
         self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
-        max_payload = max(4 * n + len(self.pieces), payload_bound(self.codec, self.ranges, len(self.pieces)))
-        self.receiver = PushReceiver(self.comm, self.workers, max_payload=max_payload, chunk_bytes=self.chunk_bytes)
+        layout = PushLayout.of(self.codec, self.ranges, len(self.pieces))
+        self.receiver = PushReceiver(self.comm, self.workers, layout, chunk_bytes=self.chunk_bytes)
         if not self.window.rma:
             self.pull_mode = "message"
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
@@ -235,9 +235,11 @@ class ParameterServer:
             else:
                 if time.monotonic() - last_progress > self.stall_timeout:
                     waiting = bsp.missing() if bsp is not None else sorted(active)
+                    partial = self.receiver.describe()
                     raise StallError(
                         f"server {self.index}: no push for {self.stall_timeout:.0f} s; waiting for"
                         f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
+                        + (f"; {partial}" if partial else "")
                     )
                 backoff.wait()
                 tracer.idle("wait for pushes", began)

@@ -414,7 +414,9 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
     out.update(result or {})
     none = "none (no held-out samples)" if cfg.train.final_eval else "not evaluated (--no-final-eval)"
     pushed, pulled = (sum(getattr(w, key) for w in worker.worker_stats) for key in ("bytes_pushed", "bytes_pulled"))
-    out.update(bytes_pushed=pushed, bytes_pulled=pulled)
+    streamed, early = (sum(getattr(w, key) for w in worker.worker_stats)
+                       for key in ("chunks_streamed", "chunks_in_backward"))
+    out.update(bytes_pushed=pushed, bytes_pulled=pulled, chunks_streamed=streamed, chunks_in_backward=early)
     rows = {
         "steps": steps,
         **{f"held-out {name}": none if result is None else result[name] for name in names},
@@ -427,6 +429,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
         "bytes pushed / pulled (all workers)": f"{pushed:,} / {pulled:,}",
     }
+    if streamed:
+        rows["chunks pushed during backward (all workers)"] = f"{early:,} of {streamed:,}"
     if cfg.train.precision == "fp16":
         rows["steps skipped, fp16 overflow (worker 0)"] = stats.skipped
     print(format_table(rows, "final metrics"), flush=True)
@@ -436,7 +440,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
     metrics.event(
         "end", steps, **held_out, applied=out["gradients_applied"], dropped=out["gradients_dropped"],
         max_staleness=out["max_staleness"], staleness=[x for s in servers for x in s.staleness],
-        bytes_pushed=pushed, bytes_pulled=pulled,
+        bytes_pushed=pushed, bytes_pulled=pulled, chunks_streamed=streamed, chunks_in_backward=early,
     )
     _save_model(cfg, flat)
     return out

@@ -36,13 +36,15 @@ rank 0 in chunks, tag ``CHECKPOINT``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,11 +66,14 @@ __all__ = [
     "ParameterWindow",
     "PullServer",
     "PushHeader",
+    "PushLayout",
+    "PushTrailer",
     "PULL_CODECS",
     "PushReceiver",
     "Pusher",
     "Slot",
     "StallError",
+    "TRAILER_BYTES",
     "Tag",
     "chunks",
     "get_chunks",
@@ -81,18 +86,22 @@ __all__ = [
 log = logging.getLogger("mpips.transport")
 
 HEADER_BYTES = 64
-PROTOCOL = 1
+TRAILER_BYTES = 32
+PROTOCOL = 2  # 2: streamed pushes (header, chunks last first, tail with mask and trailer)
 MAGIC = 0x4D505053  # "MPPS"
+TAIL_MAGIC = 0x4D505054  # "MPPT": a streamed push's trailer
+STREAMED = 1  # PushHeader flag: the payload follows in chunks and a tail
 
 
 class Tag(IntEnum):
     PUSH = 11
     PULL_REQUEST = 12
     PULL_REPLY = 13
-    PUSH_DATA = 14  # the chunks of a push after its first (which has tag PUSH and the header)
+    PUSH_DATA = 14  # a streamed push's chunks (after its header, which has tag PUSH)
     FINAL = 15  # server -> lead worker at shutdown: the final shard
     CHECKPOINT = 16  # rank -> rank 0: checkpoint pieces, where h5py has no MPI-IO
     NOTICE = 17  # bsp server -> worker: a version is published (NoticeSender / NoticeReceiver)
+    PUSH_TAIL = 18  # a streamed push's last message: its mask and PushTrailer
     DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
     DATA = 22  # data server -> worker: the samples
 
@@ -280,7 +289,13 @@ def wait_all(requests: list[MPI.Request], what: str | Callable[[], str], timeout
 
 @dataclass(frozen=True)
 class PushHeader:
-    """Metadata in front of every push. All fields are validated by ``decode``."""
+    """Metadata in front of every push. All fields are validated by ``decode``.
+
+    ``streamed``: the header travels alone, and the payload follows as chunks and a tail
+    (``Pusher.begin``); ``length`` is then the layout's largest payload, and ``grad_norm`` and
+    ``loss`` (known only after backward) come in the tail's ``PushTrailer``. ``PushReceiver``
+    hands out the header with the trailer's values and the payload's real length filled in.
+    """
 
     step: int  # the worker's global step this gradient belongs to
     worker: int  # worker index (0..W-1)
@@ -291,21 +306,25 @@ class PushHeader:
     grad_norm: float  # L2 norm of the worker's whole gradient (all servers' slices)
     loss: float
     applied_seen: int = 0  # gradients this server had applied when the worker pulled
+    streamed: bool = False
 
-    _FORMAT = struct.Struct("<IHHqiiqqddq")  # 64 bytes: HEADER_BYTES
+    _FORMAT = struct.Struct("<IHBBqiiqqddq")  # 64 bytes: HEADER_BYTES
 
     def pack_into(self, buf: np.ndarray) -> None:
         self._FORMAT.pack_into(
-            buf, 0, MAGIC, PROTOCOL, self.codec, self.step, self.worker, self.samples,
-            self.clock_seen, self.length, self.grad_norm, self.loss, self.applied_seen,
+            buf, 0, MAGIC, PROTOCOL, self.codec, STREAMED if self.streamed else 0, self.step, self.worker,
+            self.samples, self.clock_seen, self.length, self.grad_norm, self.loss, self.applied_seen,
         )
 
     @classmethod
     def decode(cls, buf: np.ndarray, nbytes: int, *, worker: int, max_payload: int) -> PushHeader:
-        """Parse and validate a received message of ``nbytes`` from worker ``worker``."""
+        """Parse and validate a received first message of ``nbytes`` from worker ``worker``: a
+        whole push (header + ``length`` payload bytes) or a streamed push's header (exactly
+        ``HEADER_BYTES``, announcing ``0 < length <= max_payload`` bytes to follow)."""
         if nbytes < HEADER_BYTES:
             raise MalformedMessage(f"push from worker {worker}: {nbytes} bytes, shorter than a header")
-        magic, proto, codec, step, w, samples, clock, length, norm, loss, applied = cls._FORMAT.unpack_from(buf, 0)
+        magic, proto, codec, flags, step, w, samples, clock, length, norm, loss, applied = \
+            cls._FORMAT.unpack_from(buf, 0)
         problems = []
         if magic != MAGIC:
             problems.append(f"bad magic {magic:#x}")
@@ -313,30 +332,101 @@ class PushHeader:
             problems.append(f"protocol {proto}, expected {PROTOCOL}")
         if codec not in Codec.__members__.values():
             problems.append(f"unknown codec {codec}")
+        if flags not in (0, STREAMED):
+            problems.append(f"unknown flags {flags:#x}")
         if w != worker:
             problems.append(f"claims worker {w}")
         if step < 0 or samples < 0 or (clock < -1 and codec != Codec.JOIN) or applied < 0:
             problems.append(f"negative step/samples/clock/applied ({step}/{samples}/{clock}/{applied})")
-        if length != nbytes - HEADER_BYTES or length > max_payload:
+        streamed = flags == STREAMED
+        if streamed and (nbytes != HEADER_BYTES or not 0 < length <= max_payload or codec in (Codec.JOIN, Codec.STOP)):
+            problems.append(f"streamed header of {nbytes} bytes announcing {length} payload bytes"
+                            f" (max {max_payload}) for codec {codec}")
+        elif not streamed and (length != nbytes - HEADER_BYTES or length > max_payload):
             problems.append(f"payload length {length} (received {nbytes - HEADER_BYTES}, max {max_payload})")
         if problems:
             raise MalformedMessage(f"malformed push from worker {worker}: " + "; ".join(problems))
-        return cls(step, w, codec, samples, clock, length, norm, loss, applied)
+        return cls(step, w, codec, samples, clock, length, norm, loss, applied, streamed)
+
+
+@dataclass(frozen=True)
+class PushTrailer:
+    """The end of a streamed push's tail (after the mask): what is known only after backward."""
+
+    worker: int
+    step: int  # the header's step, so a tail cannot be taken for another push's
+    grad_norm: float
+    loss: float
+
+    _FORMAT = struct.Struct("<Iiqdd")  # 32 bytes: TRAILER_BYTES
+
+    def pack_into(self, buf: np.ndarray) -> None:
+        self._FORMAT.pack_into(buf, 0, TAIL_MAGIC, self.worker, self.step, self.grad_norm, self.loss)
 
     @classmethod
-    def decode_first(cls, buf: np.ndarray, nbytes: int, *, worker: int, max_payload: int, first: int) -> PushHeader:
-        """Parse and validate the first chunk of a push: ``nbytes`` received, at most ``first``.
+    def decode(cls, buf: np.ndarray, header: PushHeader) -> PushTrailer:
+        """Parse and validate the trailer of ``header``'s push (``TRAILER_BYTES`` of ``buf``)."""
+        magic, w, step, norm, loss = cls._FORMAT.unpack_from(buf, 0)
+        problems = []
+        if magic != TAIL_MAGIC:
+            problems.append(f"bad trailer magic {magic:#x}")
+        if w != header.worker or step != header.step:
+            problems.append(f"trailer of worker {w}, step {step}")
+        if problems:
+            raise MalformedMessage(f"malformed push from worker {header.worker} for step {header.step}: "
+                                   + "; ".join(problems))
+        return cls(w, step, norm, loss)
 
-        A full first chunk whose header announces more payload than it holds starts a longer
-        push: every field is checked as ``decode`` checks it, the length against ``max_payload``
-        (the receiver then checks the size of every chunk that follows). Anything else is a
-        whole push and goes through ``decode``.
-        """
-        if nbytes == first and nbytes >= HEADER_BYTES:
-            length = cls._FORMAT.unpack_from(buf, 0)[7]
-            if nbytes < HEADER_BYTES + length <= HEADER_BYTES + max_payload:
-                return cls.decode(buf, HEADER_BYTES + length, worker=worker, max_payload=max_payload)
-        return cls.decode(buf, nbytes, worker=worker, max_payload=max_payload)
+
+@dataclass(frozen=True)
+class PushLayout:
+    """The payload of a push to one server, as both sides know it before anything is sent.
+
+    The gradient slice is cut into chunks (``mpips.compression.chunk_ranges``, the codec's unit
+    too); chunk ``c`` has a **slot** of ``slots[c]`` bytes in the payload, in slice order, then
+    ``runs`` bytes of tensor-run mask follow. Raw float32: a slot is the chunk's 4 x n bytes,
+    filled exactly (``exact``). A codec: a slot is its record's bound (``max_record_bytes``) and
+    the record may be shorter; the receiver closes the gaps before handing the payload on.
+
+    A push of ``HEADER_BYTES + max_payload <= chunk_bytes`` is one message (``one_message``);
+    any other is streamed: header, chunks last first, tail (see ``Pusher.begin``).
+    """
+
+    slots: tuple[int, ...]
+    runs: int
+    exact: bool = True
+
+    @classmethod
+    def raw(cls, numel: int, runs: int, chunk_bytes: int) -> PushLayout:
+        """Float32 gradient of ``numel`` elements cut into chunks of ``chunk_bytes // 4`` elements."""
+        return cls(tuple(4 * (b - a) for a, b in chunks(numel, max(1, chunk_bytes // 4))), runs, True)
+
+    @classmethod
+    def of(cls, codec: Any, ranges: Sequence[tuple[int, int]], runs: int) -> PushLayout:
+        """A slice cut into element ``ranges`` (``chunk_ranges``): raw float32 (``codec`` None) or
+        one record per chunk of at most ``codec.max_record_bytes(n)`` bytes (a ``ChunkCodec``)."""
+        if codec is None:
+            return cls(tuple(4 * (b - a) for a, b in ranges), runs, True)
+        return cls(tuple(codec.max_record_bytes(b - a) for a, b in ranges), runs, False)
+
+    @property
+    def body_bytes(self) -> int:
+        return sum(self.slots)
+
+    @property
+    def max_payload(self) -> int:
+        return self.body_bytes + self.runs
+
+    def offsets(self) -> list[int]:
+        """Byte offset of each slot in the payload."""
+        out, at = [], 0
+        for n in self.slots:
+            out.append(at)
+            at += n
+        return out
+
+    def one_message(self, chunk_bytes: int) -> bool:
+        return HEADER_BYTES + self.max_payload <= min(chunk_bytes, MAX_CHUNK_BYTES)
 
 
 class ParameterWindow:
@@ -589,8 +679,34 @@ class ParameterWindow:
             self._wins = None
 
 
+@dataclass
+class _Outgoing:
+    """A streamed push being sent: header out, chunks going out last first, tail to come."""
+
+    buf: np.ndarray | torch.Tensor
+    header: PushHeader
+    requests: list[MPI.Request]
+    next: int  # the chunk to send next (chunks go last first); -1: all sent
+    nbytes: int  # bytes sent so far
+
+
+def _bytes_in(part: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The bytes of a payload part, without a copy (a uint8 view of an array or tensor)."""
+    if isinstance(part, torch.Tensor):
+        return part.reshape(-1).view(torch.uint8)
+    return np.frombuffer(part, dtype=np.uint8)
+
+
 class Pusher:
     """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server.
+
+    A push whose layout fits one chunk is one message, sent whole (``push``). Any other is
+    streamed: ``begin`` sends its header (the fields known before backward), ``send_chunk``
+    each chunk of the gradient slice as soon as it is final, last first, and ``end`` the tail
+    (mask and ``PushTrailer``: norm and loss) with ``Issend``, so a push counts as in flight
+    until the server has taken all of it in. ``push`` sends a streamed push all at once too,
+    in the same messages. Every chunk is copied into the push's send buffer before it is sent,
+    so the gradient may change as soon as ``end`` returns.
 
     ``device`` (the direct path, a CUDA-aware MPI): the send buffers are uint8 tensors on that
     device, payload tensors are copied into them on the device, and the copying stream is
@@ -598,30 +714,35 @@ class Pusher:
     """
 
     def __init__(
-        self, comm: MPI.Comm, servers: list[int], max_payload: list[int], max_inflight: int,
+        self, comm: MPI.Comm, servers: list[int], layouts: list[PushLayout], max_inflight: int,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES, device: torch.device | None = None,
     ):
-        """``max_payload[s]``: the largest payload in bytes that server index ``s`` is sent."""
+        """``layouts[s]``: what a push to server index ``s`` carries (``PushLayout``)."""
         if chunk_bytes < HEADER_BYTES:
             raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
-        self.comm, self.servers, self.chunk_bytes = comm, servers, chunk_bytes
+        self.comm, self.servers, self.chunk_bytes = comm, servers, min(chunk_bytes, MAX_CHUNK_BYTES)
+        self.layouts = list(layouts)
+        self.streamed = [not lay.one_message(self.chunk_bytes) for lay in self.layouts]
+        self.offsets = [lay.offsets() for lay in self.layouts]
 
         def buffer(nbytes: int) -> np.ndarray | torch.Tensor:
             if device is None:
                 return np.empty(nbytes, dtype=np.uint8)
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-        self.buffers = [[buffer(HEADER_BYTES + n) for _ in range(max_inflight)] for n in max_payload]
+        self.buffers = [[buffer(HEADER_BYTES + lay.max_payload + (TRAILER_BYTES if st else 0))
+                         for _ in range(max_inflight)] for lay, st in zip(self.layouts, self.streamed, strict=True)]
         self._head = np.empty(HEADER_BYTES, dtype=np.uint8)  # a device buffer's header, packed on the host
-        # per server, the pushes in flight: (one request per chunk, bytes)
+        # per server, the pushes in flight: (one request per message, bytes)
         self.pending: list[deque[tuple[list[MPI.Request], int]]] = [deque() for _ in servers]
+        self.open: list[_Outgoing | None] = [None] * len(servers)  # streamed pushes being sent
         self.next_slot = [0] * len(servers)
         self.bytes_sent = 0
 
     def _wait(self, s: int, requests: list[MPI.Request]) -> None:
         wait_all(requests, f"a push to server index {s} (rank {self.servers[s]}) to be received")
 
-    def _free_slot(self, s: int) -> np.ndarray:
+    def _free_slot(self, s: int) -> np.ndarray | torch.Tensor:
         queue = self.pending[s]
         if len(queue) == len(self.buffers[s]):
             self._wait(s, queue.popleft()[0])
@@ -629,37 +750,138 @@ class Pusher:
         self.next_slot[s] = (slot + 1) % len(self.buffers[s])
         return self.buffers[s][slot]
 
-    def push(self, s: int, header: PushHeader, *payload: np.ndarray | torch.Tensor) -> None:
-        """Send ``header`` and the ``payload`` arrays (or tensors), concatenated as bytes, to server index ``s``."""
-        buf = self._free_slot(s)
-        on_device = isinstance(buf, torch.Tensor)
-        head = self._head if on_device else buf
-        header.pack_into(head)
-        n, at = HEADER_BYTES + header.length, HEADER_BYTES
-        if on_device:
-            buf[:HEADER_BYTES].copy_(torch.from_numpy(head[:HEADER_BYTES]))
-        for part in payload:
-            if on_device:
-                raw = (part.reshape(-1).view(torch.uint8) if isinstance(part, torch.Tensor)
-                       else torch.from_numpy(np.frombuffer(part, dtype=np.uint8)))
-                buf[at : at + raw.numel()].copy_(raw)
-                at += raw.numel()
-                continue
-            raw = np.frombuffer(part, dtype=np.uint8)
-            buf[at : at + raw.size] = raw
-            at += raw.size
-        if on_device and buf.is_cuda:
+    @staticmethod
+    def _put(buf: np.ndarray | torch.Tensor, at: int, part: np.ndarray | torch.Tensor) -> int:
+        """Copy the bytes of ``part`` into ``buf`` at byte ``at``; returns how many."""
+        raw = _bytes_in(part)
+        n = raw.numel() if isinstance(raw, torch.Tensor) else raw.size
+        if isinstance(buf, torch.Tensor):
+            buf[at : at + n].copy_(raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw))
+        else:
+            buf[at : at + n] = raw.numpy() if isinstance(raw, torch.Tensor) else raw
+        return n
+
+    @staticmethod
+    def _synchronize(buf: np.ndarray | torch.Tensor) -> None:
+        if isinstance(buf, torch.Tensor) and buf.is_cuda:
             torch.cuda.current_stream(buf.device).synchronize()
+
+    def _pack_header(self, buf: np.ndarray | torch.Tensor, header: PushHeader) -> np.ndarray:
+        """Pack ``header`` into ``buf``; returns the host bytes it was packed into (fault hooks)."""
+        head = self._head if isinstance(buf, torch.Tensor) else buf
+        header.pack_into(head)
+        return head[:HEADER_BYTES]
+
+    def push(self, s: int, header: PushHeader, *payload: np.ndarray | torch.Tensor) -> None:
+        """Send ``header`` and ``payload`` to server index ``s``, whole (after backward).
+
+        ``payload``: arrays or tensors whose bytes, concatenated, are the payload: for a push that
+        is streamed (its layout does not fit one chunk), the body, then the mask as the last part;
+        a codec's body as one record per chunk, a raw body in parts cut anywhere.
+        """
+        if header.length == 0 or not self.streamed[s]:
+            self._push_one(s, header, payload)
+            return
+        *body, mask = payload
+        layout, offsets = self.layouts[s], self.offsets[s]
+        self.begin(s, header)
+        if layout.exact:  # raw: the body's bytes cut at the slots
+            parts = [_bytes_in(p) for p in body]
+            raw = parts[0] if len(parts) == 1 else (
+                torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts))
+            records = [raw[a : a + n] for a, n in zip(offsets, layout.slots, strict=True)]
+        elif len(body) != len(layout.slots):
+            raise ValueError(f"{len(body)} records for {len(layout.slots)} chunks")
+        else:
+            records = body
+        for c in reversed(range(len(records))):
+            self.send_chunk(s, c, records[c])
+        self.end(s, mask, header.grad_norm, header.loss)
+
+    def _push_one(self, s: int, header: PushHeader, payload: tuple[np.ndarray | torch.Tensor, ...]) -> None:
+        buf = self._free_slot(s)
+        head = self._pack_header(buf, header)
+        n, at = HEADER_BYTES + header.length, HEADER_BYTES
+        if isinstance(buf, torch.Tensor):
+            buf[:HEADER_BYTES].copy_(torch.from_numpy(head))
+        for part in payload:
+            at += self._put(buf, at, part)
         if at != n:
             raise ValueError(f"push header says {header.length} payload bytes, got {at - HEADER_BYTES}")
-        faults.at("push", header.step, message=buf, payload_at=HEADER_BYTES)
-        # the last chunk synchronous: a push counts as in flight until the server has taken it in
-        requests = send_chunks(self.comm, buf[:n], self.servers[s], Tag.PUSH_DATA, self.chunk_bytes,
-                               first_tag=Tag.PUSH, synchronous_last=True)
-        self.pending[s].append((requests, n))
+        faults.at("push", header.step, header=head, payload=buf[HEADER_BYTES:n] if header.length else None)
+        if isinstance(buf, torch.Tensor):
+            buf[:HEADER_BYTES].copy_(torch.from_numpy(head))  # a fault may have changed it
+        self._synchronize(buf)
+        # synchronous: a push counts as in flight until the server has taken it in
+        request = self.comm.Issend([buf[:n], MPI.BYTE], dest=self.servers[s], tag=Tag.PUSH)
+        self.pending[s].append(([request], n))
         self.bytes_sent += n
 
+    def begin(self, s: int, header: PushHeader) -> None:
+        """Begin a streamed push to server index ``s``: send its header now (before backward).
+
+        ``header.length``, ``grad_norm`` and ``loss`` are ignored: the header announces the
+        layout's largest payload, and norm and loss go in the tail (``end``).
+        """
+        if not self.streamed[s]:
+            raise ValueError(f"pushes to server index {s} fit one chunk: send them whole with push()")
+        if self.open[s] is not None:
+            raise RuntimeError(f"a streamed push to server index {s} is still open")
+        buf = self._free_slot(s)
+        header = dataclasses.replace(header, length=self.layouts[s].max_payload, grad_norm=0.0, loss=0.0,
+                                     streamed=True)
+        head = self._pack_header(buf, header)
+        faults.at("push", header.step, header=head)
+        if isinstance(buf, torch.Tensor):
+            buf[:HEADER_BYTES].copy_(torch.from_numpy(head))
+            self._synchronize(buf)
+        request = self.comm.Isend([buf[:HEADER_BYTES], MPI.BYTE], dest=self.servers[s], tag=Tag.PUSH)
+        self.open[s] = _Outgoing(buf, header, [request], len(self.layouts[s].slots) - 1, HEADER_BYTES)
+
+    def send_chunk(self, s: int, c: int, data: np.ndarray | torch.Tensor) -> None:
+        """Send chunk ``c`` of the open push to server index ``s``: raw, the chunk's float32
+        values; a codec, its record (at most the slot's bytes). Chunks go last first, each once:
+        ``c`` must be the highest not yet sent (the receiver posts its receives in that order)."""
+        out, layout = self.open[s], self.layouts[s]
+        if out is None or c != out.next:
+            raise ValueError(f"chunk {c} of a push to server index {s} out of order (chunks go last first;"
+                             f" expected {None if out is None else out.next})")
+        slot, at = layout.slots[c], HEADER_BYTES + self.offsets[s][c]
+        n = self._put(out.buf, at, data)
+        if n > slot or (layout.exact and n != slot):
+            raise ValueError(f"chunk {c} of {n} bytes for a slot of {slot}")
+        if c == 0:  # the first payload bytes (sent last)
+            faults.at("push", out.header.step, payload=out.buf[at : at + n])
+        self._synchronize(out.buf)
+        for a, b in chunks(slot, self.chunk_bytes):  # one message, unless a record outgrows a chunk
+            hi = max(a, min(b, n))  # the last messages of a short record are short, or empty
+            out.requests.append(self.comm.Isend([out.buf[at + a : at + hi], MPI.BYTE], dest=self.servers[s],
+                                                tag=Tag.PUSH_DATA))
+        out.nbytes += n
+        out.next -= 1
+
+    def end(self, s: int, mask: np.ndarray, grad_norm: float, loss: float) -> None:
+        """Finish the open push to server index ``s``: every chunk is sent; send the tail (the
+        mask, uint8 [runs], and the trailer), its last message synchronous."""
+        out, layout = self.open[s], self.layouts[s]
+        if out is None or out.next != -1:
+            raise ValueError(f"the push to server index {s} is not open or has chunks left to send")
+        tail = np.empty(layout.runs + TRAILER_BYTES, dtype=np.uint8)
+        tail[: layout.runs] = mask
+        PushTrailer(out.header.worker, out.header.step, grad_norm, loss).pack_into(tail[layout.runs :])
+        at = HEADER_BYTES + layout.body_bytes
+        self._put(out.buf, at, tail)
+        self._synchronize(out.buf)
+        out.requests += send_chunks(self.comm, out.buf[at : at + tail.size], self.servers[s], Tag.PUSH_TAIL,
+                                    self.chunk_bytes, synchronous_last=True)
+        out.nbytes += tail.size
+        self.pending[s].append((out.requests, out.nbytes))
+        self.bytes_sent += out.nbytes
+        self.open[s] = None
+
     def drain(self) -> None:
+        if any(out is not None for out in self.open):
+            raise RuntimeError("a streamed push is still open")
         for s, queue in enumerate(self.pending):
             while queue:
                 self._wait(s, queue.popleft()[0])
@@ -667,43 +889,52 @@ class Pusher:
 
 @dataclass
 class _Incoming:
-    """A push whose first chunk (and header) is in; the rest is being received."""
+    """A streamed push whose header is in; its chunks and tail are being received."""
 
     header: PushHeader
-    requests: list[MPI.Request]  # one per chunk after the first
-    sizes: list[int]  # their expected sizes in bytes
-    left: int  # chunks still to come
+    requests: list[MPI.Request]  # one per message, in sending order: chunks last first, then the tail
+    slot: list[int]  # the chunk each message belongs to; -1: the tail
+    sizes: list[int]  # each message's receive buffer, bytes
+    got: list[int]  # bytes each message brought
+    left: int  # messages still to come
 
 
 class PushReceiver:
-    """Server side: the first chunk of each worker's next push is received ahead; ``poll`` returns
-    the pushes that are complete.
+    """Server side: each worker's next first message is received ahead; ``poll`` returns the
+    pushes that are complete.
 
-    Memory is bounded by chunks, not by workers x shard: one first-chunk buffer per worker (at
-    most ``chunk_bytes``) and one **body** buffer, as large as the largest push, that one push at
-    a time is received into. When a first chunk arrives its header is validated; a push that fits
-    in it is complete at once. A longer one waits until the body is free, is copied into its head
-    and the rest is received there, chunk by chunk (all posted at once; MPI keeps them in order);
-    meanwhile its sender's chunks stay with the sender (above the eager limit) or in MPI's queue.
-    ``prefer``: the only worker whose push may take the body next (bsp sums in worker order, so a
-    later worker's push must not hold the body the next one needs); None: the first to arrive.
+    Memory is bounded by chunks, not by workers x shard: one first-message buffer per worker (at
+    most ``chunk_bytes``) and one **body** buffer, as large as the layout's payload and a trailer,
+    that one streamed push at a time is received into. A one-message push is complete when it
+    arrives. A streamed push's header is validated when it arrives; the push then waits until
+    the body is free, and its chunks (last first, as sent) and tail are received there, all
+    posted at once (MPI keeps them in order), each checked for its size; meanwhile its sender's
+    chunks stay with the sender (above the eager limit) or in MPI's queue. Nothing of it is
+    handed out before the tail: the trailer is validated, a codec's records are moved together
+    (where one is shorter than its slot), and the mask follows them, so the payload reads as a
+    one-message push's would. ``prefer``: the only worker whose push may take the body next
+    (bsp sums in worker order, so a later worker's push must not hold the body the next one
+    needs); None: the first to arrive.
     """
 
-    def __init__(self, comm: MPI.Comm, workers: list[int], max_payload: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, comm: MPI.Comm, workers: list[int], layout: PushLayout,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         if chunk_bytes < HEADER_BYTES:
             raise ValueError(f"chunk_bytes {chunk_bytes}: a push's first chunk must hold its header ({HEADER_BYTES})")
-        self.comm, self.workers, self.max_payload = comm, workers, max_payload
+        self.comm, self.workers, self.layout = comm, workers, layout
         self.chunk_bytes = min(chunk_bytes, MAX_CHUNK_BYTES)
-        self.first = min(self.chunk_bytes, HEADER_BYTES + max_payload)  # bytes of a push's first chunk
+        self.max_payload = layout.max_payload
+        self.streamed = not layout.one_message(self.chunk_bytes)
+        self.offsets = layout.offsets()
+        self.first = min(self.chunk_bytes, HEADER_BYTES + self.max_payload)  # bytes of a push's first message
         self.firsts = [np.empty(self.first, dtype=np.uint8) for _ in workers]
-        self.body = np.empty(HEADER_BYTES + max_payload, dtype=np.uint8) if HEADER_BYTES + max_payload > self.first \
-            else None
-        self.requests = [MPI.REQUEST_NULL] * len(workers)  # first chunks
-        self.waiting: dict[int, tuple[PushHeader, int]] = {}  # first chunk in, body not yet: header, bytes
+        self.body = np.empty(self.max_payload + TRAILER_BYTES, dtype=np.uint8) if self.streamed else None
+        self.requests = [MPI.REQUEST_NULL] * len(workers)  # first messages
+        self.waiting: dict[int, PushHeader] = {}  # streamed header in, body not yet
         self.owner: int | None = None  # the worker whose push is in (or coming into) the body
         self.receiving: _Incoming | None = None  # the rest of the owner's push, while it comes
         self.prefer: int | None = None
-        self.progressed = False  # the last poll saw a chunk arrive
+        self.progressed = False  # the last poll saw a message arrive
         self.bytes_received = 0
         for w in range(len(workers)):
             self.repost(w)
@@ -718,7 +949,7 @@ class PushReceiver:
         """Completed pushes as (worker index, validated header, payload bytes view).
 
         The caller must ``repost(w)`` once it has consumed the payload of worker ``w``.
-        ``progressed`` tells whether any chunk arrived (poll again soon).
+        ``progressed`` tells whether any message arrived (poll again soon).
 
         Raises:
             MalformedMessage: naming the worker, for a push that fails validation.
@@ -729,42 +960,111 @@ class PushReceiver:
         out = []
         for w, st in zip(done or [], statuses, strict=True):
             nbytes = st.Get_count(MPI.BYTE)
-            header = PushHeader.decode_first(self.firsts[w], nbytes, worker=w, max_payload=self.max_payload,
-                                             first=self.first)
-            if HEADER_BYTES + header.length <= nbytes:  # the whole push came in its first chunk
-                self.bytes_received += HEADER_BYTES + header.length
-                out.append((w, header, self.firsts[w][HEADER_BYTES : HEADER_BYTES + header.length]))
+            header = PushHeader.decode(self.firsts[w], nbytes, worker=w, max_payload=self.max_payload)
+            if header.streamed != (self.streamed and header.length > 0) or (
+                    header.streamed and header.length != self.max_payload):
+                want = (f"streamed (a header announcing {self.max_payload} bytes, chunks, a tail)" if self.streamed
+                        else f"one message of at most {self.first} bytes")
+                raise MalformedMessage(
+                    f"malformed push from worker {w}: {'a streamed header announcing' if header.streamed else 'one'}"
+                    f" {header.length} payload bytes; pushes here are {want} (a different --chunk-bytes?)"
+                )
+            if header.streamed:
+                self.waiting[w] = header
             else:
-                self.waiting[w] = (header, nbytes)
+                self.bytes_received += nbytes
+                out.append((w, header, self.firsts[w][HEADER_BYTES:nbytes]))
         if self.owner is None and self.waiting:
             w = self.prefer if self.prefer is not None else next(iter(self.waiting))
             if w in self.waiting:
-                header, nbytes = self.waiting.pop(w)
                 self.owner = w
-                self.body[:nbytes] = self.firsts[w][:nbytes]
-                rest = self.body[nbytes : HEADER_BYTES + header.length]
-                requests = recv_chunks(self.comm, rest, self.workers[w], Tag.PUSH_DATA, self.chunk_bytes)
-                sizes = [b - a for a, b in chunks(rest.size, self.chunk_bytes)]
-                self.receiving = _Incoming(header, requests, sizes, left=len(requests))
-        incoming = self.receiving
-        if incoming is not None:
-            statuses = []
-            done = MPI.Request.Testsome(incoming.requests, statuses)
-            for i, st in zip(done or [], statuses, strict=True):
-                if st.Get_count(MPI.BYTE) != incoming.sizes[i]:
-                    raise MalformedMessage(
-                        f"malformed push from worker {self.owner}: chunk {i + 2} of its push for step"
-                        f" {incoming.header.step} has {st.Get_count(MPI.BYTE)} bytes, expected"
-                        f" {incoming.sizes[i]} (a different --chunk-bytes?)"
-                    )
-            incoming.left -= len(done or [])
-            self.progressed |= bool(done)
-            if not incoming.left:
-                self.receiving = None
-                header = incoming.header
-                self.bytes_received += HEADER_BYTES + header.length
-                out.append((self.owner, header, self.body[HEADER_BYTES : HEADER_BYTES + header.length]))
+                self.receiving = self._post(w, self.waiting.pop(w))
+        if self.receiving is not None:
+            done = self._progress(self.receiving)
+            if done is not None:
+                out.append(done)
         return out
+
+    def _post(self, w: int, header: PushHeader) -> _Incoming:
+        """Post the receives of the rest of worker ``w``'s push, in the order it sends it."""
+        source, layout, cut = self.workers[w], self.layout, self.chunk_bytes
+        requests, slot, sizes = [], [], []
+        for c in reversed(range(len(layout.slots))):
+            at = self.offsets[c]
+            for a, b in chunks(layout.slots[c], cut):
+                requests.append(self.comm.Irecv([self.body[at + a : at + b], MPI.BYTE], source=source,
+                                                tag=Tag.PUSH_DATA))
+                slot.append(c)
+                sizes.append(b - a)
+        at = layout.body_bytes
+        for a, b in chunks(layout.runs + TRAILER_BYTES, cut):
+            requests.append(self.comm.Irecv([self.body[at + a : at + b], MPI.BYTE], source=source,
+                                            tag=Tag.PUSH_TAIL))
+            slot.append(-1)
+            sizes.append(b - a)
+        return _Incoming(header, requests, slot, sizes, [0] * len(requests), len(requests))
+
+    def _progress(self, incoming: _Incoming) -> tuple[int, PushHeader, np.ndarray] | None:
+        """Take the messages of the push in the body that have come; the push once all have."""
+        statuses: list[MPI.Status] = []
+        done = MPI.Request.Testsome(incoming.requests, statuses)
+        header, w = incoming.header, self.owner
+        for i, st in zip(done or [], statuses, strict=True):
+            n, c = st.Get_count(MPI.BYTE), incoming.slot[i]
+            if n != incoming.sizes[i] and (c < 0 or self.layout.exact):
+                what = "its tail" if c < 0 else f"chunk {c}"
+                raise MalformedMessage(
+                    f"malformed push from worker {w}: {what} of its push for step {header.step} has {n} bytes,"
+                    f" expected {incoming.sizes[i]} (a different --chunk-bytes?)"
+                )
+            incoming.got[i] = n
+        incoming.left -= len(done or [])
+        self.progressed |= bool(done)
+        if incoming.left:
+            return None
+        self.receiving = None
+        layout, body = self.layout, self.body
+        tail = layout.body_bytes
+        trailer = PushTrailer.decode(body[tail + layout.runs : tail + layout.runs + TRAILER_BYTES], header)
+        length = layout.body_bytes if layout.exact else self._close_gaps(incoming)
+        if length != tail:
+            body[length : length + layout.runs] = body[tail : tail + layout.runs]
+        self.bytes_received += HEADER_BYTES + length + layout.runs + TRAILER_BYTES
+        header = dataclasses.replace(header, length=length + layout.runs, grad_norm=trailer.grad_norm,
+                                     loss=trailer.loss)
+        return w, header, body[: length + layout.runs]
+
+    def _close_gaps(self, incoming: _Incoming) -> int:
+        """A codec's records, each received at the start of its slot, moved together in slot
+        order; returns their bytes. A record's messages must be full up to its last byte."""
+        got: dict[int, list[tuple[int, int]]] = {}
+        for c, n, size in zip(incoming.slot, incoming.got, incoming.sizes, strict=True):
+            if c >= 0:
+                got.setdefault(c, []).append((n, size))
+        at = 0
+        for c, start in enumerate(self.offsets):
+            pieces, n, short = got[c], 0, False
+            for k, size in pieces:
+                if short and k:
+                    raise MalformedMessage(
+                        f"malformed push from worker {self.owner}: chunk {c} of its push for step"
+                        f" {incoming.header.step} has a gap (a message of {k} bytes after a short one)"
+                    )
+                short |= k < size
+                n += k
+            if at != start:
+                self.body[at : at + n] = self.body[start : start + n]  # numpy copies overlaps safely
+            at += n
+        return at
+
+    def describe(self) -> str:
+        """What the push in the body still waits for (stall messages), or ''."""
+        incoming = self.receiving
+        if incoming is None:
+            return ""
+        chunks_left = sum(1 for i, r in enumerate(incoming.requests) if r != MPI.REQUEST_NULL and incoming.slot[i] >= 0)
+        return (f"worker {self.owner}'s push for step {incoming.header.step}: {chunks_left} chunk messages"
+                f" and {'its tail' if incoming.requests[-1] != MPI.REQUEST_NULL else 'no tail'} still to come")
 
     def cancel(self) -> None:
         pending = [*self.requests, *(self.receiving.requests if self.receiving is not None else [])]

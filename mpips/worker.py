@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mpips import faults
-from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, payload_bound
+from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
@@ -42,6 +42,7 @@ from mpips.transport import (
     ParameterWindow,
     Pusher,
     PushHeader,
+    PushLayout,
     Slot,
     Tag,
     recv_chunks,
@@ -52,7 +53,7 @@ from mpips.transport import (
 if TYPE_CHECKING:
     from mpips.layout import PSContext
 
-__all__ = ["FlatModel", "Worker", "evaluate"]
+__all__ = ["BackwardChunks", "FlatModel", "Worker", "evaluate"]
 
 
 class FlatModel:
@@ -106,6 +107,8 @@ class FlatModel:
             self.params = torch.zeros(n, dtype=self.dtype, device=device)
             self.grads = torch.zeros(n, dtype=self.dtype, device=device)
         self.used = np.zeros(len(trainable), dtype=np.uint8)
+        # called with i after tensor i's gradient is accumulated (Worker: streams pushes in backward)
+        self.on_grad: Callable[[int], None] | None = None
         self.staging: Staging | None = None
         if self.params is not wire:
             engine = engine or (CudaCopyEngine(device) if cuda else ImmediateCopyEngine())
@@ -127,6 +130,15 @@ class FlatModel:
         self.used[i] = 1
         if self.staging is not None:
             self.staging.grad_done(i)
+        if self.on_grad is not None:
+            self.on_grad(i)
+
+    @property
+    def final_in_backward(self) -> bool:
+        """Whether a tensor's gradient is final when its hook fires, in the wire buffer MPI reads:
+        float32 parameters on the CPU, no staging (fp16 loss scaling unscales after backward:
+        the caller checks that)."""
+        return self.staging is None and self.device.type == "cpu"
 
     def shard(self, s: int, grad: bool = False) -> np.ndarray | torch.Tensor:
         """Server ``s``'s slice of the wire buffer (float32; numpy, or a device tensor if direct)."""
@@ -205,6 +217,62 @@ class FlatModel:
                 mine[name].copy_(value)
 
 
+class BackwardChunks:
+    """Which chunks of each server's gradient slice backward has finished, in the order they go out.
+
+    Pure. Chunk ``c`` of server ``s`` is elements ``c * chunk_elements ..`` of its slice (as
+    ``chunk_ranges`` cuts it); it is final once every trainable tensor overlapping it has had its
+    gradient accumulated (``grad_done``, from ``FlatModel``'s post-accumulate hooks). Chunks go
+    out **last first**: backward produces gradients roughly last layer first (which is why DDP
+    buckets in reverse order of registration too), and a final chunk waits for every chunk after
+    it, so the server can post its receives in the order they are sent and MPI's in-order
+    matching of one tag needs no sequence numbers. A tensor that gets no gradient never fires:
+    ``rest()`` gives what is left after backward.
+
+    Args:
+        plan: the shard plan (tensor offsets and each server's range of the flat vector).
+        chunk_elements: elements per chunk (``chunk_bytes // 4``).
+        servers: the server indices whose chunks to schedule (the others are pushed whole).
+    """
+
+    def __init__(self, plan: ShardPlan, chunk_elements: int, servers: list[int]):
+        self.touching: list[list[tuple[int, int]]] = [[] for _ in plan.tensors]  # tensor -> (s, c)
+        self.needs = [[0] * -(-plan.shard_numel(s) // chunk_elements) if s in servers else []
+                      for s in range(plan.servers)]
+        for i, spec in enumerate(plan.tensors):
+            t0, t1 = spec.offset, spec.offset + spec.numel
+            for s in servers:
+                lo, hi = plan.shard_range(s)
+                a, b = max(t0, lo), min(t1, hi)
+                for c in range((a - lo) // chunk_elements, (b - 1 - lo) // chunk_elements + 1) if a < b else ():
+                    self.touching[i].append((s, c))
+                    self.needs[s][c] += 1
+        self.reset()
+
+    def reset(self) -> None:
+        """A new backward: no tensor has its gradient yet."""
+        self.left = [list(n) for n in self.needs]
+        self.next = [len(n) - 1 for n in self.needs]
+
+    def grad_done(self, i: int) -> list[tuple[int, int]]:
+        """Tensor ``i``'s gradient is final: the (server, chunk) pairs to send now, in order."""
+        for s, c in self.touching[i]:
+            self.left[s][c] -= 1
+        return self._ready(force=False)
+
+    def rest(self) -> list[tuple[int, int]]:
+        """After backward: every chunk not sent yet, in order."""
+        return self._ready(force=True)
+
+    def _ready(self, force: bool) -> list[tuple[int, int]]:
+        out = []
+        for s, left in enumerate(self.left):
+            while self.next[s] >= 0 and (force or left[self.next[s]] <= 0):
+                out.append((s, self.next[s]))
+                self.next[s] -= 1
+        return out
+
+
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
     task: str = "classification", loss: LossFn | None = None, precision: Precision | None = None,
@@ -249,6 +317,8 @@ class WorkerStats:
     max_staleness: int = 0
     last_loss: float = float("nan")
     skipped: int = 0  # fp16: steps whose gradient overflowed and was not pushed (0 samples instead)
+    chunks_streamed: int = 0  # gradient chunks of streamed pushes (push during backward)
+    chunks_in_backward: int = 0  # of those, sent from a gradient hook, before backward returned
     preempted: bool = False  # stopped early after a preemption checkpoint
 
 
@@ -309,13 +379,21 @@ class Worker:
             raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
                              " (mpips.train stages through host memory when they are set)")
         self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
-        bound = [max(4 * n + r, payload_bound(self.codec, rg, r))
-                 for n, r, rg in zip(sizes, runs, self.ranges, strict=True)]
+        layouts = [PushLayout.of(self.codec, rg, r) for rg, r in zip(self.ranges, runs, strict=True)]
         # bsp: a worker's next push comes after the notice that its last one is applied, so one
         # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
         inflight = 1 if self.sync == "bsp" else self.max_inflight
-        self.pusher = Pusher(self.comm, self.servers, bound, inflight, chunk_bytes=self.chunk_bytes,
+        self.pusher = Pusher(self.comm, self.servers, layouts, inflight, chunk_bytes=self.chunk_bytes,
                              device=self.flat.device if self.flat.path == "direct" else None)
+        # push during backward: the servers whose pushes take more than one chunk, where each
+        # tensor's gradient is final when its hook fires (not under fp16 loss scaling: the scaler
+        # unscales, and finds overflows, only after backward; not staged: copies come later)
+        streamed = [s for s, st in enumerate(self.pusher.streamed) if st]
+        final = self.flat.final_in_backward and self.precision.scaler is None
+        self.streamed = streamed if self.ctx.train.push_during_backward and final else []
+        self.backward_chunks = (BackwardChunks(plan, max(1, self.chunk_bytes // 4), self.streamed)
+                                if self.streamed else None)
+        self._open_step = -1  # the step whose push is streaming
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
@@ -324,6 +402,7 @@ class Worker:
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
+        self.shards_grad = [self.flat.shard(s, grad=True) for s in range(plan.servers)]
         # bsp over windows: the servers announce each version (transport.NoticeSender)
         self.notices = (NoticeReceiver(self.comm, self.servers)
                         if self.sync == "bsp" and self.pull_mode == "rma" else None)
@@ -370,6 +449,9 @@ class Worker:
             self.data_wait = time.perf_counter() - t1  # time this step waited for its samples
             flat.zero_grad()
             loss, samples = torch.zeros(()), len(batch)
+            streaming = bool(self.streamed) and samples > 0
+            if streaming:  # headers now; each chunk as backward finishes it (_grad_ready)
+                self._begin_push(step, samples, clock)
             if samples:
                 with tracer.span("forward/backward", step):
                     out = self.precision.forward(model, torch.from_numpy(batch.x))
@@ -386,7 +468,10 @@ class Worker:
                     samples, grad_norm = 0, 0.0
                 flat.before_push()  # staging: the chunks backward did not copy yet
                 t2 = time.perf_counter()
-                self.push(step, samples, clock, grad_norm, float(loss))
+                if streaming:
+                    self._end_push(step, samples, clock, grad_norm, float(loss))
+                else:
+                    self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()
             self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
@@ -511,8 +596,58 @@ class Worker:
                 + ", ".join(f"server {s} (rank {self.servers[s]} of the parameter-server communicator)"
                             f" at clock {c}" for s, c in late))
 
-    def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
-        for s in range(len(self.servers)):
+    def _header(self, s: int, step: int, samples: int, clock: int) -> PushHeader:
+        """A streamed push's header: what is known before backward (``Pusher.begin``)."""
+        codec = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
+        return PushHeader(step, self.index, codec, samples, clock, 0, 0.0, 0.0,
+                          applied_seen=int(self.status[s, Slot.APPLIED]))
+
+    def _begin_push(self, step: int, samples: int, clock: int) -> None:
+        """Push during backward: send the headers, then each chunk as soon as it is final."""
+        for s in self.streamed:
+            self.pusher.begin(s, self._header(s, step, samples, clock))
+        self.backward_chunks.reset()
+        self._open_step = step
+        self.flat.on_grad = self._grad_ready
+
+    def _grad_ready(self, i: int) -> None:
+        for s, c in self.backward_chunks.grad_done(i):
+            self._send_chunk(s, c)
+            self.stats.chunks_in_backward += 1
+            self.stats.chunks_streamed += 1
+
+    def _send_chunk(self, s: int, c: int) -> None:
+        """Chunk ``c`` of server ``s``'s gradient slice, as it is or encoded (its own finiteness
+        decides error feedback: a non-finite chunk is encoded without it, see ``_encode``)."""
+        lo, hi = self.ranges[s][c]
+        grad = self.shards_grad[s][lo:hi]
+        if self.codec is None:
+            self.pusher.send_chunk(s, c, grad)
+            return
+        g, seed = torch.from_numpy(grad), chunk_seed(self.seed, self._open_step, self.index, s, c)
+        if bool(torch.isfinite(g).all()):
+            record = self.encoder.encode(g, seed, self.flat.plan.shard_range(s)[0] + lo)
+        else:
+            record = self.codec.encode(g, seed)
+        self.pusher.send_chunk(s, c, record)
+
+    def _end_push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
+        """After backward: the chunks no hook sent (tensors without a gradient), then the tails
+        (mask, norm, loss); servers whose pushes fit one chunk get theirs whole."""
+        self.flat.on_grad = None
+        for s, c in self.backward_chunks.rest():
+            self._send_chunk(s, c)
+            self.stats.chunks_streamed += 1
+        for s in self.streamed:
+            self.pusher.end(s, self.flat.mask(s), grad_norm, loss)
+        whole = [s for s in range(len(self.servers)) if s not in self.streamed]
+        if whole:
+            self.push(step, samples, clock, grad_norm, loss, whole)
+
+    def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float,
+             servers: list[int] | None = None) -> None:
+        """Push the whole gradient (after backward) to ``servers`` (default: all)."""
+        for s in range(len(self.servers)) if servers is None else servers:
             self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
             parts, codec = [payload], Codec.RAW32

@@ -6,7 +6,8 @@ Rank 0 is the server, rank 1 the worker; the shard is 2**29 + 16 float32 (2 GiB 
 every transfer of it would be one MPI call of more than 2**31-1 bytes without chunks. Three
 phases, each freeing its buffers before the next, so that the peak stays at 4 shards (8 GiB):
 
-1. push: ``Pusher`` -> ``PushReceiver`` (gradient + has-gradient mask, as ``Worker.push`` sends);
+1. push: ``Pusher`` -> ``PushReceiver`` (gradient + has-gradient mask, as ``Worker.push`` sends:
+   streamed, its header, chunks last first, then its tail);
 2. window pull: ``ParameterWindow.publish`` on the server, ``ParameterWindow.pull`` on the worker;
 3. message pull: ``PullServer`` -> ``MessagePuller`` from the same window.
 
@@ -37,6 +38,7 @@ from mpips.transport import (
     PullServer,
     Pusher,
     PushHeader,
+    PushLayout,
     PushReceiver,
     Slot,
     wait_all,
@@ -109,13 +111,13 @@ def main() -> None:
     if worker:
         grad = np.empty(N, dtype=np.float32)
         fill(grad)
-        pusher = Pusher(comm, [0], [4 * N + 1], max_inflight=1, chunk_bytes=chunk)
+        pusher = Pusher(comm, [0], [PushLayout.raw(N, 1, chunk)], max_inflight=1, chunk_bytes=chunk)
         pusher.push(0, PushHeader(0, 0, Codec.RAW32, 8, 0, 4 * N + 1, 1.0, 1.0), grad, np.ones(1, np.uint8))
         pusher.drain()
         del pusher
     else:
         want = expected_crc()  # while the worker fills its gradient
-        receiver = PushReceiver(comm, [1], max_payload=4 * N + 1, chunk_bytes=chunk)
+        receiver = PushReceiver(comm, [1], PushLayout.raw(N, 1, chunk), chunk_bytes=chunk)
         ready: list = []
         wait_for(lambda: bool(ready.extend(receiver.poll()) or ready), "the big push", 120,
                  moved=lambda: receiver.progressed)

@@ -22,7 +22,15 @@ from mpips.worker import FlatModel
 def test_window_and_message_pulls_land_in_tensors_and_pushes_leave_from_tensors_in_chunks():
     from mpi4py import MPI
 
-    from mpips.transport import MessagePuller, ParameterWindow, PullServer, Pusher, PushReceiver, wait_for
+    from mpips.transport import (
+        MessagePuller,
+        ParameterWindow,
+        PullServer,
+        Pusher,
+        PushLayout,
+        PushReceiver,
+        wait_for,
+    )
 
     comm = MPI.COMM_WORLD
     torch.manual_seed(0)
@@ -34,7 +42,7 @@ def test_window_and_message_pulls_land_in_tensors_and_pushes_leave_from_tensors_
                              chunk_bytes=chunk)
     ok = True
     if comm.rank == 0:
-        receiver = PushReceiver(comm, [1], max_payload=4 * n + runs, chunk_bytes=chunk)
+        receiver = PushReceiver(comm, [1], PushLayout.raw(n, runs, chunk), chunk_bytes=chunk)
         got = []
         wait_for(lambda: bool(got.extend(receiver.poll()) or got), "the push", 60)
         _, header, payload = got[0]
@@ -56,7 +64,8 @@ def test_window_and_message_pulls_land_in_tensors_and_pushes_leave_from_tensors_
         ok &= bool(torch.equal(model[0].weight.reshape(-1), torch.from_numpy(values[: 64 * 96])))
         flat.grads.copy_(-flat.params)
         flat.used[:] = 1
-        pusher = Pusher(comm, [0], [4 * n + runs], max_inflight=1, chunk_bytes=chunk, device=torch.device("cpu"))
+        pusher = Pusher(comm, [0], [PushLayout.raw(n, runs, chunk)], max_inflight=1, chunk_bytes=chunk,
+                        device=torch.device("cpu"))
         assert isinstance(pusher.buffers[0][0], torch.Tensor)
         flat.grads_ready(0)
         payload = flat.shard(0, grad=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpips.transport import HEADER_BYTES, Codec, MalformedMessage, PushHeader, Slot
+from mpips.transport import DEFAULT_CHUNK_BYTES, HEADER_BYTES, TRAILER_BYTES, Codec, MalformedMessage, PushHeader, Slot
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,12 +125,13 @@ def test_notices_name_each_version_and_the_buffer_that_holds_it():
 def test_push_reaches_server_validated_and_bounded_inflight():
     from mpi4py import MPI
 
-    from mpips.transport import Pusher, PushReceiver, wait_for
+    from mpips.transport import Pusher, PushLayout, PushReceiver, wait_for
 
     comm = MPI.COMM_WORLD
     n = 1000
+    layout = PushLayout.raw(n, 0, DEFAULT_CHUNK_BYTES)  # one message
     if comm.rank == 1:
-        pusher = Pusher(comm, [0], [4 * n], max_inflight=2)
+        pusher = Pusher(comm, [0], [layout], max_inflight=2)
         for step in range(5):
             g = np.full(n, step, dtype=np.float32)
             pusher.push(0, header(step=step, worker=0, length=4 * n), g)
@@ -139,7 +140,7 @@ def test_push_reaches_server_validated_and_bounded_inflight():
         pusher.push(0, header(step=5, worker=7, length=4 * n), np.zeros(n, np.float32))
         pusher.drain()
     elif comm.rank == 0:
-        rx = PushReceiver(comm, [1], max_payload=4 * n)
+        rx = PushReceiver(comm, [1], layout)
         got, error, ready = [], None, []
 
         def arrived() -> bool:
@@ -162,73 +163,149 @@ def test_push_reaches_server_validated_and_bounded_inflight():
 
 
 # -- chunks: no MPI call moves more than chunk_bytes -------------------------------------------------
-CHUNK = 100  # bytes: not a multiple of 4, so chunk boundaries cut floats in two
+CHUNK = 100  # bytes: 25 float32 per chunk of a raw slice
 
 
-def _drain_rest(comm, nbytes: int, source: int) -> None:
-    """Receive the chunks after the first of a push the receiver refused, so none stays queued."""
-    from mpi4py import MPI
+def _receive_one(rx, what="a push"):
+    from mpips.transport import wait_for
 
-    from mpips.transport import Tag, recv_chunks, wait_all
-
-    wait_all(recv_chunks(comm, np.empty(nbytes - CHUNK, np.uint8), source, Tag.PUSH_DATA, CHUNK), "the rest", 30)
-    assert not comm.Iprobe(source=source, tag=MPI.ANY_TAG)
+    ready = []
+    wait_for(lambda: bool(ready.extend(rx.poll()) or ready), what, 30, moved=lambda: rx.progressed)
+    ((w, hdr, payload),) = ready
+    payload = payload.copy()
+    rx.repost(w)
+    return w, hdr, payload
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))
-def test_chunked_pushes_arrive_whole_and_the_header_is_checked_first():
-    """Pushes of 0 bytes to many chunks, each whole and in order; a bad header is refused as soon as
-    the first chunk is in, before the rest of the push is received."""
+def test_streamed_pushes_arrive_whole_with_the_trailer_and_the_header_is_checked_first():
+    """Raw pushes longer than a chunk: header, chunks last first, tail (mask + norm + loss),
+    sent whole (``push``) or chunk by chunk (``begin``/``send_chunk``/``end``, as during
+    backward); the server gets the payload laid out as one message's (values, then mask) and the
+    header with the trailer's norm and loss. A bad header is refused before anything more is
+    received."""
     from mpi4py import MPI
 
-    from mpips.transport import Pusher, PushReceiver, wait_for
+    from mpips.transport import Pusher, PushLayout, PushReceiver, Tag, recv_chunks, wait_all, wait_for
 
     comm = MPI.COMM_WORLD
-    lengths = [0, 1, CHUNK - HEADER_BYTES, CHUNK - HEADER_BYTES + 1, 4000, 4001, 2 * CHUNK]
-    largest = max(lengths)
+    n, runs = 1001, 3  # 40 chunks of 25 elements and one of 1
+    layout = PushLayout.raw(n, runs, CHUNK)
+    assert len(layout.slots) == 41 and not layout.one_message(CHUNK)
     rng = np.random.default_rng(5)
-    payloads = [rng.integers(0, 256, n, dtype=np.uint8) for n in lengths]
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    mask = np.array([1, 0, 1], np.uint8)
     if comm.rank == 1:
-        pusher = Pusher(comm, [0], [largest], max_inflight=2, chunk_bytes=CHUNK)
-        for step, p in enumerate(payloads):
-            pusher.push(0, header(step=step, worker=0, length=p.size), p)
-        pusher.push(0, header(step=9, worker=7, length=4000), payloads[4])  # claims another worker
+        pusher = Pusher(comm, [0], [layout], max_inflight=2, chunk_bytes=CHUNK)
+        pusher.push(0, header(step=0, worker=0, length=4 * n + runs, grad_norm=2.5, loss=0.25), grads[0], mask)
+        pusher.begin(0, header(step=1, worker=0))
+        with pytest.raises(ValueError, match="out of order"):
+            pusher.send_chunk(0, 0, grads[1][:25])  # chunks go last first
+        for c in reversed(range(41)):
+            pusher.send_chunk(0, c, grads[1][25 * c : 25 * c + 25])
+        pusher.end(0, mask, float("inf"), 0.75)
+        pusher.push(0, header(step=2, worker=7, length=4 * n + runs), grads[2], mask)  # claims another worker
         pusher.drain()
     elif comm.rank == 0:
-        rx = PushReceiver(comm, [1], max_payload=largest, chunk_bytes=CHUNK)
-        ready = []
-        for step, p in enumerate(payloads):
-            ready.clear()
-            wait_for(lambda: bool(ready.extend(rx.poll()) or ready), "a push", 30)
-            ((w, hdr, got),) = ready
-            assert (w, hdr.step, hdr.length) == (0, step, p.size)
-            assert np.array_equal(got, p), f"push {step} of {p.size} bytes"
-            rx.repost(w)
-        assert rx.bytes_received == sum(HEADER_BYTES + n for n in lengths)
+        rx = PushReceiver(comm, [1], layout, chunk_bytes=CHUNK)
+        for step, norm, loss in ((0, 2.5, 0.25), (1, float("inf"), 0.75)):
+            w, hdr, payload = _receive_one(rx)
+            assert (w, hdr.step, hdr.length, hdr.grad_norm, hdr.loss) == (0, step, 4 * n + runs, norm, loss)
+            assert np.array_equal(payload[: 4 * n].view(np.float32), grads[step]), f"push {step}"
+            assert np.array_equal(payload[4 * n :], mask)
+        assert rx.bytes_received == 2 * (HEADER_BYTES + 4 * n + runs + TRAILER_BYTES)
         with pytest.raises(MalformedMessage, match="malformed push from worker 0: claims worker 7"):
             wait_for(lambda: bool(rx.poll()), "the bad push", 30)
-        assert not rx.receiving  # refused on its first chunk: nothing more was received for it
-        _drain_rest(comm, HEADER_BYTES + 4000, 1)
+        assert rx.receiving is None  # refused on its header: nothing more was received for it
+        scratch = np.empty(CHUNK, np.uint8)  # receive what the refused push sent: 41 chunks and its tail
+        wait_all([comm.Irecv(scratch, 1, Tag.PUSH_DATA) for _ in range(41)]
+                 + recv_chunks(comm, np.empty(runs + TRAILER_BYTES, np.uint8), 1, Tag.PUSH_TAIL, CHUNK), "the rest", 30)
+        assert not comm.Iprobe(source=1, tag=MPI.ANY_TAG)
     comm.Barrier()
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))
-def test_a_push_shorter_than_its_header_says_is_refused_naming_the_worker():
-    """Every chunk after the first is checked for its size: a push that ends early is caught."""
+def test_codec_records_shorter_than_their_slot_or_longer_than_a_chunk_arrive_together():
+    """A codec's records vary up to their bound (``max_record_bytes``): each is received at the
+    start of its slot, a slot larger than a chunk in several messages (the last ones short or
+    empty), and the server hands out the records back to back, then the mask."""
     from mpi4py import MPI
 
-    from mpips.transport import PushReceiver, Tag, send_chunks, wait_all, wait_for
+    from mpips.transport import Pusher, PushLayout, PushReceiver
 
     comm = MPI.COMM_WORLD
+    layout = PushLayout((40, 150, 40, 230), 2, exact=False)
+    rng = np.random.default_rng(7)
+    pushes = [[rng.integers(0, 256, k, dtype=np.uint8) for k in sizes]
+              for sizes in ((40, 150, 40, 230), (12, 120, 0 + 4, 201), (40, 60, 40, 100))]
+    mask = np.array([1, 1], np.uint8)
     if comm.rank == 1:
-        message = np.zeros(HEADER_BYTES + 900, np.uint8)
-        header(step=0, worker=0, length=1000).pack_into(message)  # 100 bytes fewer than it says
-        wait_all(send_chunks(comm, message, 0, Tag.PUSH_DATA, CHUNK, first_tag=Tag.PUSH), "the push", 30)
+        pusher = Pusher(comm, [0], [layout], max_inflight=1, chunk_bytes=CHUNK)
+        for step, records in enumerate(pushes):
+            pusher.push(0, header(step=step, worker=0, codec=Codec.TOPK, length=sum(r.size for r in records) + 2),
+                        *records, mask)
+        pusher.drain()
     elif comm.rank == 0:
-        rx = PushReceiver(comm, [1], max_payload=1000, chunk_bytes=CHUNK)
-        with pytest.raises(MalformedMessage, match=r"malformed push from worker 0: chunk 10 of its push for step 0"
-                                                   r" has 64 bytes, expected 100"):
-            wait_for(lambda: bool(rx.poll()), "the push", 30)
+        rx = PushReceiver(comm, [1], layout, chunk_bytes=CHUNK)
+        for step, records in enumerate(pushes):
+            _, hdr, payload = _receive_one(rx)
+            want = np.concatenate([*records, mask])
+            assert hdr.length == want.size and np.array_equal(payload, want), f"push {step}"
+        rx.cancel()  # the receive posted ahead for a next push
+    comm.Barrier()
+
+
+def _send_streamed(comm, n, runs, *, step=0, chunk_sizes=None, tail=True, trailer_step=None):
+    """Rank 1 -> 0 by hand: a streamed push's header, its chunks last first (``chunk_sizes``:
+    bytes of each message, in sending order), and its tail."""
+    from mpips.transport import PushTrailer, Tag
+
+    hdr = np.zeros(HEADER_BYTES, np.uint8)
+    header(step=step, worker=0, length=4 * n + runs, streamed=True).pack_into(hdr)
+    comm.Send(hdr, dest=0, tag=Tag.PUSH)
+    sizes = chunk_sizes if chunk_sizes is not None else [CHUNK] * (4 * n // CHUNK)
+    for size in sizes:
+        comm.Send(np.zeros(size, np.uint8), dest=0, tag=Tag.PUSH_DATA)
+    if tail:
+        out = np.zeros(runs + TRAILER_BYTES, np.uint8)
+        PushTrailer(0, step if trailer_step is None else trailer_step, 1.0, 0.5).pack_into(out[runs:])
+        comm.Send(out, dest=0, tag=Tag.PUSH_TAIL)
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+@pytest.mark.parametrize("fault", ["short chunk", "bad trailer", "missing tail", "one message"])
+def test_a_broken_streamed_push_is_refused_naming_the_worker(fault):
+    """Every chunk is checked for its size, the trailer for its push (worker and step), and a
+    push whose tail never comes is named in the stall message: nothing of it is handed out."""
+    from mpi4py import MPI
+
+    from mpips.transport import PushLayout, PushReceiver, StallError, Tag, wait_for
+
+    comm = MPI.COMM_WORLD
+    n, runs = 250, 2  # 10 chunks of 100 bytes
+    if comm.rank == 1:
+        if fault == "short chunk":
+            _send_streamed(comm, n, runs, chunk_sizes=[CHUNK, 64], tail=False)
+        elif fault == "bad trailer":
+            _send_streamed(comm, n, runs, step=4, trailer_step=3)
+        elif fault == "missing tail":
+            _send_streamed(comm, n, runs, tail=False)
+        else:  # a whole push where the layout streams (a worker with another --chunk-bytes)
+            message = np.zeros(CHUNK, np.uint8)
+            header(step=0, worker=0, length=CHUNK - HEADER_BYTES).pack_into(message)
+            comm.Send(message, dest=0, tag=Tag.PUSH)
+    elif comm.rank == 0:
+        rx = PushReceiver(comm, [1], PushLayout.raw(n, runs, CHUNK), chunk_bytes=CHUNK)
+        expected = {
+            "short chunk": (MalformedMessage, r"malformed push from worker 0: chunk 8 of its push for step 0 has 64"
+                                              r" bytes, expected 100"),
+            "bad trailer": (MalformedMessage, r"malformed push from worker 0 for step 4: trailer of worker 0, step 3"),
+            "missing tail": (StallError, r"worker 0's push for step 0: 0 chunk messages and its tail still to come"),
+            "one message": (MalformedMessage, r"malformed push from worker 0: one 36 payload bytes; pushes here are"
+                                              r" streamed"),
+        }[fault]
+        with pytest.raises(expected[0], match=expected[1]):
+            wait_for(lambda: bool(rx.poll()), rx.describe, 2 if fault == "missing tail" else 30)
         rx.cancel()
     comm.Barrier()
 

@@ -1,5 +1,6 @@
-"""Fuzzing the push decoder: whatever arrives, ``PushHeader.decode`` either raises
-MalformedMessage or returns a header whose every field is valid. Plain pytest, no MPI."""
+"""Fuzzing the push decoders: whatever arrives, ``PushHeader.decode`` and ``PushTrailer.decode``
+either raise MalformedMessage or return a header (trailer) whose every field is valid. Plain
+pytest, no MPI."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpips.transport import HEADER_BYTES, MAGIC, PROTOCOL, Codec, MalformedMessage, PushHeader
+from mpips.transport import (
+    HEADER_BYTES,
+    MAGIC,
+    PROTOCOL,
+    STREAMED,
+    TAIL_MAGIC,
+    TRAILER_BYTES,
+    Codec,
+    MalformedMessage,
+    PushHeader,
+    PushTrailer,
+)
 
 FORMAT = PushHeader._FORMAT
 MAX_PAYLOAD = 4096
@@ -20,9 +32,13 @@ def _check(header: PushHeader, nbytes: int) -> None:
     """The invariants every accepted header satisfies."""
     assert header.codec in {int(c) for c in Codec}
     assert header.worker == WORKER
-    assert header.step >= 0 and header.samples >= 0 and header.clock_seen >= -1
+    assert header.step >= 0 and header.samples >= 0 and (header.clock_seen >= -1 or header.codec == Codec.JOIN)
     assert header.applied_seen >= 0
-    assert header.length == nbytes - HEADER_BYTES and 0 <= header.length <= MAX_PAYLOAD
+    if header.streamed:  # a header alone, announcing what follows
+        assert nbytes == HEADER_BYTES and 0 < header.length <= MAX_PAYLOAD
+        assert header.codec not in (Codec.JOIN, Codec.STOP)
+    else:
+        assert header.length == nbytes - HEADER_BYTES and 0 <= header.length <= MAX_PAYLOAD
 
 
 def _decode(buf: np.ndarray, nbytes: int) -> PushHeader | None:
@@ -52,7 +68,8 @@ def _int(bits: int, signed: bool) -> st.SearchStrategy[int]:
 fields = st.tuples(
     st.one_of(st.just(MAGIC), _int(32, False)),  # magic
     st.one_of(st.just(PROTOCOL), _int(16, False)),  # protocol
-    st.one_of(st.sampled_from([int(c) for c in Codec]), _int(16, False)),  # codec
+    st.one_of(st.sampled_from([int(c) for c in Codec]), _int(8, False)),  # codec
+    st.one_of(st.sampled_from([0, STREAMED]), _int(8, False)),  # flags
     _int(64, True),  # step
     st.one_of(st.just(WORKER), _int(32, True)),  # worker
     _int(32, True),  # samples
@@ -71,18 +88,22 @@ def test_structured_headers_are_accepted_only_when_valid(values, payload):
     FORMAT.pack_into(buf, 0, *values)
     nbytes = HEADER_BYTES + payload
     header = _decode(buf, nbytes)
-    magic, proto, codec, step, w, samples, clock, length, _, _, applied = values
+    magic, proto, codec, flags, step, w, samples, clock, length, _, _, applied = values
+    streamed = flags == STREAMED
     valid = (
         magic == MAGIC
         and proto == PROTOCOL
         and codec in {int(c) for c in Codec}
+        and flags in (0, STREAMED)
         and w == WORKER
         and step >= 0
         and samples >= 0
-        and clock >= -1
+        and clock >= (-1 if codec != Codec.JOIN else -(2**63))
         and applied >= 0
-        and length == payload
-        and length <= MAX_PAYLOAD
+        and (
+            (not streamed and length == payload and length <= MAX_PAYLOAD)
+            or (streamed and payload == 0 and 0 < length <= MAX_PAYLOAD and codec not in (Codec.JOIN, Codec.STOP))
+        )
     )
     assert (header is not None) == valid
 
@@ -95,17 +116,46 @@ def test_structured_headers_are_accepted_only_when_valid(values, payload):
     length=st.integers(0, MAX_PAYLOAD),
     norm=st.floats(allow_nan=False),
     applied=st.integers(0, 2**40),
+    streamed=st.booleans(),
 )
-def test_valid_headers_round_trip(step, samples, clock, length, norm, applied):
+def test_valid_headers_round_trip(step, samples, clock, length, norm, applied, streamed):
+    length = max(1, length) if streamed else length
     sent = PushHeader(
-        step, WORKER, Codec.RAW32, samples, clock, length, norm, 0.5, applied_seen=applied
+        step, WORKER, Codec.RAW32, samples, clock, length, norm, 0.5, applied_seen=applied, streamed=streamed
     )
     buf = np.zeros(HEADER_BYTES + length, dtype=np.uint8)
     sent.pack_into(buf)
-    assert (
-        PushHeader.decode(buf, HEADER_BYTES + length, worker=WORKER, max_payload=MAX_PAYLOAD)
-        == sent
-    )
+    nbytes = HEADER_BYTES if streamed else HEADER_BYTES + length
+    assert PushHeader.decode(buf, nbytes, worker=WORKER, max_payload=MAX_PAYLOAD) == sent
+
+
+TRAILER_FIELDS = st.tuples(
+    st.one_of(st.just(TAIL_MAGIC), _int(32, False)),  # magic
+    st.one_of(st.just(WORKER), _int(32, True)),  # worker
+    st.one_of(st.just(7), _int(64, True)),  # step
+    st.floats(allow_nan=True, allow_infinity=True),  # grad_norm
+    st.floats(allow_nan=True, allow_infinity=True),  # loss
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TRAILER_FIELDS)
+def test_trailers_are_accepted_only_for_their_push(values):
+    """A tail's trailer must name the header's worker and step; norm and loss may be anything
+    (a non-finite norm: the server drops the push, as for a one-message push)."""
+    header = PushHeader(7, WORKER, Codec.RAW32, 8, 6, 100, 0.0, 0.0, streamed=True)
+    buf = np.zeros(TRAILER_BYTES, dtype=np.uint8)
+    PushTrailer._FORMAT.pack_into(buf, 0, *values)
+    magic, w, step, norm, loss = values
+    try:
+        got = PushTrailer.decode(buf, header)
+    except MalformedMessage as exc:
+        assert f"worker {WORKER} for step 7" in str(exc)
+        assert (magic, w, step) != (TAIL_MAGIC, WORKER, 7)
+    else:
+        assert (magic, w, step) == (TAIL_MAGIC, WORKER, 7)
+        assert (got.worker, got.step) == (WORKER, 7)
+        assert got.grad_norm == norm or (np.isnan(got.grad_norm) and np.isnan(norm))
 
 
 def test_corrupted_magic_is_named():

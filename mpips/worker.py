@@ -53,7 +53,7 @@ from mpips.transport import (
 if TYPE_CHECKING:
     from mpips.layout import PSContext
 
-__all__ = ["BackwardChunks", "FlatModel", "Worker", "evaluate"]
+__all__ = ["BackwardChunks", "BackwardPush", "FlatModel", "Worker", "evaluate"]
 
 
 class FlatModel:
@@ -273,6 +273,79 @@ class BackwardChunks:
         return out
 
 
+class BackwardPush:
+    """Push during backward: a worker's streamed pushes, fed by ``FlatModel``'s gradient hooks.
+
+    ``begin`` sends each streamed server's header (``Pusher.begin``: what is known before
+    backward) and hooks the model; each chunk of a server's gradient slice then goes out as soon
+    as backward has finished it, last first (``BackwardChunks``), as float32 or encoded by the
+    codec (its error feedback too) right there; ``finish``, after backward, sends the chunks no
+    hook sent (tensors without a gradient) and the tails (mask, norm, loss). The bytes are those
+    an after-backward push sends: a chunk is final when it goes.
+
+    Only where a gradient is final when its hook fires: float32 wire buffers on the CPU without
+    staging, no fp16 loss scaling (the worker checks; elsewhere it pushes after backward).
+
+    Args:
+        flat: the model in flat buffers.
+        pusher: sends the messages (``begin`` / ``send_chunk`` / ``end``).
+        servers: the server indices whose pushes are streamed.
+        ranges: each server's chunk ranges (``chunk_ranges`` of its slice).
+        chunk_bytes: ``--chunk-bytes`` (elements per chunk: a quarter of it).
+        codec, encoder: the push codec and its encoder (error feedback), or None (float32).
+        seed, worker: what ``chunk_seed`` mixes in besides step, server and chunk.
+    """
+
+    def __init__(self, flat: FlatModel, pusher: Pusher, servers: list[int], ranges: list[list[tuple[int, int]]],
+                 chunk_bytes: int, codec: Any = None, encoder: Any = None, seed: int = 0, worker: int = 0):
+        self.flat, self.pusher, self.servers, self.ranges = flat, pusher, servers, ranges
+        self.codec, self.encoder, self.seed, self.worker = codec, encoder, seed, worker
+        self.chunks = BackwardChunks(flat.plan, max(1, chunk_bytes // 4), servers)
+        self.grads = [flat.shard(s, grad=True) for s in range(flat.plan.servers)]
+        self.step = -1
+        self.sent = 0  # chunks sent, all steps
+        self.in_backward = 0  # of those, from a hook (before backward returned)
+
+    def begin(self, step: int, headers: dict[int, PushHeader]) -> None:
+        """Before backward: send the headers (one per streamed server) and hook the gradients."""
+        for s in self.servers:
+            self.pusher.begin(s, headers[s])
+        self.chunks.reset()
+        self.step = step
+        self.flat.on_grad = self._grad_done
+
+    def _grad_done(self, i: int) -> None:
+        for s, c in self.chunks.grad_done(i):
+            self._send(s, c)
+            self.in_backward += 1
+
+    def finish(self, grad_norm: float, loss: float) -> None:
+        """After backward: the chunks not sent yet, in order, then every tail."""
+        self.flat.on_grad = None
+        for s, c in self.chunks.rest():
+            self._send(s, c)
+        for s in self.servers:
+            self.pusher.end(s, self.flat.mask(s), grad_norm, loss)
+
+    def _send(self, s: int, c: int) -> None:
+        """Chunk ``c`` of server ``s``'s slice, as it is or encoded. A non-finite chunk is encoded
+        without error feedback (its NaN or Inf must not stay in the residual; the push's norm is
+        then non-finite and the server drops it): the whole-push rule, decided per chunk, since
+        the norm is not known yet."""
+        lo, hi = self.ranges[s][c]
+        grad = self.grads[s][lo:hi]
+        self.sent += 1
+        if self.codec is None:
+            self.pusher.send_chunk(s, c, grad)
+            return
+        g, seed = torch.from_numpy(grad), chunk_seed(self.seed, self.step, self.worker, s, c)
+        if bool(torch.isfinite(g).all()):
+            record = self.encoder.encode(g, seed, self.flat.plan.shard_range(s)[0] + lo)
+        else:
+            record = self.codec.encode(g, seed)
+        self.pusher.send_chunk(s, c, record)
+
+
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, batch: int = 512, *,
     task: str = "classification", loss: LossFn | None = None, precision: Precision | None = None,
@@ -391,9 +464,6 @@ class Worker:
         streamed = [s for s, st in enumerate(self.pusher.streamed) if st]
         final = self.flat.final_in_backward and self.precision.scaler is None
         self.streamed = streamed if self.ctx.train.push_during_backward and final else []
-        self.backward_chunks = (BackwardChunks(plan, max(1, self.chunk_bytes // 4), self.streamed)
-                                if self.streamed else None)
-        self._open_step = -1  # the step whose push is streaming
         if not self.window.rma:
             self.pull_mode = "message"
         self.puller = (
@@ -402,7 +472,9 @@ class Worker:
             if self.pull_mode == "message" else None
         )
         self.shards = [self.flat.shard(s) for s in range(plan.servers)]
-        self.shards_grad = [self.flat.shard(s, grad=True) for s in range(plan.servers)]
+        self.backward_push = (BackwardPush(self.flat, self.pusher, self.streamed, self.ranges, self.chunk_bytes,
+                                           self.codec, self.encoder, self.seed, self.index)
+                              if self.streamed else None)
         # bsp over windows: the servers announce each version (transport.NoticeSender)
         self.notices = (NoticeReceiver(self.comm, self.servers)
                         if self.sync == "bsp" and self.pull_mode == "rma" else None)
@@ -450,8 +522,8 @@ class Worker:
             flat.zero_grad()
             loss, samples = torch.zeros(()), len(batch)
             streaming = bool(self.streamed) and samples > 0
-            if streaming:  # headers now; each chunk as backward finishes it (_grad_ready)
-                self._begin_push(step, samples, clock)
+            if streaming:  # headers now; each chunk as soon as backward has finished it
+                self.backward_push.begin(step, {s: self._header(s, step, samples, clock) for s in self.streamed})
             if samples:
                 with tracer.span("forward/backward", step):
                     out = self.precision.forward(model, torch.from_numpy(batch.x))
@@ -468,8 +540,11 @@ class Worker:
                     samples, grad_norm = 0, 0.0
                 flat.before_push()  # staging: the chunks backward did not copy yet
                 t2 = time.perf_counter()
-                if streaming:
-                    self._end_push(step, samples, clock, grad_norm, float(loss))
+                if streaming:  # what no hook sent, the tails; servers whose pushes fit one chunk: whole
+                    self.backward_push.finish(grad_norm, float(loss))
+                    whole = [s for s in range(len(self.servers)) if s not in self.streamed]
+                    if whole:
+                        self.push(step, samples, clock, grad_norm, float(loss), whole)
                 else:
                     self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
@@ -602,48 +677,6 @@ class Worker:
         return PushHeader(step, self.index, codec, samples, clock, 0, 0.0, 0.0,
                           applied_seen=int(self.status[s, Slot.APPLIED]))
 
-    def _begin_push(self, step: int, samples: int, clock: int) -> None:
-        """Push during backward: send the headers, then each chunk as soon as it is final."""
-        for s in self.streamed:
-            self.pusher.begin(s, self._header(s, step, samples, clock))
-        self.backward_chunks.reset()
-        self._open_step = step
-        self.flat.on_grad = self._grad_ready
-
-    def _grad_ready(self, i: int) -> None:
-        for s, c in self.backward_chunks.grad_done(i):
-            self._send_chunk(s, c)
-            self.stats.chunks_in_backward += 1
-            self.stats.chunks_streamed += 1
-
-    def _send_chunk(self, s: int, c: int) -> None:
-        """Chunk ``c`` of server ``s``'s gradient slice, as it is or encoded (its own finiteness
-        decides error feedback: a non-finite chunk is encoded without it, see ``_encode``)."""
-        lo, hi = self.ranges[s][c]
-        grad = self.shards_grad[s][lo:hi]
-        if self.codec is None:
-            self.pusher.send_chunk(s, c, grad)
-            return
-        g, seed = torch.from_numpy(grad), chunk_seed(self.seed, self._open_step, self.index, s, c)
-        if bool(torch.isfinite(g).all()):
-            record = self.encoder.encode(g, seed, self.flat.plan.shard_range(s)[0] + lo)
-        else:
-            record = self.codec.encode(g, seed)
-        self.pusher.send_chunk(s, c, record)
-
-    def _end_push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float) -> None:
-        """After backward: the chunks no hook sent (tensors without a gradient), then the tails
-        (mask, norm, loss); servers whose pushes fit one chunk get theirs whole."""
-        self.flat.on_grad = None
-        for s, c in self.backward_chunks.rest():
-            self._send_chunk(s, c)
-            self.stats.chunks_streamed += 1
-        for s in self.streamed:
-            self.pusher.end(s, self.flat.mask(s), grad_norm, loss)
-        whole = [s for s in range(len(self.servers)) if s not in self.streamed]
-        if whole:
-            self.push(step, samples, clock, grad_norm, loss, whole)
-
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float,
              servers: list[int] | None = None) -> None:
         """Push the whole gradient (after backward) to ``servers`` (default: all)."""
@@ -678,6 +711,8 @@ class Worker:
         st.pull_seconds += t_pull
         st.compute_seconds += t_compute
         st.push_seconds += t_push
+        if self.backward_push is not None:
+            st.chunks_streamed, st.chunks_in_backward = self.backward_push.sent, self.backward_push.in_backward
         step_pushed, step_pulled = self.pusher.bytes_sent - st.bytes_pushed, st.bytes_pulled - self._pulled_before
         self._pulled_before = st.bytes_pulled
         st.bytes_pushed = self.pusher.bytes_sent

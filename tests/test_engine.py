@@ -97,6 +97,40 @@ def test_bsp_equals_single_process_training_on_the_global_batch(optim):
     comm.Barrier()
 
 
+@pytest.mark.mpi(min_size=4, sizes=(4, 6))
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--chunk-bytes", "1000"],
+        ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000", "--compress", "topk", "--compress-ratio", "0.1"],
+        ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000", "--model", "toymodels:frozen_and_unused"],
+    ],
+    ids=["adamw-clip", "topk-error-feedback", "frozen-and-unused"],
+)
+def test_a_push_during_backward_trains_bit_for_bit_as_a_push_after_it(flags):
+    """Chunks sent from the gradient hooks, last first (all but the unused layers' before backward returns),
+    with tails after it: the same parameters, bit for bit, as the whole push after backward."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    servers = 1 if comm.size < 6 else 2
+    tmp = shared_tmpdir(comm)
+    base = ["--servers", str(servers), "--data-servers", "0", "--sync", "bsp", "--batch-size", "13",
+            "--steps", "25", "--seed", "7", *flags]
+    for mode in ("--push-during-backward", "--no-push-during-backward"):
+        train_in_process(comm, [*base, mode, "--save", str(tmp / f"{mode}.pt"),
+                                "--metrics", str(tmp / f"{mode}.jsonl")])
+    if comm.rank == 0:
+        during, after = (torch.load(tmp / f"{m}.pt", weights_only=True)
+                         for m in ("--push-during-backward", "--no-push-during-backward"))
+        assert all(torch.equal(during[k], after[k]) for k in during)
+        (end,) = events(tmp / "--push-during-backward.jsonl", "end")
+        (end_after,) = events(tmp / "--no-push-during-backward.jsonl", "end")
+        assert end["chunks_streamed"] >= end["chunks_in_backward"] > 0, end
+        assert end_after["chunks_streamed"] == 0
+    comm.Barrier()
+
+
 @pytest.mark.mpi(min_size=4, sizes=(4,))
 @pytest.mark.parametrize(
     "servers, model, optim",

@@ -119,6 +119,21 @@ CASES = [
         SMALL,
         [fatal(2, "server 0", "MalformedMessage: malformed push from worker 1: bad magic")],
     ),
+    (  # the same when the push is streamed during backward: its header goes before backward
+        "malformed-worker-push-streamed",
+        3,
+        "rank=1,phase=push,step=2,kind=malformed",
+        (*SMALL, "--chunk-bytes", "4096"),
+        [fatal(2, "server 0", "MalformedMessage: malformed push from worker 1: bad magic")],
+    ),
+    (  # streamed with topk: the first record is the last chunk sent, from a gradient hook
+        "malformed-payload-worker-push-topk-streamed",
+        3,
+        "rank=1,phase=push,step=2,kind=malformed-payload",
+        (*SMALL, "--compress", "topk", "--chunk-bytes", "1000"),
+        [fatal(2, "server 0", r"MalformedMessage: server 0: malformed topk push from worker 1 for step 2:"
+                              r" chunk 0 \(elements 0\.\.\d+\): record for \d+ elements, the chunk has \d+")],
+    ),
     (  # a compressed push whose first record announces the wrong element count: refused, never applied
         "malformed-payload-worker-push-topk",
         3,

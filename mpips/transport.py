@@ -12,18 +12,35 @@ and move each range as bytes (``MPI.BYTE``) with one call. MPI keeps the message
 sender, tag and communicator in order, so the chunks of a transfer need no sequence numbers;
 sender and receiver cut with the same ``chunk_bytes`` (one setting for the whole job).
 
-Wire format of a push (worker -> server): the bytes of a 64-byte header (``PushHeader``)
-followed by ``length`` payload bytes (for ``Codec.RAW32``: the float32 gradient slice of the
-server's shard, then one uint8 per tensor run of the shard, 1 = that tensor got a gradient; for
-a compressed push, one self-describing record per chunk of the slice, then the same mask: see
-``mpips.compression``), cut into chunks. The first chunk (tag ``PUSH``) carries the header and as much payload as fits;
-the others follow with tag ``PUSH_DATA``. A push of at most ``chunk_bytes`` bytes is one message,
-as it always was. The server validates the header as soon as the first chunk is in, before it
-receives the rest (into its one body buffer, one push at a time: ``PushReceiver``), and checks
-every chunk's length; nothing is
-applied before the whole push is in and valid (``MalformedMessage`` otherwise, naming the worker).
-The last chunk is sent with ``Issend``: a push stays in flight (``--max-inflight``) until the
-server has matched it, whatever the MPI's eager limit.
+Wire format of a push (worker -> server), protocol 2. Its payload is laid out by the server's
+``PushLayout``: the gradient slice cut into chunks (``mpips.compression.chunk_ranges``,
+``chunk_bytes // 4`` elements), chunk ``c`` in a slot of ``slots[c]`` bytes (``Codec.RAW32``: its
+float32 values, exactly; a codec: its self-describing record, at most ``max_record_bytes``, see
+``mpips.compression``), then one uint8 per tensor run of the shard (the mask, 1 = that tensor got
+a gradient). Two forms, by size alone:
+
+- **One message** (tag ``PUSH``) where ``HEADER_BYTES`` + the largest payload fits one chunk: the
+  64-byte ``PushHeader`` (with the gradient norm and loss), then the payload. Sent after backward.
+  JOIN and STOP pushes (no payload) are always one message.
+- **Streamed** otherwise (``Pusher.begin`` / ``send_chunk`` / ``end``), in this order: the header
+  alone (``PUSH``, flag ``STREAMED``, ``length`` = the layout's largest payload; no norm or loss),
+  sent before backward; then the chunks **last first** (``PUSH_DATA``), each as soon as backward
+  has finished it, one message per slot (``chunks(slot, chunk_bytes)`` messages where a codec's
+  bound outgrows a chunk; a record shorter than its slot leaves the last ones short or empty);
+  then the **tail** (``PUSH_TAIL``): the mask and a 32-byte ``PushTrailer`` (worker, step, the
+  whole gradient's norm, loss), its last message with ``Issend``. ``Pusher.push`` sends a streamed
+  push all at once after backward, in the same messages (fp16, GPU workers, a push without
+  backward).
+
+MPI keeps the messages of one sender, tag and communicator in order, so chunks need no sequence
+numbers: the server posts its receives in the order they are sent. ``PushReceiver`` validates a
+header as soon as it arrives, before it receives anything more, checks every chunk's size and the
+trailer (the header's worker and step), and hands a push on only once its tail is in: with the
+trailer's norm and loss in the header, and the payload laid out as a one-message push's (records
+moved together where one is shorter than its slot). Nothing is applied before a whole push is in
+and valid (``MalformedMessage`` otherwise, naming the worker). The ``Issend`` keeps a push in
+flight (``--max-inflight``) until the server has matched its last message, whatever the MPI's
+eager limit.
 
 A window holds a 64-byte status block (int64 slots, see ``Slot``) followed by the shard (float32,
 or bf16/fp16 with ``--pull-codec``: pulls widen it);

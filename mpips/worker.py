@@ -6,6 +6,13 @@ bf16/fp16 the window widens what it read) and each server's slice of the gradien
 contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
 (``mpips.compression``, error-feedback residuals in ``state_dict``).
 
+Push during backward (``BackwardPush``, ``--push-during-backward``, on by default): a push longer
+than one chunk leaves while backward runs. Its header goes before backward; the gradient hooks
+``FlatModel`` registers send each chunk as soon as every tensor on it has its gradient, last
+first (``BackwardChunks``); the tail (mask, norm, loss) follows backward. Only where a gradient
+is final when its hook fires: float32 parameters on the CPU, no fp16 loss scaling; elsewhere the
+push goes after backward in the same messages (see ``mpips.transport``).
+
 Lifecycle: ``start()`` creates the window (collective over the parameter-server communicator)
 -> ``run()`` trains -> ``finish()`` sends the stop messages, receives the final parameters (lead
 worker) and frees the window (collective).

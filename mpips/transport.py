@@ -23,10 +23,11 @@ a gradient). Two forms, by size alone:
   64-byte ``PushHeader`` (with the gradient norm and loss), then the payload. Sent after backward.
   JOIN and STOP pushes (no payload) are always one message.
 - **Streamed** otherwise (``Pusher.begin`` / ``send_chunk`` / ``end``), in this order: the header
-  alone (``PUSH``, flag ``STREAMED``, ``length`` = the layout's largest payload; no norm or loss),
-  sent before backward; then the chunks **last first** (``PUSH_DATA``), each as soon as backward
-  has finished it, one message per slot (``chunks(slot, chunk_bytes)`` messages where a codec's
-  bound outgrows a chunk; a record shorter than its slot leaves the last ones short or empty);
+  alone (``PUSH``, flag ``STREAMED``, ``length`` = the layout's largest payload; no norm or loss:
+  what is known before backward), sent with the first chunk; then the chunks **last first**
+  (``PUSH_DATA``), each as soon as backward has finished it, one message per slot
+  (``chunks(slot, chunk_bytes)`` messages where a codec's bound outgrows a chunk; a record
+  shorter than its slot leaves the last ones short or empty);
   then the **tail** (``PUSH_TAIL``): the mask and a 32-byte ``PushTrailer`` (worker, step, the
   whole gradient's norm, loss), its last message with ``Issend``. ``Pusher.push`` sends a streamed
   push all at once after backward, in the same messages (fp16, GPU workers, a push without

@@ -7,9 +7,9 @@ contiguous range that is sent as it is, or with ``--compress`` encoded chunk by 
 (``mpips.compression``, error-feedback residuals in ``state_dict``).
 
 Push during backward (``BackwardPush``, ``--push-during-backward``, on by default): a push longer
-than one chunk leaves while backward runs. Its header goes before backward; the gradient hooks
-``FlatModel`` registers send each chunk as soon as every tensor on it has its gradient, last
-first (``BackwardChunks``); the tail (mask, norm, loss) follows backward. Only where a gradient
+than one chunk leaves while backward runs: the gradient hooks ``FlatModel`` registers send each
+chunk as soon as every tensor on it has its gradient, last first (``BackwardChunks``), the first
+after the push's header; the tail (mask, norm, loss) follows backward. Only where a gradient
 is final when its hook fires: float32 parameters on the CPU, no fp16 loss scaling; elsewhere the
 push goes after backward in the same messages (see ``mpips.transport``).
 
@@ -283,9 +283,9 @@ class BackwardChunks:
 class BackwardPush:
     """Push during backward: a worker's streamed pushes, fed by ``FlatModel``'s gradient hooks.
 
-    ``begin`` sends each streamed server's header (``Pusher.begin``: what is known before
-    backward) and hooks the model; each chunk of a server's gradient slice then goes out as soon
-    as backward has finished it, last first (``BackwardChunks``), as float32 or encoded by the
+    ``begin`` hooks the model before forward; each chunk of a server's gradient slice then goes
+    out as soon as backward has finished it (the first after the server's header, ``Pusher.begin``:
+    what is known before backward), last first (``BackwardChunks``), as float32 or encoded by the
     codec (its error feedback too) right there; ``finish``, after backward, sends the chunks no
     hook sent (tensors without a gradient) and the tails (mask, norm, loss). The bytes are those
     an after-backward push sends: a chunk is final when it goes.
@@ -310,13 +310,15 @@ class BackwardPush:
         self.chunks = BackwardChunks(flat.plan, max(1, chunk_bytes // 4), servers)
         self.grads = [flat.shard(s, grad=True) for s in range(flat.plan.servers)]
         self.step = -1
+        self.headers: dict[int, PushHeader] = {}  # servers whose header is not sent yet
         self.sent = 0  # chunks sent, all steps
         self.in_backward = 0  # of those, from a hook (before backward returned)
 
     def begin(self, step: int, headers: dict[int, PushHeader]) -> None:
-        """Before backward: send the headers (one per streamed server) and hook the gradients."""
-        for s in self.servers:
-            self.pusher.begin(s, headers[s])
+        """Before forward: hook the gradients. Each server's header (one per streamed server) goes
+        with its first chunk, so that an asp/ssp server, which receives one streamed push at a
+        time, is held by a push only while backward sends it, not through the forward before."""
+        self.headers = dict(headers)
         self.chunks.reset()
         self.step = step
         self.flat.on_grad = self._grad_done
@@ -333,12 +335,15 @@ class BackwardPush:
             self._send(s, c)
         for s in self.servers:
             self.pusher.end(s, self.flat.mask(s), grad_norm, loss)
+        self.headers = {}
 
     def _send(self, s: int, c: int) -> None:
         """Chunk ``c`` of server ``s``'s slice, as it is or encoded. A non-finite chunk is encoded
         without error feedback (its NaN or Inf must not stay in the residual; the push's norm is
         then non-finite and the server drops it): the whole-push rule, decided per chunk, since
         the norm is not known yet."""
+        if s in self.headers:
+            self.pusher.begin(s, self.headers.pop(s))
         lo, hi = self.ranges[s][c]
         grad = self.grads[s][lo:hi]
         self.sent += 1

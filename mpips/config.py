@@ -171,9 +171,9 @@ class TrainConfig:
     )
     push_during_backward: bool = _opt(
         True, "a worker sends each chunk of its gradient as soon as backward has produced it (last layers"
-        " first), where the gradient is final then (float32 or bf16 on the CPU host path; not fp16, not GPU);"
-        " --no-push-during-backward: after the whole backward. Only pushes longer than one --chunk-bytes"
-        " are streamed"
+        " first), where the gradient is final then (float32 parameters on the CPU; not fp16 loss scaling, not"
+        " GPU staging); --no-push-during-backward: after the whole backward. Only pushes longer than one"
+        " --chunk-bytes are streamed"
     )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")

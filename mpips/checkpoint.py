@@ -11,7 +11,10 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
     workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
     workers/residual        float32 [workers, numel]  error-feedback residuals (with error feedback only;
-                            version 3 on; absent: resumed as zeros)
+                            version 3 on; absent: resumed as zeros); with --momentum-correction
+                            the accumulated velocities
+    workers/momentum        float32 [workers, numel]  --momentum-correction's momentum buffers (version
+                            4 on; absent: resumed as zeros)
     frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
     attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
                             config, and the sha256 of every piece each rank wrote
@@ -89,8 +92,8 @@ log = logging.getLogger("mpips.checkpoint")
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
 STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
 FORMAT = "mpips-checkpoint"
-VERSION = 3  # 3: workers/residual (error feedback); version 2 files are read as before
-READABLE = (2, 3)
+VERSION = 4  # 3: workers/residual (error feedback); 4: workers/momentum; older files are read as before
+READABLE = (2, 3, 4)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -468,9 +471,9 @@ class Checkpointing:
                 raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
                 module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
             state = {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
-            if "residual" in template:  # error feedback: the residual, or zeros where none was saved
-                state["residual"] = (torch.from_numpy(f["workers/residual"][i]) if "workers/residual" in f
-                                     else None)
+            for key in ("residual", "momentum"):  # the encoder's state, or zeros where none was saved
+                if key in template:
+                    state[key] = torch.from_numpy(f[f"workers/{key}"][i]) if f"workers/{key}" in f else None
         return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
@@ -521,9 +524,10 @@ class Checkpointing:
                   (W, 3)),
             Piece("workers/rng_torch", i, rng[None].copy(), (W, rng.size)),
         ]
-        if "residual" in st:
-            res = st["residual"].numpy()
-            pieces.append(Piece("workers/residual", i, res[None].copy(), (W, res.size)))
+        for key in ("residual", "momentum"):  # error feedback, --momentum-correction
+            if key in st:
+                vec = st[key].numpy()
+                pieces.append(Piece(f"workers/{key}", i, vec[None].copy(), (W, vec.size)))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):

@@ -136,7 +136,8 @@ class ParameterServer:
         ]
         self.optimizer = build_optimizer(self.pieces, self.cfg)
         c = self.compression
-        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
+        self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
+                      if c else None)
         self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
         self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
         max_payload = max(4 * n + len(self.pieces), payload_bound(self.codec, self.ranges, len(self.pieces)))

@@ -303,8 +303,10 @@ class Worker:
         c = self.compression
         self.pull_codec = c.pull_codec if c else "fp32"
         self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
-        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
-        self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
+        self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
+                      if c else None)
+        self.encoder = (make_encoder(self.codec, plan.numel, c.feedback(), *c.worker_momentum(self.ctx.optim))
+                        if self.codec else None)
         if self.flat.path == "direct" and (self.codec is not None or self.pull_codec != "fp32"):
             raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
                              " (mpips.train stages through host memory when they are set)")
@@ -333,7 +335,8 @@ class Worker:
 
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
         ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
-        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback.
+        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback;
+        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it.
         """
         state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
         if self.encoder is not None:
@@ -531,6 +534,7 @@ class Worker:
         its NaN or Inf does not stay in the residual.
         """
         g, lo = torch.from_numpy(grad), self.flat.plan.shard_range(s)[0]
+        self.encoder.begin_step(step)  # --sparsity-warmup: this step's fraction
         seeds = [chunk_seed(self.seed, step, self.index, s, c) for c in range(len(self.ranges[s]))]
         if not finite:
             return [self.codec.encode(g[a:b], seed) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]

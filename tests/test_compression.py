@@ -21,12 +21,15 @@ from mpips.compression import (
     CODECS,
     RECORD_BYTES,
     ErrorFeedback,
+    MomentumCorrection,
     PayloadError,
     chunk_ranges,
     chunk_seed,
     make_codec,
+    make_encoder,
     parse_payload,
     payload_bound,
+    sparsity_ratio,
 )
 from mpips.transport import HEADER_BYTES, Codec
 
@@ -300,6 +303,107 @@ def test_flags_and_config_files_choose_the_codecs(tmp_path):
                           (["--compress", "zip"], r"^argument --compress: invalid choice: 'zip'")):
         with pytest.raises(ConfigError, match=message):
             parse_args(argv)
+
+# -- deep gradient compression: sparsity warm-up, momentum correction -------------------------------
+def test_sparsity_warmup_is_dgcs_exponential_schedule():
+    """ratio 0.25**4 warmed up over 3 steps sends 25%, 6.25%, 1.5625%, then 0.390625% (sparsity 75%,
+    93.75%, 98.4375%, 99.6%: the sequence of Lin et al. 2018, Section 4), and the records follow it;
+    the largest record (step 0's) is what the buffers are sized for on worker and server."""
+    ratio, n = 0.25**4, 4096
+    assert [sparsity_ratio(t, ratio, 3) for t in range(6)] == pytest.approx([0.25, 0.0625, 0.015625, *[ratio] * 3])
+    assert [sparsity_ratio(t, 0.01, 0) for t in range(2)] == [0.01, 0.01]
+    for name in ("topk", "randomk"):
+        codec = make_codec(name, ratio=ratio, warmup_steps=3)
+        counts = []
+        for t in range(5):
+            codec.begin_step(t)
+            record = codec.encode(_x(n), seed=t)
+            counts.append(struct.unpack_from("<I", record, 4)[0])
+            assert record.nbytes <= codec.max_record_bytes(n)
+        assert counts == [1024, 256, 64, 16, 16]
+        codec.begin_step(0)
+        assert codec.encode(_x(n), seed=0).nbytes == codec.max_record_bytes(n)
+        assert make_codec(name, ratio=ratio).max_record_bytes(n) < codec.max_record_bytes(n)
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_momentum_correction_holds_back_what_torchs_momentum_sgd_would_have_applied(nesterov):
+    """Entry 1 always gets a gradient too small to be sent: after 12 steps its velocity holds what
+    torch's momentum SGD (lr 1) would have moved it by, sum of its updates. Entry 0, sent every
+    step, has its momentum zeroed every step (momentum factor masking) and so sends the gradient
+    (Nesterov: with its look-ahead, (1 + m) g)."""
+    m, g = 0.9, torch.tensor([1.0, 0.001, -0.002, 0.0005])
+    mc = make_encoder(make_codec("topk", ratio=0.25), 4, True, momentum=m, nesterov=nesterov)
+    p = torch.zeros(4, requires_grad=True)
+    sgd = torch.optim.SGD([p], lr=1.0, momentum=m, nesterov=nesterov)
+    for _ in range(12):
+        record = mc.encode(g, 0, 0)
+        sent = parse_payload(mc.codec, record, [(0, 4)], [0], 0)[0].dense(torch.zeros(4))
+        assert sent[1:].tolist() == [0.0, 0.0, 0.0]  # entry 0 only: the others never get that large
+        assert float(sent[0]) == pytest.approx(1 + m if nesterov else 1.0)
+        p.grad = g.clone()
+        sgd.step()
+    state = mc.state_dict()
+    assert state["momentum"][0] == 0 and state["residual"][0] == 0  # cleared where sent
+    torch.testing.assert_close(state["residual"][1:].double(), -p.detach()[1:].double(), rtol=1e-5, atol=0)
+
+
+def test_momentum_correction_without_momentum_is_error_feedback():
+    codec = make_codec("topk", ratio=0.05)
+    ef, mc = ErrorFeedback(codec, N), MomentumCorrection(codec, N, momentum=0.0)
+    for step in range(5):
+        x = _x(seed=step)
+        assert np.array_equal(ef.encode(x, step, 0), mc.encode(x, step, 0))
+    assert torch.equal(ef.residual, mc.residual)
+
+
+def test_momentum_correction_state_round_trips_and_needs_a_sparse_codec():
+    codec = make_codec("randomk", ratio=0.1, error_feedback=True)
+    a, b = MomentumCorrection(codec, N, 0.9), MomentumCorrection(codec, N, 0.9)
+    for step in range(3):
+        a.encode(_x(seed=step), step, 0)
+    b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
+    x = _x(seed=7)
+    assert np.array_equal(a.encode(x, 3, 0), b.encode(x, 3, 0))
+    assert float(a.state_dict()["momentum"].abs().max()) > 0
+    with pytest.raises(ValueError, match="velocity of 3 elements"):
+        b.load_state_dict({"residual": torch.zeros(N), "momentum": torch.zeros(3)})
+    b.load_state_dict({"residual": torch.zeros(N)})  # a checkpoint from before: zero momentum
+    assert float(b.state_dict()["momentum"].abs().max()) == 0
+    with pytest.raises(ValueError, match="needs a sparse codec"):
+        MomentumCorrection(make_codec("qsgd"), N, 0.9)
+
+
+def test_dgc_flags_and_the_combinations_they_refuse(tmp_path):
+    from mpips.config import ConfigError, parse_args
+
+    cfg = parse_args(["--compress", "randomk", "--optimizer", "nesterov", "--momentum", "0.8",
+                      "--momentum-correction", "--sparsity-warmup", "50"])
+    c = cfg.compression
+    assert (c.momentum_correction, c.sparsity_warmup, c.feedback()) == (True, 50, True)
+    assert c.worker_momentum(cfg.optim) == (0.8, True)
+    assert cfg.server_optim().optimizer == "sgd" and cfg.optim.optimizer == "nesterov"
+    toml = tmp_path / "dgc.toml"
+    toml.write_text('[compression]\ncompress = "topk"\nmomentum-correction = true\nsparsity-warmup = 8\n'
+                    '[optim]\noptimizer = "momentum"\n')
+    cfg = parse_args(["--config", str(toml)])
+    assert cfg.compression.worker_momentum(cfg.optim) == (0.9, False) and cfg.compression.sparsity_warmup == 8
+    assert parse_args([]).server_optim() == parse_args([]).optim
+    for argv, message in (
+        (["--compress", "qsgd", "--momentum-correction", "--optimizer", "momentum"],
+         r"^--momentum-correction needs --compress topk or randomk \(got --compress qsgd\): it zeroes"),
+        (["--compress", "topk", "--momentum-correction"],
+         r"^--momentum-correction moves the momentum of --optimizer momentum or nesterov onto the workers \(the"
+         r" servers then apply plain SGD\); --optimizer adam has none to move$"),
+        (["--compress", "topk", "--momentum-correction", "--optimizer", "momentum", "--no-error-feedback"],
+         r"^--momentum-correction keeps what it did not send in its velocity"),
+        (["--compress", "sign", "--sparsity-warmup", "10"], r"^--sparsity-warmup needs --compress topk or randomk"
+         r" \(got --compress sign\)"),
+        (["--compress", "topk", "--sparsity-warmup", "-1"], r"^--sparsity-warmup must be 0 or more \(got -1\)$"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(argv)
+
 
 # -- end to end (mpirun through tests/helpers.py) ---------------------------------------------------
 E2E = ("--data-servers", "0", "--steps", "12", "--log-every", "100", "--stall-timeout", "20")

@@ -441,18 +441,26 @@ def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes_and_bf16_pulls_hal
     assert end["loss"] < math.log(10)  # it learned: below chance after 12 steps (bsp: the same every run)
 
 
-def test_kill_and_resume_with_compression_is_bitwise_identical(tmp_path):
-    """bsp, qsgd with error feedback (seeded rounding noise and a residual per worker): a run
-    SIGKILLed at step 10 and resumed from its step-8 checkpoint ends bitwise equal to an
-    uninterrupted one. The residuals are in the checkpoint, and not zero."""
-    flags = (*CKPT_FLAGS, "--compress", "qsgd", "--error-feedback", "--qsgd-levels", "4")
+@pytest.mark.parametrize(("codec", "state"), [
+    (("--compress", "qsgd", "--error-feedback", "--qsgd-levels", "4"), ("residual",)),
+    (("--compress", "topk", "--compress-ratio", "0.05", "--optimizer", "nesterov", "--lr", "0.05",
+      "--momentum-correction", "--sparsity-warmup", "12"), ("residual", "momentum")),
+], ids=["qsgd-ef", "topk-dgc"])
+def test_kill_and_resume_with_compression_is_bitwise_identical(codec, state, tmp_path):
+    """bsp, qsgd with error feedback (seeded rounding noise and a residual per worker), and top-k
+    with DGC's momentum correction and sparsity warm-up (a velocity and a momentum per worker; the
+    fraction sent still falling at the resume): a run SIGKILLed at step 10 and resumed from its
+    step-8 checkpoint ends bitwise equal to an uninterrupted one. The worker state is in the
+    checkpoint, and not zero."""
+    flags = (*CKPT_FLAGS, *codec)
     run_train(3, *flags, "--save", str(tmp_path / "reference.pt"), timeout=120, check=True)
     ck = ("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "4")
     killed = run_train(3, *flags, *ck, env={"MPIPS_FAULT": "rank=0,phase=pull,step=10,kind=kill"}, timeout=120)
     assert killed.returncode != 0
     with h5py.File(tmp_path / "ck" / "ckpt-00000008.h5", "r") as f:
-        residual = f["workers/residual"][:]
-    assert residual.shape[0] == 2 and np.abs(residual).max() > 0
+        saved = {key: f[f"workers/{key}"][:] for key in state}
+    for vec in saved.values():
+        assert vec.shape[0] == 2 and np.abs(vec).max() > 0
     run_train(3, *flags, *ck, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("reference.pt", "resumed.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

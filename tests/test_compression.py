@@ -466,6 +466,32 @@ def test_kill_and_resume_with_compression_is_bitwise_identical(codec, state, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_topk_1_percent_with_dgc_reaches_the_accuracy_target_on_the_default_job(tmp_path):
+    """The issue's target for top-k 1%: held-out accuracy within 0.5 point of the default job's
+    float32 accuracy (0.986 on this VM, so >= 0.981), on the default job (4 ranks, 30 epochs, seed
+    0) with deep gradient compression: momentum correction on momentum SGD (lr 0.1) and the
+    sparsity warmed up over the first 4 epochs (92 steps). Measured 0.989 here (3 held-out
+    samples above the line; seeds 1 and 2: 0.983); float32 on momentum SGD 0.989, adam 0.986.
+    (top-k with adam, no DGC: 0.981, one sample short.) Every push is its header, the record of
+    that step's k = ceil(ratio_t x n) entries and the mask: 17x fewer bytes than float32 over the
+    run, the warm-up's early pushes being nearly dense, 63x after it."""
+    warmup, n_steps, workers = 92, 690, 2
+    result = run_train(4, "--optimizer", "momentum", "--lr", "0.1", "--compress", "topk", "--compress-ratio",
+                       "0.01", "--momentum-correction", "--sparsity-warmup", str(warmup), "--metrics",
+                       str(tmp_path / "m.jsonl"), timeout=600, check=True)
+    assert "momentum correction (momentum 0.9 on the workers, plain SGD on the servers)" in result.stdout
+    assert "server 0: 26,122 elements (0.10 MiB) + sgd state ~0.00 MiB" in result.stdout + (result.stderr or "")
+    end = _end_event(tmp_path / "m.jsonl")
+    assert end["step"] == n_steps and end["accuracy"] >= 0.981
+    runs, n = (int(v.replace(",", "")) for v in re.search(r"shard plan: (\d+) tensors, ([\d,]+) parameters",
+                                                          result.stdout).groups())
+    ks = [min(n, max(1, math.ceil(sparsity_ratio(t, 0.01, warmup) * n))) for t in range(n_steps)]
+    push = [HEADER_BYTES + RECORD_BYTES + (6 * k + 4 + 3) // 4 * 4 + runs for k in ks]
+    assert end["bytes_pushed"] == workers * sum(push)
+    assert workers * n_steps * (HEADER_BYTES + 4 * n + runs) / end["bytes_pushed"] >= 15
+    assert (HEADER_BYTES + 4 * n + runs) / push[-1] >= 50
+
+
 @pytest.mark.mpi(min_size=2, sizes=(2,))
 @pytest.mark.parametrize("codec", [["--compress", "topk", "--compress-ratio", "0.05"],
                                    ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"]],

@@ -494,12 +494,14 @@ def test_topk_1_percent_with_dgc_reaches_the_accuracy_target_on_the_default_job(
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))
 @pytest.mark.parametrize("codec", [["--compress", "topk", "--compress-ratio", "0.05"],
-                                   ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"]],
-                         ids=["topk-ef", "qsgd-ef"])
+                                   ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"],
+                                   ["--compress", "topk", "--compress-ratio", "0.05", "--optimizer", "nesterov",
+                                    "--lr", "0.05", "--momentum-correction", "--sparsity-warmup", "8"]],
+                         ids=["topk-ef", "qsgd-ef", "topk-dgc"])
 def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient(codec, tmp_path_factory):
     """1 worker, 1 server: the run ends where plain torch ends when its flat gradient goes, chunk
-    by chunk (3 chunks of 10,000 elements), through the same error feedback and codec with the
-    same seeds."""
+    by chunk (3 chunks of 10,000 elements), through the same error feedback (or DGC's momentum
+    correction and sparsity warm-up, torch then running plain SGD) and codec with the same seeds."""
     from mpi4py import MPI
 
     from mpips.compression import make_encoder
@@ -520,10 +522,11 @@ def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient
         plan = data.plan(1, 16, 5)
         model = build_model(cfg.model, data.spec, 5)
         params = list(model.parameters())
-        opt = build_optimizer(params, cfg.optim)
+        opt = build_optimizer(params, cfg.server_optim())
         numel = sum(p.numel() for p in params)
         c = cfg.compression
-        enc = make_encoder(make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()), numel, True)
+        enc = make_encoder(make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup),
+                           numel, True, *c.worker_momentum(cfg.optim))
         ranges = chunk_ranges(numel, 40000)
         assert len(ranges) == 3
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -533,10 +536,10 @@ def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient
             opt.zero_grad()
             loss.backward()
             g = torch.cat([p.grad.reshape(-1) for p in params])
-            sent = torch.cat([enc.codec.roundtrip(g[a:b] + enc.residual[a:b], chunk_seed(5, step, 0, 0, i))
-                              for i, (a, b) in enumerate(ranges)])
-            for i, (a, b) in enumerate(ranges):
-                enc.encode(g[a:b], chunk_seed(5, step, 0, 0, i), a)  # the residual moves on
+            enc.begin_step(step)
+            seeds = [chunk_seed(5, step, 0, 0, i) for i in range(len(ranges))]
+            sent = torch.cat([parse_payload(enc.codec, enc.encode(g[a:b], seed, a), [(0, b - a)], [seed], 0)[0]
+                              .dense(torch.zeros(b - a)) for (a, b), seed in zip(ranges, seeds, strict=True)])
             at = 0
             for p in params:
                 p.grad.copy_(sent[at : at + p.numel()].view_as(p))

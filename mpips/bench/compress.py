@@ -53,6 +53,7 @@ from mpips.compression import CODECS, make_codec, make_encoder, parse_payload
 from mpips.config import parse_args
 from mpips.data import open_dataset
 from mpips.models import build_model
+from mpips.tasks import resolve_loss
 from mpips.transport import PULL_CODECS
 from mpips.worker import evaluate
 
@@ -170,7 +171,9 @@ def _one(args, comm: MPI.Comm, sub: MPI.Comm, model: str, push: str, pull: str, 
         net = build_model(cfg.model, data.spec, cfg.train.seed)
         net.load_state_dict(torch.load(save, weights_only=True))
         k = min(args.gpt_eval, len(data.val_y))
-        row["loss"], row["accuracy"] = evaluate(net, data.val_x[:k], data.val_y[:k], torch.device("cpu"))
+        held_out = evaluate(net, data.val_x[:k], data.val_y[:k], torch.device("cpu"), task="tokens",
+                            loss=resolve_loss("auto", "tokens"))
+        row["loss"], row["accuracy"] = held_out["loss"], held_out["accuracy"]
     print(f"compress: {model} push {push} pull {pull} {variant}: {wall:.1f} s", flush=True)
     return row
 

@@ -350,8 +350,8 @@ class QSGD(ChunkCodec):
     body = the buckets' float32 norms, then one int8 (sign * level) per element. Unbiased.
     The record's scale is the largest bucket norm.
 
-    The scale is each bucket's largest magnitude, the max-norm that QSGD's experiments use in
-    place of the 2-norm of its analysis (Alistarh et al. 2017, Section 5): the levels then span
+    The scale is each bucket's largest magnitude, the max-norm variant that QSGD's experiments use
+    in place of the 2-norm of its analysis (Alistarh et al. 2017): the levels then span
     the values actually present, so each element's rounding error (at most norm / levels) is
     smaller; still unbiased (|x| / max <= 1). Measured on the default job (README): with the
     2-norm, 0.983 / 0.983 / 0.981 held-out accuracy at seeds 0 / 1 / 2 against float32's
@@ -615,6 +615,9 @@ class MomentumCorrection(ErrorFeedback):
     def __init__(self, codec: ChunkCodec, numel: int, momentum: float, nesterov: bool = False):
         if not codec.sparse:
             raise ValueError(f"momentum correction needs a sparse codec (topk, randomk), not {codec.name}")
+        if getattr(codec, "scaled", False):
+            raise ValueError("momentum correction needs randomk unscaled, as error feedback has it"
+                             " (make_codec(..., error_feedback=True))")
         super().__init__(codec, numel)
         self.momentum, self.nesterov = momentum, nesterov
         self.velocity = torch.zeros(numel, dtype=torch.float32)  # u

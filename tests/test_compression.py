@@ -372,6 +372,8 @@ def test_momentum_correction_state_round_trips_and_needs_a_sparse_codec():
     assert float(b.state_dict()["momentum"].abs().max()) == 0
     with pytest.raises(ValueError, match="needs a sparse codec"):
         MomentumCorrection(make_codec("qsgd"), N, 0.9)
+    with pytest.raises(ValueError, match="needs randomk unscaled"):
+        MomentumCorrection(make_codec("randomk", ratio=0.1), N, 0.9)
 
 
 def test_dgc_flags_and_the_combinations_they_refuse(tmp_path):

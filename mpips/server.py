@@ -132,25 +132,7 @@ class ParameterServer:
         if not self.window.rma:
             self.pull_mode = "message"
         self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
-        ahead = self.notices is not None and self.ctx.train.pull_ahead
-        self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
-        # One optimizer parameter per tensor run of this shard (the push mask's unit), cut where a
-        # bucket ends, each a view of the shard memory: a tensor that got no gradient in a step
-        # keeps grad None and torch.optim skips it (no weight decay, no momentum, no Adam step),
-        # exactly as in a single process. With updates in place the views move to the exposed
-        # buffer each update holds (_point_pieces).
-        self.runs = self.plan.server_pieces(self.index)
-        self.splits, self.split_run = split_pieces(self.runs, [lo for lo, _ in self.buckets])
-        starts = [p.server_offset for p in self.splits]
-        self.bucket_splits = [(bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi) if hi < n
-                               else len(starts)) for lo, hi in self.buckets]
-        self.window.begin_update()  # until the first publish, at the end of start()
-        values = torch.from_numpy(self.window.params)
-        self.pieces = [
-            values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
-            for r in self.splits
-        ]
-        self.optimizer = build_optimizer(self.pieces, self.cfg)
+        self._build_optimizer(n)
         c = self.compression
         self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
         self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
@@ -166,6 +148,32 @@ class ParameterServer:
             self.index, f"{n:,}", mib, self.cfg.optimizer, mib * STATE_FACTOR[self.cfg.optimizer],
             self.pull_mode,
         )
+
+    def _build_optimizer(self, n: int) -> None:
+        """The optimizer over this shard of ``n`` elements, and the buckets it is applied in.
+
+        One optimizer parameter per tensor run of the shard (``runs``, the push mask's unit), cut
+        where a bucket ends (``splits``; ``split_run``: the run of each), each a view of the
+        shard memory: a tensor that got no gradient in a step keeps grad None and torch.optim
+        skips it (no weight decay, no momentum, no Adam step), exactly as in a single process.
+        With updates in place the views move to the exposed buffer each update holds
+        (``_point_pieces``). Buckets (``buckets``, element ranges; ``bucket_splits``: the
+        pieces of each) are ``chunking.bucket_ranges`` in bsp over windows with pull-ahead,
+        else the whole shard.
+        """
+        ahead = self.notices is not None and self.ctx.train.pull_ahead
+        self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
+        self.runs = self.plan.server_pieces(self.index)
+        starts = [lo for lo, _ in self.buckets]
+        self.splits, self.split_run = split_pieces(self.runs, starts)
+        bucket_of = [bisect.bisect_right(starts, p.server_offset) - 1 for p in self.splits]  # ascending
+        self.bucket_splits = [(bisect.bisect_left(bucket_of, b), bisect.bisect_right(bucket_of, b))
+                              for b in range(len(self.buckets))]
+        self.window.begin_update()  # until the first publish, at the end of start()
+        values = torch.from_numpy(self.window.params)
+        self.pieces = [values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
+                       for r in self.splits]
+        self.optimizer = build_optimizer(self.pieces, self.cfg)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this server (views, not copies: save before changing them).

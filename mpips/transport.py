@@ -366,6 +366,12 @@ class ParameterWindow:
     read the buffer ``NEWEST`` names, which the update does not touch (a pull that read ``NEWEST``
     just before the previous publish and locks late waits for this update, then reads it whole).
     With bf16/fp16 pulls ``params`` is a private float32 master and ``publish()`` narrows it.
+
+    Bucket by bucket (bsp, ``begin_update(lazy=True)``): the server holds a *shared* lock on the
+    stale buffer, and ``prepare`` / ``expose`` each bucket in turn, so workers told by a notice
+    (``NoticeSender.send_partial``) read finished buckets (``pull_ranges``) while the next ones
+    are updated; ``publish()`` then writes the status block as before. Safe only where nobody
+    can still be reading the stale buffer's older version, which bsp guarantees.
     """
 
     NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)

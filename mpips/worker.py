@@ -6,6 +6,10 @@ bf16/fp16 the window widens what it read) and each server's slice of the gradien
 contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
 (``mpips.compression``, error-feedback residuals in ``state_dict``).
 
+In bsp over windows a CPU worker pulls ahead (``mpips.pullahead``): it starts a step once every
+server has published a first bucket of the version, and each module's forward waits only for
+the buckets of its own parameters.
+
 Lifecycle: ``start()`` creates the window (collective over the parameter-server communicator)
 -> ``run()`` trains -> ``finish()`` sends the stop messages, receives the final parameters (lead
 worker) and frees the window (collective).

@@ -442,7 +442,7 @@ class Checkpointing:
             return None
         plan, s = self.plan, self.index
         lo, hi = plan.shard_range(s)
-        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
+        runs, tix = self._runs(template["pieces"])
         with h5py.File(self.resume_path, "r") as f:
             params = f["params"][lo:hi]
             has = f["optim_has_state"][:] if "optim_has_state" in f else np.zeros(len(plan.tensors), np.uint8)
@@ -456,8 +456,14 @@ class Checkpointing:
                 state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
                 state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
         optimizer = dict(template["optimizer"], state=state)
-        return {"params": params, "optimizer": optimizer, "applied": applied,
+        return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
                 "clocks": list(self.manifest["positions"])}
+
+    def _runs(self, pieces: list) -> tuple[list, list[int]]:
+        """The server's optimizer pieces (``ParameterServer.state_dict()["pieces"]``: tensor runs,
+        some cut where a bucket ends) and each one's tensor index in the plan."""
+        index = {t.name: i for i, t in enumerate(self.plan.tensors)}
+        return list(pieces), [index[p.tensor] for p in pieces]
 
     def worker_state(self, template: dict[str, Any]) -> dict[str, Any] | None:
         """Worker ``index``'s state from the checkpoint (shaped like ``template``), or None."""
@@ -482,7 +488,7 @@ class Checkpointing:
     def _server_pieces(self, st: dict[str, Any]) -> list[Piece]:
         plan, s, numel = self.plan, self.index, self.plan.numel
         lo, hi = plan.shard_range(s)
-        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
+        runs, tix = self._runs(st["pieces"])
         pieces = [
             Piece("params", lo, st["params"].copy(), (numel,)),
             Piece("servers/applied", s, np.array([st["applied"]], np.int64), (plan.servers,)),

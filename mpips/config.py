@@ -169,6 +169,11 @@ class TrainConfig:
         f" bytes, {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} (1 GiB): no MPI call carries more, so shards over 2 GiB"
         " train on MPI-3.1 libraries; smaller chunks cost a call each"
     )
+    pull_ahead: bool = _opt(
+        True, "bsp over RMA windows, CPU workers: the servers apply and publish each version in buckets of"
+        " --chunk-bytes and a worker pulls each bucket as it comes, each module's forward waiting only for its"
+        " own parameters (first layers first); --no-pull-ahead pulls the whole version before forward"
+    )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")
     dry_run: bool = _opt(False, "print the role map and shard plan, then exit")

@@ -138,8 +138,9 @@ def test_frozen_unused_parameters_and_buffers_train_as_in_torch(servers, model, 
 
 
 @pytest.mark.mpi(min_size=4, sizes=(4,))
-@pytest.mark.parametrize("model", ["mlp", "toymodels:reads_ahead"])
-def test_pulling_ahead_trains_bitwise_like_whole_pulls(model, caplog):
+@pytest.mark.parametrize("model, extra", [("mlp", []), ("mlp", ["--pull-codec", "bf16"]),
+                                          ("toymodels:reads_ahead", [])], ids=["mlp", "mlp-bf16-pulls", "reads-ahead"])
+def test_pulling_ahead_trains_bitwise_like_whole_pulls(model, extra, caplog):
     """bsp in buckets of 16 KiB (--chunk-bytes 1000), each pulled as it is published, against
     whole pulls: the same parameters, bit for bit. A model that reads a parameter without
     calling the module that holds it is caught on its first step, said in one line, and
@@ -149,7 +150,7 @@ def test_pulling_ahead_trains_bitwise_like_whole_pulls(model, caplog):
     comm = MPI.COMM_WORLD
     tmp = shared_tmpdir(comm)
     flags = ["--data-servers", "0", "--servers", "1", "--batch-size", "16", "--steps", "25", "--seed", "4",
-             "--optimizer", "momentum", "--lr", "0.05", "--chunk-bytes", "1000", "--model", model]
+             "--optimizer", "momentum", "--lr", "0.05", "--chunk-bytes", "1000", "--model", model, *extra]
     with caplog.at_level("WARNING", logger="mpips.worker"):
         train_in_process(comm, [*flags, "--save", str(tmp / "ahead.pt")])
     warned = comm.gather(any("pull-ahead is off" in r.getMessage() for r in caplog.records), root=0)

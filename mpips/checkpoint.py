@@ -11,7 +11,10 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
     workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
     workers/residual        float32 [workers, numel]  error-feedback residuals (with error feedback only;
-                            version 3 on; absent: resumed as zeros)
+                            version 3 on; absent: resumed as zeros); with --momentum-correction
+                            the accumulated velocities
+    workers/momentum        float32 [workers, numel]  --momentum-correction's momentum buffers (version
+                            4 on; absent: resumed as zeros)
     frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
     attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
                             config, and the sha256 of every piece each rank wrote
@@ -89,8 +92,8 @@ log = logging.getLogger("mpips.checkpoint")
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
 STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
 FORMAT = "mpips-checkpoint"
-VERSION = 3  # 3: workers/residual (error feedback); version 2 files are read as before
-READABLE = (2, 3)
+VERSION = 4  # 3: workers/residual (error feedback); 4: workers/momentum; older files are read as before
+READABLE = (2, 3, 4)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -439,7 +442,7 @@ class Checkpointing:
             return None
         plan, s = self.plan, self.index
         lo, hi = plan.shard_range(s)
-        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
+        runs, tix = self._runs(template["pieces"])
         with h5py.File(self.resume_path, "r") as f:
             params = f["params"][lo:hi]
             has = f["optim_has_state"][:] if "optim_has_state" in f else np.zeros(len(plan.tensors), np.uint8)
@@ -453,8 +456,14 @@ class Checkpointing:
                 state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
                 state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
         optimizer = dict(template["optimizer"], state=state)
-        return {"params": params, "optimizer": optimizer, "applied": applied,
+        return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
                 "clocks": list(self.manifest["positions"])}
+
+    def _runs(self, pieces: list) -> tuple[list, list[int]]:
+        """The server's optimizer pieces (``ParameterServer.state_dict()["pieces"]``: tensor runs,
+        some cut where a bucket ends) and each one's tensor index in the plan."""
+        index = {t.name: i for i, t in enumerate(self.plan.tensors)}
+        return list(pieces), [index[p.tensor] for p in pieces]
 
     def worker_state(self, template: dict[str, Any]) -> dict[str, Any] | None:
         """Worker ``index``'s state from the checkpoint (shaped like ``template``), or None."""
@@ -468,9 +477,9 @@ class Checkpointing:
                 raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
                 module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
             state = {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
-            if "residual" in template:  # error feedback: the residual, or zeros where none was saved
-                state["residual"] = (torch.from_numpy(f["workers/residual"][i]) if "workers/residual" in f
-                                     else None)
+            for key in ("residual", "momentum"):  # the encoder's state, or zeros where none was saved
+                if key in template:
+                    state[key] = torch.from_numpy(f[f"workers/{key}"][i]) if f"workers/{key}" in f else None
         return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
@@ -479,7 +488,7 @@ class Checkpointing:
     def _server_pieces(self, st: dict[str, Any]) -> list[Piece]:
         plan, s, numel = self.plan, self.index, self.plan.numel
         lo, hi = plan.shard_range(s)
-        runs, tix = plan.server_pieces(s), plan.server_tensor_indices(s)
+        runs, tix = self._runs(st["pieces"])
         pieces = [
             Piece("params", lo, st["params"].copy(), (numel,)),
             Piece("servers/applied", s, np.array([st["applied"]], np.int64), (plan.servers,)),
@@ -521,9 +530,10 @@ class Checkpointing:
                   (W, 3)),
             Piece("workers/rng_torch", i, rng[None].copy(), (W, rng.size)),
         ]
-        if "residual" in st:
-            res = st["residual"].numpy()
-            pieces.append(Piece("workers/residual", i, res[None].copy(), (W, res.size)))
+        for key in ("residual", "momentum"):  # error feedback, --momentum-correction
+            if key in st:
+                vec = st[key].numpy()
+                pieces.append(Piece(f"workers/{key}", i, vec[None].copy(), (W, vec.size)))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):

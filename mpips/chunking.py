@@ -11,7 +11,10 @@ writer cuts its slabs with the same ``chunks``.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "MIN_CHUNK_BYTES", "chunk_count", "chunks"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "MIN_BUCKET_BYTES", "MIN_CHUNK_BYTES", "bucket_ranges", "chunk_count",
+    "chunks",
+]
 
 # 1 GiB, well below 2**31-1 bytes and below Linux's largest single read/write (0x7ffff000 bytes),
 # which single-copy transports (CMA) and file systems hit first.
@@ -22,6 +25,9 @@ MIN_CHUNK_BYTES = 64
 # chunks of 1 MiB to 1 GiB all ran within the noise of one call per transfer, 256 KiB lost at 1 GB.
 # 4 MiB (BytePS's choice too) costs nothing measurable and stays small enough to overlap later.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+# bsp servers apply and publish a shard in buckets of --chunk-bytes (mpips.pullahead), but no
+# smaller than this: every bucket costs an optimizer call, a window sync and a notice per worker.
+MIN_BUCKET_BYTES = 2**14
 
 
 def chunks(nbytes: int, limit: int) -> list[tuple[int, int]]:
@@ -44,3 +50,10 @@ def chunk_count(nbytes: int, limit: int) -> int:
     if nbytes < 0 or limit < 1:
         raise ValueError(f"cannot cut {nbytes} bytes into chunks of {limit} bytes")
     return -(-nbytes // min(limit, MAX_CHUNK_BYTES))
+
+
+def bucket_ranges(numel: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Element ranges ``(lo, hi)`` that cut a shard of ``numel`` float32 elements into the
+    buckets a bsp server applies and publishes one at a time: ``max(chunk_bytes,
+    MIN_BUCKET_BYTES) // 4`` elements each, the last shorter; one empty bucket for no elements."""
+    return chunks(numel, max(chunk_bytes, MIN_BUCKET_BYTES) // 4) or [(0, 0)]

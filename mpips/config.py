@@ -175,6 +175,11 @@ class TrainConfig:
         " GPU staging); --no-push-during-backward: after the whole backward. Only pushes longer than one"
         " --chunk-bytes are streamed"
     )
+    pull_ahead: bool = _opt(
+        True, "bsp over RMA windows, CPU workers: the servers apply and publish each version in buckets of"
+        " --chunk-bytes and a worker pulls each bucket as it comes, each module's forward waiting only for its"
+        " own parameters (first layers first); --no-pull-ahead pulls the whole version before forward"
+    )
     threads: int = _opt(1, "torch threads per rank")
     log_every: int = _opt(10, "progress line every N steps when not on a terminal")
     dry_run: bool = _opt(False, "print the role map and shard plan, then exit")
@@ -221,12 +226,32 @@ class CompressionConfig:
         "fp32", "precision of the parameters workers pull: servers keep float32 weights and optimizer"
         " state and publish a copy in this precision (bf16/fp16 halve the pull bytes)"
     )
+    momentum_correction: bool = _opt(
+        False, "topk, randomk with --optimizer momentum or nesterov: deep gradient compression's momentum"
+        " correction; each worker runs the --momentum on its own gradient, sends the largest entries of"
+        " the accumulated velocity and zeroes its momentum where it sent; the servers apply plain SGD"
+        " (a velocity and a momentum buffer per worker, kept in checkpoints)"
+    )
+    sparsity_warmup: int = _opt(
+        0, "topk, randomk: deep gradient compression's sparsity warm-up, in steps: the fraction sent starts"
+        " near 1 and falls exponentially to --compress-ratio over these steps, ratio ** ((t + 1) /"
+        " (STEPS + 1)) at step t (0 = off; the first steps' pushes are larger)"
+    )
 
     def feedback(self) -> bool:
-        """Whether error feedback is on (``--error-feedback`` or the codec's default)."""
+        """Whether error feedback is on (``--error-feedback``, the codec's default, or momentum
+        correction, whose velocity is its residual)."""
+        if self.momentum_correction:
+            return True
         if self.error_feedback is None:
             return self.compress in ("topk", "sign")
         return self.error_feedback
+
+    def worker_momentum(self, optim: OptimConfig) -> tuple[float | None, bool]:
+        """(momentum factor, nesterov) that the workers run with --momentum-correction, else (None, False)."""
+        if not self.momentum_correction:
+            return None, False
+        return optim.momentum, optim.optimizer == "nesterov"
 
 
 @dataclass(kw_only=True)
@@ -272,11 +297,38 @@ class Config:
             (self.data.val_data is None or self.data.data is not None, "--val-data needs --data"),
             (0 < self.compression.compress_ratio <= 1, "--compress-ratio must be in (0, 1]"),
             (1 <= self.compression.qsgd_levels <= 127, "--qsgd-levels must be between 1 and 127"),
+            (self.compression.sparsity_warmup >= 0, "--sparsity-warmup must be 0 or more"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(self._with_value(message))
+        c, sparse = self.compression, self.compression.compress in ("topk", "randomk")
+        combinations = [
+            (not c.sparsity_warmup or sparse,
+             f"--sparsity-warmup needs --compress topk or randomk (got --compress {c.compress}): it warms up"
+             " the fraction of entries they send"),
+            (not c.momentum_correction or sparse,
+             f"--momentum-correction needs --compress topk or randomk (got --compress {c.compress}): it zeroes"
+             " the momentum of the entries sent (deep gradient compression's momentum factor masking)"),
+            (not c.momentum_correction or self.optim.optimizer in ("momentum", "nesterov"),
+             f"--momentum-correction moves the momentum of --optimizer momentum or nesterov onto the workers"
+             f" (the servers then apply plain SGD); --optimizer {self.optim.optimizer} has none to move"),
+            (not c.momentum_correction or c.error_feedback is not False,
+             "--momentum-correction keeps what it did not send in its velocity, which is error feedback:"
+             " it cannot run with --no-error-feedback"),
+        ]
+        for ok, message in combinations:
+            if not ok:
+                raise ConfigError(message)
         return self
+
+    def server_optim(self) -> OptimConfig:
+        """The optimizer settings the servers run: ``optim``, except that with --momentum-correction
+        the momentum lives on the workers and the servers apply plain SGD (same lr, schedule,
+        weight decay and clipping)."""
+        if not self.compression.momentum_correction:
+            return self.optim
+        return dataclasses.replace(self.optim, optimizer="sgd")
 
     def _with_value(self, message: str) -> str:
         """``message``, plus the value given when it names one flag: "--lr must be positive (got -1)"."""

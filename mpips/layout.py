@@ -157,7 +157,8 @@ class PSContext:
         workers: the workers' ranks in ``comm``, by worker index.
         plan: which tensor runs make up each server's shard.
         train: the run's settings (sync, staleness, max_inflight, stall_timeout, chunk_bytes, ...).
-        optim: the servers' optimizer settings.
+        optim: the optimizer settings: the servers run them (``Config.server_optim``: plain SGD with
+            --momentum-correction), the workers take that option's momentum factor from them.
         pull: "rma" or "message": ``train.pull`` resolved for this MPI (a role falls back to
             messages where its window has no RMA).
         total_steps: global steps of the run.

@@ -12,6 +12,7 @@ and frees the window (collective).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from mpips import faults
+from mpips.chunking import bucket_ranges
 from mpips.compression import (
     PayloadError,
     PushGradient,
@@ -31,6 +33,7 @@ from mpips.compression import (
     parse_payload,
 )
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
+from mpips.shard import split_pieces
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     Backoff,
@@ -123,30 +126,22 @@ class ParameterServer:
         self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes,
                                       pull_codec=self.compression.pull_codec if self.compression else "fp32")
         self.init = None  # the window holds the values now
-        # One optimizer parameter per tensor run of this shard, each a view of the shard memory:
-        # a tensor that got no gradient in a step keeps grad None and torch.optim skips it (no
-        # weight decay, no momentum, no Adam step), exactly as in a single process. With updates
-        # in place the views move to the exposed buffer each update holds (_point_pieces).
-        self.runs = self.plan.server_pieces(self.index)
-        self.window.begin_update()  # until the first publish, at the end of start()
-        values = torch.from_numpy(self.window.params)
-        self.pieces = [
-            values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
-            for r in self.runs
-        ]
-        self.optimizer = build_optimizer(self.pieces, self.cfg)
-        c = self.compression
-        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
-        self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
-        self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
-        layout = PushLayout.of(self.codec, self.ranges, len(self.pieces))
-        self.receiver = PushReceiver(self.comm, self.workers, layout, chunk_bytes=self.chunk_bytes)
+        # bsp over windows: every worker waits for every version, so each is announced by a
+        # notice, and applied and published bucket by bucket, which workers pull as they come
+        # (mpips.pullahead); asp/ssp and message pulls publish a version whole
         if not self.window.rma:
             self.pull_mode = "message"
+        self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
+        self._build_optimizer(n)
+        c = self.compression
+        self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
+                      if c else None)
+        self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
+        self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
+        layout = PushLayout.of(self.codec, self.ranges, len(self.runs))
+        self.receiver = PushReceiver(self.comm, self.workers, layout, chunk_bytes=self.chunk_bytes)
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
                             if self.pull_mode == "message" else None)
-        # bsp over windows: every worker waits for every version, so each is announced by a notice
-        self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
         self._publish()
         mib = 4 * n / 2**20
         log.info(
@@ -155,14 +150,40 @@ class ParameterServer:
             self.pull_mode,
         )
 
+    def _build_optimizer(self, n: int) -> None:
+        """The optimizer over this shard of ``n`` elements, and the buckets it is applied in.
+
+        One optimizer parameter per tensor run of the shard (``runs``, the push mask's unit), cut
+        where a bucket ends (``splits``; ``split_run``: the run of each), each a view of the
+        shard memory: a tensor that got no gradient in a step keeps grad None and torch.optim
+        skips it (no weight decay, no momentum, no Adam step), exactly as in a single process.
+        With updates in place the views move to the exposed buffer each update holds
+        (``_point_pieces``). Buckets (``buckets``, element ranges; ``bucket_splits``: the
+        pieces of each) are ``chunking.bucket_ranges`` in bsp over windows with pull-ahead,
+        else the whole shard.
+        """
+        ahead = self.notices is not None and self.ctx.train.pull_ahead
+        self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
+        self.runs = self.plan.server_pieces(self.index)
+        starts = [lo for lo, _ in self.buckets]
+        self.splits, self.split_run = split_pieces(self.runs, starts)
+        bucket_of = [bisect.bisect_right(starts, p.server_offset) - 1 for p in self.splits]  # ascending
+        self.bucket_splits = [(bisect.bisect_left(bucket_of, b), bisect.bisect_right(bucket_of, b))
+                              for b in range(len(self.buckets))]
+        self.window.begin_update()  # until the first publish, at the end of start()
+        values = torch.from_numpy(self.window.params)
+        self.pieces = [values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
+                       for r in self.splits]
+        self.optimizer = build_optimizer(self.pieces, self.cfg)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this server (views, not copies: save before changing them).
 
-        ``params``: float32 [shard elements]; ``optimizer``: torch.optim's state_dict over the
-        shard's tensor runs (``plan.server_pieces``); ``applied``: gradients applied;
-        ``clocks``: steps completed per worker.
+        ``params``: float32 [shard elements]; ``optimizer``: torch.optim's state_dict over
+        ``pieces`` (``mpips.shard.Piece``: the shard's tensor runs, cut where a bucket ends);
+        ``applied``: gradients applied; ``clocks``: steps completed per worker.
         """
-        return {"params": self.window.params, "optimizer": self.optimizer.state_dict(),
+        return {"params": self.window.params, "optimizer": self.optimizer.state_dict(), "pieces": self.splits,
                 "applied": self.stats.applied, "clocks": list(self.clocks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -182,7 +203,7 @@ class ParameterServer:
         active = set(range(workers))
         acc = torch.zeros(self.window.params.size) if self.sync == "bsp" else None
         # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
-        bsp = _BspStep(workers, len(self.pieces)) if self.sync == "bsp" else None
+        bsp = _BspStep(workers, len(self.runs)) if self.sync == "bsp" else None
         if bsp is not None:
             self.receiver.prefer = 0
         joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
@@ -263,7 +284,7 @@ class ParameterServer:
         if buffer is None:
             return
         values = torch.from_numpy(self.window.params)
-        for piece, r in zip(self.pieces, self.runs, strict=True):
+        for piece, r in zip(self.pieces, self.splits, strict=True):
             piece.data = values[r.server_offset : r.server_offset + r.length]
 
     def _publish(self) -> None:
@@ -271,7 +292,7 @@ class ParameterServer:
         buffer = self.window.publish()
         if self.notices is not None:
             status = self.window.status
-            self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]))
+            self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]), int(status[Slot.CHECKPOINT]))
 
     def _serve_pulls(self) -> None:
         if self.pull_server is not None:
@@ -323,7 +344,7 @@ class ParameterServer:
             MalformedMessage: naming the worker, for a push that fails validation (nothing of it
                 is applied).
         """
-        n, runs = self.window.params.size, len(self.pieces)
+        n, runs = self.window.params.size, len(self.runs)
         expected = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
         if header.codec != expected or (expected == Codec.RAW32 and header.length != 4 * n + runs):
             want = (f"raw float32 of {4 * n} bytes and a mask of {runs} bytes" if expected == Codec.RAW32
@@ -452,26 +473,46 @@ class ParameterServer:
         self, grad: torch.Tensor | None, used: np.ndarray, step: int, norm: float | None, clock: int,
         lr_scale: float = 1.0,
     ) -> None:
-        """Apply ``grad`` to the tensor runs ``used`` marks (None: only advance the clock), publish."""
+        """Apply ``grad`` to the tensor runs ``used`` marks (None: only advance the clock), publish.
+
+        Bucket by bucket (``self.buckets``; one bucket but in bsp over windows): each is brought
+        to the current values, stepped by the optimizer over its pieces only and exposed, and the
+        workers are told (``NoticeSender.send_partial``), so they pull it while the next is
+        applied. The pieces are elementwise torch.optim state, so stepping them bucket by bucket
+        is the arithmetic of one step over all of them. The last bucket goes with the publish.
+        """
         if self.pull_server is not None:
             self.pull_server.flush()  # replies in flight read the memory we are about to change
         if grad is not None:
-            self._point_pieces(self.window.begin_update())
+            lazy = len(self.buckets) > 1
+            self._point_pieces(self.window.begin_update(lazy=lazy))
             if self.cfg.clip_grad_norm and norm is not None:
                 coef = self.cfg.clip_grad_norm / (norm + 1e-6)
                 if coef < 1.0:
                     grad.mul_(coef)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
-            for piece, run, has in zip(self.pieces, self.runs, used, strict=True):
-                piece.grad = grad[run.server_offset : run.server_offset + run.length] if has else None
-        if grad is not None:
-            with self.tracer.span("optimizer step"):
-                self.optimizer.step()
+            has = used[self.split_run]
+            version, buffer = self.window.next_version(), self.window.updating
+            mark = int(self.window.status[Slot.CHECKPOINT])
+            for b, ((lo, hi), (first, last)) in enumerate(zip(self.buckets, self.bucket_splits, strict=True)):
+                self.window.prepare(lo, hi)
+                stepped = False
+                for piece, r, h in zip(self.pieces[first:last], self.splits[first:last], has[first:last], strict=True):
+                    if h:
+                        piece.grad = grad[r.server_offset : r.server_offset + r.length]
+                        stepped = True
+                if stepped:
+                    with self.tracer.span("optimizer step"):
+                        self.optimizer.step()
+                    for piece in self.pieces[first:last]:
+                        piece.grad = None
+                if lazy:
+                    self.window.expose(lo, hi)
+                    if b < len(self.buckets) - 1:  # the last one is told with the publish
+                        self.notices.send_partial(clock, buffer, version, b + 1, mark)
             self.stats.applied += 1
             self.window.status[Slot.APPLIED] = self.stats.applied
-            for piece in self.pieces:
-                piece.grad = None
         self.window.status[Slot.CLOCK] = clock
         with self.tracer.span("publish"):
             self._publish()

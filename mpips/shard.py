@@ -8,12 +8,13 @@ large tensor is split across servers and small tensors are packed together). The
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpips.text import plural
 
-__all__ = ["Piece", "ShardPlan", "TensorSpec"]
+__all__ = ["Piece", "ShardPlan", "TensorSpec", "split_pieces"]
 
 FLOAT_BYTES = 4  # parameters travel and are stored as float32
 
@@ -154,3 +155,21 @@ class ShardPlan:
                 f" {len({p.tensor for p in self.server_pieces(s)}):>8}"
             )
         return "\n".join(lines)
+
+
+def split_pieces(pieces: Sequence[Piece], cuts: Sequence[int]) -> tuple[list[Piece], list[int]]:
+    """``pieces`` (one server's tensor runs, in shard order) cut at the shard offsets ``cuts``.
+
+    Returns the cut pieces, in order, and for each the index of the run it came from. A run
+    that crosses a cut becomes two pieces (their ``tensor_offset`` and ``server_offset`` say
+    where each starts); runs no cut crosses stay whole.
+    """
+    out, source = [], []
+    bounds = sorted(set(cuts))
+    for i, p in enumerate(pieces):
+        start, end = p.server_offset, p.server_offset + p.length
+        edges = [start, *(c for c in bounds if start < c < end), end]
+        for a, b in itertools.pairwise(edges):
+            out.append(Piece(p.tensor, p.tensor_offset + a - start, p.server, a, b - a))
+            source.append(i)
+    return out, source

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot 
 
     before_mpi_init()
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import CompressionConfig, Config, ConfigError
+from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig
 from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.doctor import find_loaded_libmpi
@@ -76,14 +77,20 @@ def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
             f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
 
 
-def describe_codecs(c: CompressionConfig) -> str:
-    """What pushes and pulls carry (--compress, --pull-codec), for the start-up lines."""
+def describe_codecs(c: CompressionConfig, optim: OptimConfig | None = None) -> str:
+    """What pushes and pulls carry (--compress, --pull-codec, the DGC options), for the start-up lines."""
     if c.compress == "none":
         push = "float32 (--compress none)"
     else:
         ratio = f" {c.compress_ratio:g} of each chunk" if c.compress in ("topk", "randomk") else ""
         levels = f" {c.qsgd_levels} levels" if c.compress == "qsgd" else ""
         push = f"{c.compress}{ratio}{levels}, error feedback {'on' if c.feedback() else 'off'}"
+        if c.sparsity_warmup:
+            push += f", sparsity warm-up over {plural(c.sparsity_warmup, 'step')}"
+        momentum, nesterov = c.worker_momentum(optim) if optim is not None else (None, False)
+        if momentum is not None:
+            push += (f", momentum correction ({'nesterov ' if nesterov else ''}momentum {momentum:g} on the"
+                     " workers, plain SGD on the servers)")
     pull = "float32" if c.pull_codec == "fp32" else f"{c.pull_codec} (float32 on the servers)"
     return f"codecs: pushes {push}; pulls {pull}"
 
@@ -178,10 +185,10 @@ def run_job(
     plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
     if rank == 0:
         print(layout.describe(), flush=True)
-        print(plan.describe(STATE_FACTOR[cfg.optim.optimizer]), flush=True)
+        print(plan.describe(STATE_FACTOR[cfg.server_optim().optimizer]), flush=True)
         print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
         print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
-        print(describe_codecs(cfg.compression), flush=True)
+        print(describe_codecs(cfg.compression, cfg.optim), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"
@@ -262,7 +269,7 @@ def _same_model_everywhere(comm: MPI.Comm, model: torch.nn.Module | None) -> Non
 def _memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
     """Expected memory of each role (``mpips.memory``), for the start-up lines and --dry-run."""
     largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
-    per = {role: expected_bytes_per_param(role, cfg.optim.optimizer, workers, cfg.train.max_inflight,
+    per = {role: expected_bytes_per_param(role, cfg.server_optim().optimizer, workers, cfg.train.max_inflight,
                                           cfg.train.sync, cfg.optim.weight_decay, largest,
                                           cfg.compression.pull_codec)["total"]
            for role in ("server", "worker")}
@@ -301,7 +308,9 @@ def _run_server(
 ) -> None:
     index = layout.index_of(comms.world.Get_rank())
     ckpt.bind(ps_comm, "server", index)
-    server = ParameterServer(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), index, init.pop(),
+    # --momentum-correction: the workers hold the momentum, the servers run plain SGD (Config.server_optim)
+    ctx = dataclasses.replace(_ps_context(cfg, layout, ps_comm, plan, steps, pull, ckpt), optim=cfg.server_optim())
+    server = ParameterServer(ctx, index, init.pop(),
                              comms.role, cfg.data.batch_size)
     server.tracer = tracer
     with dog.blocking("start-up: the parameter windows (collective over servers and workers)"), tracer.span("start-up"):

@@ -93,6 +93,7 @@ __all__ = [
     "StallError",
     "TRAILER_BYTES",
     "Tag",
+    "WHOLE",
     "chunks",
     "get_chunks",
     "recv_chunks",
@@ -473,6 +474,12 @@ class ParameterWindow:
     read the buffer ``NEWEST`` names, which the update does not touch (a pull that read ``NEWEST``
     just before the previous publish and locks late waits for this update, then reads it whole).
     With bf16/fp16 pulls ``params`` is a private float32 master and ``publish()`` narrows it.
+
+    Bucket by bucket (bsp, ``begin_update(lazy=True)``): the server holds a *shared* lock on the
+    stale buffer, and ``prepare`` / ``expose`` each bucket in turn, so workers told by a notice
+    (``NoticeSender.send_partial``) read finished buckets (``pull_ranges``) while the next ones
+    are updated; ``publish()`` then writes the status block as before. Safe only where nobody
+    can still be reading the stale buffer's older version, which bsp guarantees.
     """
 
     NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)
@@ -488,6 +495,7 @@ class ParameterWindow:
         n = shard_elements
         self.in_place = pull_codec == "fp32"  # the optimizer updates the stale exposed buffer itself
         self._updating: int | None = None  # the exposed buffer an update holds (in place)
+        self._lazy = False  # the update in progress is exposed range by range (begin_update(lazy=True))
         # the values, set before the windows exist so no pull can see uninitialised memory: with
         # bf16/fp16 pulls the float32 master is ``init`` itself where it is a float32 vector
         if init is not None and init.dtype == np.float32 and init.flags.c_contiguous and init.size == n:
@@ -553,6 +561,10 @@ class ParameterWindow:
         else:
             narrow(out, self._master, self.pull_codec)
 
+    def _expose_range(self, out: np.ndarray, lo: int, hi: int) -> None:
+        """Master elements ``lo:hi`` into the exposed bytes ``out`` (the pull codec's type)."""
+        narrow(out[self.itemsize * lo : self.itemsize * hi], self._master[lo:hi], self.pull_codec)
+
     def _shard(self, b: int) -> np.ndarray:
         return self._memory[b][HEADER_BYTES:].view(np.float32)
 
@@ -568,18 +580,52 @@ class ParameterWindow:
         current.flags.writeable = False  # published: readers may be reading it
         return current
 
-    def begin_update(self) -> int | None:
+    def begin_update(self, lazy: bool = False) -> int | None:
         """Server, before changing ``params``: in place, lock the stale buffer exclusively and
-        bring it to the current values; returns its index (None with a private master)."""
-        if not self.in_place or self._updating is not None:
-            return self._updating
-        cur = self._current()
-        stale = 1 - cur
+        bring it to the current values; returns its index (None with a private master).
+
+        ``lazy`` (bsp, published bucket by bucket): take a *shared* lock on the stale buffer and
+        copy nothing yet. The caller brings each range to the current values (``prepare``)
+        before changing it and makes it readable (``expose``) once changed, every range before
+        ``publish()``; workers may read the ranges exposed so far while later ones change. Only
+        safe where no reader can still be reading the stale buffer's older version: in bsp every
+        worker has pulled the current version before its push, and the update waits for every push.
+        """
+        if self._updating is not None:
+            return self._updating if self.in_place else None
+        if not self.in_place and not lazy:
+            return None
+        stale = 1 - self._current()
         if self.rma:
-            self.wins[stale].Lock(self.comm.Get_rank(), MPI.LOCK_EXCLUSIVE)
-        self._shard(stale)[:] = self._shard(cur)
-        self._updating = stale
-        return stale
+            self.wins[stale].Lock(self.comm.Get_rank(), MPI.LOCK_SHARED if lazy else MPI.LOCK_EXCLUSIVE)
+        if self.in_place and not lazy:
+            self._shard(stale)[:] = self._shard(1 - stale)
+        self._updating, self._lazy = stale, lazy
+        return stale if self.in_place else None
+
+    @property
+    def updating(self) -> int | None:
+        """The exposed buffer an update in progress writes (0 or 1), or None."""
+        return self._updating
+
+    def next_version(self) -> int:
+        """The version the next ``publish()`` makes."""
+        return int(self._memory[self._current()][:HEADER_BYTES].view(np.int64)[Slot.VERSION]) + 1
+
+    def prepare(self, lo: int, hi: int) -> None:
+        """Lazy update: bring elements ``lo:hi`` of the buffer being updated to the current values."""
+        if self.in_place and self._lazy:
+            self._shard(self._updating)[lo:hi] = self._shard(1 - self._updating)[lo:hi]
+
+    def expose(self, lo: int, hi: int) -> None:
+        """Lazy update: elements ``lo:hi`` are final; make them readable (narrowed with a
+        bf16/fp16 pull codec, then ``MPI_Win_sync``) before telling any worker."""
+        if not self._lazy:
+            raise RuntimeError("expose() belongs to an update begun with begin_update(lazy=True)")
+        if not self.in_place:
+            self._expose_range(self._memory[self._updating][HEADER_BYTES:], lo, hi)
+        if self.rma:
+            self.wins[self._updating].Sync()
 
     def published(self) -> np.ndarray:
         """Server: the bytes of the current version (status block + shard)."""
@@ -593,17 +639,18 @@ class ParameterWindow:
         me, cur = self.comm.Get_rank(), self._current()
         stale = 1 - cur
         mem = self._memory[stale]
-        self.status[Slot.VERSION] = int(self._memory[cur][:HEADER_BYTES].view(np.int64)[Slot.VERSION]) + 1
-        if self.in_place:
-            self.begin_update()  # a publish without new values: the current ones, as the next version
-        elif self.rma:
-            self.wins[stale].Lock(me, MPI.LOCK_EXCLUSIVE)
+        self.status[Slot.VERSION] = self.next_version()
+        if self._updating is None:  # a publish without new values: the current ones, as the next version
+            if self.in_place:
+                self.begin_update()
+            elif self.rma:
+                self.wins[stale].Lock(me, MPI.LOCK_EXCLUSIVE)
         try:
-            if not self.in_place:
+            if not self.in_place and not self._lazy:  # a lazy update exposed every range itself
                 self._expose(mem[HEADER_BYTES:])
             mem[:HEADER_BYTES].view(np.int64)[:] = self.status
         finally:
-            self._updating = None
+            self._updating, self._lazy = None, False
             if self.rma:
                 self.wins[stale].Unlock(me)
         if self.rma:  # readers go there from now on
@@ -660,6 +707,27 @@ class ParameterWindow:
         if not wide:
             for shard, raw in zip(shards, self._staging, strict=True):
                 widen(shard, raw, self.pull_codec)
+
+    def pull_ranges(
+        self, target: int, buffer: int, ranges: list[tuple[int, int]], shard: np.ndarray,
+        status: np.ndarray | None = None,
+    ) -> None:
+        """Worker: elements ``lo:hi`` of each range of ``target``'s exposed buffer ``buffer`` into
+        ``shard[lo:hi]`` (widened from the pull codec), and its status block into ``status``
+        if given, in one shared-lock epoch (``mpips.pullahead``: the buckets a notice says are
+        exposed)."""
+        size, wide = self.itemsize, self.pull_codec == "fp32"
+        win = self.wins[buffer]
+        raw = [shard[lo:hi] if wide else np.empty(size * (hi - lo), dtype=np.uint8) for lo, hi in ranges]
+        win.Lock(target, MPI.LOCK_SHARED)
+        reqs = get_chunks(win, status, target, 0, self.chunk_bytes) if status is not None else []
+        for (lo, _), out in zip(ranges, raw, strict=True):
+            reqs += get_chunks(win, out, target, HEADER_BYTES + size * lo, self.chunk_bytes)
+        MPI.Request.Waitall(reqs)
+        win.Unlock(target)
+        if not wide:
+            for (lo, hi), out in zip(ranges, raw, strict=True):
+                widen(shard[lo:hi], out, self.pull_codec)
 
     def raise_flag(self, target: int, slot: int, value: int) -> None:
         """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX).
@@ -1179,17 +1247,22 @@ class MessagePuller:
 
 
 # -- bsp: "your step is applied" as a message --------------------------------------------------
-NOTICE_WORDS = 3  # int64: clock, exposed buffer index, version; clock -1 = the last notice
+NOTICE_WORDS = 5  # int64: clock, exposed buffer index, version, buckets exposed, checkpoint mark
+WHOLE = 1 << 62  # "buckets exposed" of a published version: all of them, and its status block
 
 
 class NoticeSender:
-    """bsp server: after each publish, tell every worker the clock and where the version lies.
+    """bsp server: tell every worker what is readable, as messages.
 
-    A waiting worker then learns that its step is applied from a message it polls cheaply
-    (``Backoff.for_messages``), instead of reading every server's status blocks under locks, and
-    pulls the buffer the notice names in one lock epoch. ``close(w)`` sends worker ``w`` the last
-    notice (clock -1) once it has stopped, so it can receive every notice before it frees its
-    receive; ``finish()`` waits for every notice to be received.
+    After each publish: the clock, the exposed buffer that holds the version and its number
+    (``send``). While a version is being applied bucket by bucket (``ParameterWindow``'s lazy
+    update), after each bucket: how many of its buckets are exposed so far (``send_partial``), so
+    a worker can pull them while the server applies the rest (``mpips.pullahead``). Every
+    notice carries the checkpoint mark of the version (``Slot.CHECKPOINT``). A waiting worker
+    learns what it waits for from a message it polls cheaply (``Backoff.for_messages``) instead
+    of reading every server's status blocks under locks. ``close(w)`` sends worker ``w`` the
+    last notice (clock -1) once it has stopped, so it can receive every notice before it frees
+    its receive; ``finish()`` waits for every notice to be received.
     """
 
     def __init__(self, comm: MPI.Comm, workers: list[int]):
@@ -1197,19 +1270,24 @@ class NoticeSender:
         self.sending: deque[tuple[np.ndarray, MPI.Request]] = deque()  # buffers stay alive until sent
         self.closed: set[int] = set()
 
-    def _send(self, w: int, words: tuple[int, int, int]) -> None:
+    def _send(self, w: int, words: tuple[int, ...]) -> None:
         while self.sending and self.sending[0][1].Test():
             self.sending.popleft()
         buf = np.array(words, dtype=np.int64)
         self.sending.append((buf, self.comm.Isend(buf, dest=self.workers[w], tag=Tag.NOTICE)))
 
-    def send(self, clock: int, buffer: int, version: int) -> None:
+    def send(self, clock: int, buffer: int, version: int, mark: int = 0) -> None:
+        """Version ``version`` (clock ``clock``) is published whole in exposed buffer ``buffer``."""
+        self.send_partial(clock, buffer, version, WHOLE, mark)
+
+    def send_partial(self, clock: int, buffer: int, version: int, exposed: int, mark: int = 0) -> None:
+        """The first ``exposed`` buckets of version ``version`` are readable in ``buffer``."""
         for w in range(len(self.workers)):
             if w not in self.closed:
-                self._send(w, (clock, buffer, version))
+                self._send(w, (clock, buffer, version, exposed, mark))
 
     def close(self, w: int) -> None:
-        self._send(w, (-1, 0, 0))
+        self._send(w, (-1, 0, 0, 0, 0))
         self.closed.add(w)
 
     def finish(self, timeout: float) -> None:
@@ -1218,17 +1296,28 @@ class NoticeSender:
 
 
 class NoticeReceiver:
-    """bsp worker: the latest notice of every server (see ``NoticeSender``)."""
+    """bsp worker: the latest notices of every server (see ``NoticeSender``).
+
+    Per server: ``clock``, ``buffer`` and ``version`` of the newest version published whole;
+    ``next_clock``, ``next_buffer``, ``next_version`` and ``exposed`` (buckets readable) of the
+    version being applied after it, if any (``exposed`` 0: none); ``mark``, the checkpoint mark
+    of the newest notice.
+    """
 
     def __init__(self, comm: MPI.Comm, servers: list[int]):
         self.comm, self.servers = comm, servers
-        # newest clock heard per server, the exposed buffer that holds it and its version; at
-        # first what every window holds from its creation (ParameterWindow: buffer 0, version 0,
-        # clock 0), so step 0 need not wait for a server's start-up
-        self.clock = np.zeros(len(servers), dtype=np.int64)
-        self.buffer = [0] * len(servers)
-        self.version = np.zeros(len(servers), dtype=np.int64)
-        self.ended = [False] * len(servers)
+        n = len(servers)
+        # at first what every window holds from its creation (ParameterWindow: buffer 0, version
+        # 0, clock 0), so step 0 need not wait for a server's start-up
+        self.clock = np.zeros(n, dtype=np.int64)
+        self.buffer = [0] * n
+        self.version = np.zeros(n, dtype=np.int64)
+        self.next_clock = np.full(n, -1, dtype=np.int64)
+        self.next_buffer = [0] * n
+        self.next_version = np.zeros(n, dtype=np.int64)
+        self.exposed = np.zeros(n, dtype=np.int64)
+        self.mark = np.zeros(n, dtype=np.int64)
+        self.ended = [False] * n
         self._bufs = [np.zeros(NOTICE_WORDS, dtype=np.int64) for _ in servers]
         self._reqs = [self.comm.Irecv(b, source=s, tag=Tag.NOTICE) for b, s in zip(self._bufs, servers, strict=True)]
 
@@ -1238,20 +1327,37 @@ class NoticeReceiver:
         for i, req in enumerate(self._reqs):
             while req != MPI.REQUEST_NULL and req.Test():
                 moved = True
-                clock, buffer, version = (int(x) for x in self._bufs[i])
+                clock, buffer, version, exposed, mark = (int(x) for x in self._bufs[i])
                 if clock < 0:
                     self.ended[i] = True
                     self._reqs[i] = req = MPI.REQUEST_NULL
                     continue
-                if version > self.version[i]:
+                if exposed == WHOLE and version > self.version[i]:
                     self.clock[i], self.buffer[i], self.version[i] = clock, buffer, version
+                    self.exposed[i], self.next_clock[i], self.mark[i] = 0, -1, mark
+                elif exposed != WHOLE and version > self.version[i]:
+                    self.next_clock[i], self.next_buffer[i], self.next_version[i] = clock, buffer, version
+                    self.exposed[i], self.mark[i] = exposed, mark
                 self._reqs[i] = req = self.comm.Irecv(self._bufs[i], source=self.servers[i], tag=Tag.NOTICE)
         return moved
+
+    def readable(self, i: int, need: int) -> tuple[int, int]:
+        """(buckets readable, buffer) of server ``i``'s first version with clock >= ``need``:
+        ``WHOLE`` once published, the buckets exposed while it is applied, 0 before."""
+        if self.clock[i] >= need:
+            return WHOLE, self.buffer[i]
+        if self.next_clock[i] >= need:
+            return int(self.exposed[i]), self.next_buffer[i]
+        return 0, 0
 
     def wait(self, need: int, what: Callable[[], str], timeout: float) -> None:
         """Until every server's clock is at least ``need``; StallError naming ``what()`` after
         ``timeout`` seconds without a notice."""
         self._until(lambda: int(self.clock.min()) >= need, what, timeout)
+
+    def wait_started(self, need: int, what: Callable[[], str], timeout: float) -> None:
+        """Until every server has exposed a bucket of a version with clock >= ``need``."""
+        self._until(lambda: all(self.readable(i, need)[0] for i in range(len(self.servers))), what, timeout)
 
     def close(self, timeout: float) -> None:
         """After this worker's stop message: receive every notice up to each server's last."""

@@ -6,6 +6,10 @@ bf16/fp16 the window widens what it read) and each server's slice of the gradien
 contiguous range that is sent as it is, or with ``--compress`` encoded chunk by chunk
 (``mpips.compression``, error-feedback residuals in ``state_dict``).
 
+In bsp over windows a CPU worker pulls ahead (``mpips.pullahead``): it starts a step once every
+server has published a first bucket of the version, and each module's forward waits only for
+the buckets of its own parameters.
+
 Push during backward (``BackwardPush``, ``--push-during-backward``, on by default): a push longer
 than one chunk leaves while backward runs: the gradient hooks ``FlatModel`` registers send each
 chunk as soon as every tensor on it has its gradient, last first (``BackwardChunks``), the first
@@ -20,6 +24,7 @@ worker) and frees the window (collective).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +41,7 @@ from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
 from mpips.precision import Precision, param_dtype
+from mpips.pullahead import PullAhead
 from mpips.shard import ShardPlan
 from mpips.staging import STAGE_CHUNK_BYTES, CopyEngine, CudaCopyEngine, ImmediateCopyEngine, Staging
 from mpips.tasks import LossFn, TaskMetrics, cross_entropy
@@ -61,6 +67,8 @@ if TYPE_CHECKING:
     from mpips.layout import PSContext
 
 __all__ = ["BackwardChunks", "BackwardPush", "FlatModel", "Worker", "evaluate"]
+
+log = logging.getLogger("mpips.worker")
 
 
 class FlatModel:
@@ -321,6 +329,8 @@ class BackwardPush:
         self.headers = dict(headers)
         self.chunks.reset()
         self.step = step
+        if self.encoder is not None:
+            self.encoder.begin_step(step)  # --sparsity-warmup: this step's fraction
         self.flat.on_grad = self._grad_done
 
     def _grad_done(self, i: int) -> None:
@@ -458,8 +468,10 @@ class Worker:
         c = self.compression
         self.pull_codec = c.pull_codec if c else "fp32"
         self.window = ParameterWindow(self.comm, 0, chunk_bytes=self.chunk_bytes, pull_codec=self.pull_codec)
-        self.codec = make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()) if c else None
-        self.encoder = make_encoder(self.codec, plan.numel, c.feedback()) if self.codec else None
+        self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
+                      if c else None)
+        self.encoder = (make_encoder(self.codec, plan.numel, c.feedback(), *c.worker_momentum(self.ctx.optim))
+                        if self.codec else None)
         if self.flat.path == "direct" and (self.codec is not None or self.pull_codec != "fp32"):
             raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
                              " (mpips.train stages through host memory when they are set)")
@@ -487,16 +499,26 @@ class Worker:
         self.backward_push = (BackwardPush(self.flat, self.pusher, self.streamed, self.ranges, self.chunk_bytes,
                                            self.codec, self.encoder, self.seed, self.index)
                               if self.streamed else None)
-        # bsp over windows: the servers announce each version (transport.NoticeSender)
+        # bsp over windows: the servers announce each version (transport.NoticeSender), bucket
+        # by bucket, and a CPU worker pulls the buckets as they come (mpips.pullahead)
         self.notices = (NoticeReceiver(self.comm, self.servers)
                         if self.sync == "bsp" and self.pull_mode == "rma" else None)
+        self.pull_ahead = None
+        if self.notices is not None and self.ctx.train.pull_ahead and self.flat.staging is None \
+                and self.flat.path == "host":
+            self.pull_ahead = PullAhead(self.window, self.notices, self.servers, plan, self.chunk_bytes, self.shards,
+                                        self.status, lambda need: self._lagging(need, self.notices.clock),
+                                        self.stall_timeout)
+            trainable = [p for p in self.flat.model.parameters() if p.requires_grad]
+            self._ahead_hooks = self.pull_ahead.hooks(self.flat.model, trainable)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this worker.
 
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
         ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
-        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback.
+        ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback;
+        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it.
         """
         state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
         if self.encoder is not None:
@@ -518,7 +540,7 @@ class Worker:
             step = self.position
             t0 = time.perf_counter()
             faults.at("pull", step)
-            clock = self.pull(self._need(step))
+            clock = self.pull(self._need(step), ahead=True)
             joined = self._join_checkpoint(step)
             if self.stats.preempted:
                 break  # checkpointed (or told to stop) at this boundary; the job stops here
@@ -538,11 +560,12 @@ class Worker:
                 self.backward_push.begin(step, {s: self._header(s, step, samples, clock) for s in self.streamed})
             if samples:
                 with tracer.span("forward/backward", step):
-                    out = self.precision.forward(model, torch.from_numpy(batch.x))
-                    loss = self.loss(out, torch.from_numpy(batch.y).to(flat.device))
-                    self.precision.backward(loss)
-                    self.precision.unscale()  # fp16: gradients divided by the loss scale
-                    loss = loss.detach()
+                    loss = self._compute(batch)
+            waited = 0.0
+            if self.pull_ahead is not None and self.pull_ahead.pending:
+                with tracer.span("pull"):
+                    self.pull_ahead.finish()  # the buckets forward did not need, the status blocks
+                waited = self.pull_ahead.waited  # forward's waits for buckets count as pulling
             with tracer.span("push", step):
                 grad_norm = flat.grad_norm()
                 if samples and not math.isfinite(grad_norm) and self.precision.scaler is not None:
@@ -561,13 +584,47 @@ class Worker:
                     self.push(step, samples, clock, grad_norm, float(loss))
             self.position = step + 1
             t3 = time.perf_counter()
-            self._account(step, len(batch), float(loss), staleness, t1 - t0, t2 - t1, t3 - t2, start)
+            self._account(step, len(batch), float(loss), staleness, t1 - t0 + waited, t2 - t1 - waited, t3 - t2,
+                          start)
             if self.on_eval and self.eval_every and (step + 1) % self.eval_every == 0:
                 with tracer.span("evaluate", step + 1):
                     self.on_eval(step + 1)
         if not self.stats.preempted:
             self._final_checkpoint()
         return self.stats
+
+    def _compute(self, batch) -> torch.Tensor:  # noqa: ANN001 (mpips.data.Batch)
+        """Forward and backward of ``batch`` into the flat gradient; returns the loss (detached).
+
+        Pulling ahead, a tensor that got a gradient though no forward hook waited for it was read
+        before its bucket may have come (``mpips.pullahead``): the step is computed again after
+        a whole pull, module buffers (BatchNorm's statistics) as they were before it, and
+        pull-ahead is off for the rest of the run, said in one line.
+        """
+        flat, model, ahead = self.flat, self.flat.model, self.pull_ahead
+        buffers = {k: v.clone() for k, v in model.named_buffers()} if ahead is not None and ahead.pending else None
+        for again in (False, True):
+            out = self.precision.forward(model, torch.from_numpy(batch.x))
+            loss = self.loss(out, torch.from_numpy(batch.y).to(flat.device))
+            self.precision.backward(loss)
+            if again or buffers is None or not (flat.used.astype(bool) & ~ahead.covered).any():
+                break
+            unguarded = [t.name for t, u, c in zip(flat.plan.tensors, flat.used, ahead.covered, strict=True)
+                         if u and not c]
+            log.warning("worker %d: the model reads %s outside the forward of every module that holds it (e.g."
+                        " F.linear(x, self.head.weight) without calling head): pull-ahead is off for this run, pulls"
+                        " wait for the whole version (--no-pull-ahead says so up front)", self.index,
+                        ", ".join(unguarded[:3]) + (" ..." if len(unguarded) > 3 else ""))
+            ahead.finish()
+            for handle in self._ahead_hooks:
+                handle.remove()
+            self.pull_ahead = None
+            with torch.no_grad():
+                for name, value in model.named_buffers():
+                    value.copy_(buffers[name])
+            flat.zero_grad()
+        self.precision.unscale()  # fp16: gradients divided by the loss scale
+        return loss.detach()
 
     def _join_checkpoint(self, step: int) -> bool:
         """Join a checkpoint (or stop) the servers published; True if one was joined.
@@ -644,9 +701,25 @@ class Worker:
             return step - self.staleness
         return -1
 
-    def pull(self, need: int) -> int:
-        """Wait until every server's clock is at least ``need``, then pull; returns the clock."""
+    def pull(self, need: int, ahead: bool = False) -> int:
+        """Wait until every server's clock is at least ``need``, then pull; returns the clock.
+
+        ``ahead`` (a step's pull, bsp with ``self.pull_ahead``): wait only until every server has
+        exposed a first bucket of that version; forward pulls the rest as it goes
+        (``mpips.pullahead``) and ``pull_ahead.finish()`` completes it. A checkpoint mark in
+        the notices makes it a whole pull (the boundary's checkpoint reads the status blocks).
+        """
         self.flat.before_pull()
+        if ahead and self.pull_ahead is not None:
+            with self.tracer.span("wait for parameters"):
+                self.notices.wait_started(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
+            self.pull_ahead.begin(need)
+            if self.notices.mark.any():
+                self.pull_ahead.finish()
+            else:
+                self.status[:, Slot.CHECKPOINT] = 0
+            self.stats.bytes_pulled += PULL_CODECS[self.pull_codec].itemsize * self.flat.plan.numel
+            return need
         if self.puller is not None:
             with self.tracer.span("pull"):
                 self.puller.pull(need, self.status, self.shards)
@@ -711,6 +784,7 @@ class Worker:
         its NaN or Inf does not stay in the residual.
         """
         g, lo = torch.from_numpy(grad), self.flat.plan.shard_range(s)[0]
+        self.encoder.begin_step(step)  # --sparsity-warmup: this step's fraction
         seeds = [chunk_seed(self.seed, step, self.index, s, c) for c in range(len(self.ranges[s]))]
         if not finite:
             return [self.codec.encode(g[a:b], seed) for (a, b), seed in zip(self.ranges[s], seeds, strict=True)]

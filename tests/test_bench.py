@@ -11,7 +11,7 @@ import pytest
 from helpers import run_mpi
 
 from mpips.bench.common import BenchError, Spread, format_table, parse_sizes
-from mpips.bench.train import SYSTEMS, _add_ratios, _throughput, _time_to_target
+from mpips.bench.train import DEFAULT_SYSTEMS, _add_ratios, _throughput, _time_to_target
 
 # generous: a guard against hangs on a loaded 2-core machine, not a performance bound
 pytestmark = pytest.mark.timeout(300)
@@ -77,7 +77,7 @@ def test_train_rows_compare_every_system_at_equal_workers(bench_all):
     doc, stdout = bench_all
     rows = doc["train"]
     got = {(r["model"], r["system"], r["workers"]) for r in rows}
-    assert got == {(m, s, w) for m in ("mlp", "gpt") for s in SYSTEMS for w in (1, 2)}
+    assert got == {(m, s, w) for m in ("mlp", "gpt") for s in DEFAULT_SYSTEMS for w in (1, 2)}
     for r in rows:
         assert positive(r["samples_per_s"]) and positive(r["ratio_vs_ddp"])
         assert positive(r["ratio_vs_allreduce"]) and positive(r["efficiency"])
@@ -171,3 +171,30 @@ def test_memory_rows_give_every_role_above_a_bare_process(bench_all):
         assert r["bytes_per_param"] == pytest.approx((r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / r["params"])
         assert positive(r["expected_bytes_per_param"])
     assert "memory: peak RSS above a bare process" in stdout
+
+
+def test_compress_dgc_row_is_measured_against_float32_on_its_own_optimizer():
+    """``compress``: the DGC row runs top-k with momentum correction and warm-up on momentum SGD,
+    and its ratios and deltas are against float32 on momentum SGD, not against adam's float32."""
+    import argparse
+
+    from mpips.bench.compress import _add_ratios as add_compress_ratios
+    from mpips.bench.compress import _argv, _settings
+    from mpips.config import parse_args
+
+    args = argparse.Namespace(codecs="topk", pull_codecs="bf16", dgc=True, dgc_lr=0.1, dgc_warmup=92,
+                              compress_ratio=0.01, qsgd_levels=8, threads=1, mlp_epochs=30.0)
+    assert _settings(args, "mlp")[-2:] == [("none", "fp32", "momentum"), ("topk", "fp32", "dgc")]
+    assert all(v == "" for _, _, v in _settings(args, "gpt"))
+    cfg = parse_args(_argv(args, "mlp", "topk", "fp32", "m.jsonl", "m.pt", "dgc"))
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.server_optim().optimizer) == ("momentum", 0.1, "sgd")
+    assert cfg.compression.momentum_correction and cfg.compression.sparsity_warmup == 92
+
+    def row(push, optimizer, accuracy, push_bytes):
+        return {"model": "mlp", "push": push, "pull": "fp32", "optimizer": optimizer, "accuracy": accuracy,
+                "loss": 0.1, "push_bytes_per_step": push_bytes, "pull_bytes_per_step": 100.0, "samples_per_s": 10.0}
+
+    rows = [row("none", "adam", 0.986, 100.0), row("none", "momentum", 0.989, 100.0),
+            row("topk", "momentum", 0.983, 5.0)]
+    add_compress_ratios(rows)
+    assert rows[2]["accuracy_delta"] == pytest.approx(-0.006) and rows[2]["push_ratio"] == pytest.approx(20.0)

@@ -21,12 +21,15 @@ from mpips.compression import (
     CODECS,
     RECORD_BYTES,
     ErrorFeedback,
+    MomentumCorrection,
     PayloadError,
     chunk_ranges,
     chunk_seed,
     make_codec,
+    make_encoder,
     parse_payload,
     payload_bound,
+    sparsity_ratio,
 )
 from mpips.transport import HEADER_BYTES, Codec
 
@@ -301,6 +304,109 @@ def test_flags_and_config_files_choose_the_codecs(tmp_path):
         with pytest.raises(ConfigError, match=message):
             parse_args(argv)
 
+# -- deep gradient compression: sparsity warm-up, momentum correction -------------------------------
+def test_sparsity_warmup_is_dgcs_exponential_schedule():
+    """ratio 0.25**4 warmed up over 3 steps sends 25%, 6.25%, 1.5625%, then 0.390625% (sparsity 75%,
+    93.75%, 98.4375%, 99.6%: the sequence of Lin et al. 2018, Section 4), and the records follow it;
+    the largest record (step 0's) is what the buffers are sized for on worker and server."""
+    ratio, n = 0.25**4, 4096
+    assert [sparsity_ratio(t, ratio, 3) for t in range(6)] == pytest.approx([0.25, 0.0625, 0.015625, *[ratio] * 3])
+    assert [sparsity_ratio(t, 0.01, 0) for t in range(2)] == [0.01, 0.01]
+    for name in ("topk", "randomk"):
+        codec = make_codec(name, ratio=ratio, warmup_steps=3)
+        counts = []
+        for t in range(5):
+            codec.begin_step(t)
+            record = codec.encode(_x(n), seed=t)
+            counts.append(struct.unpack_from("<I", record, 4)[0])
+            assert record.nbytes <= codec.max_record_bytes(n)
+        assert counts == [1024, 256, 64, 16, 16]
+        codec.begin_step(0)
+        assert codec.encode(_x(n), seed=0).nbytes == codec.max_record_bytes(n)
+        assert make_codec(name, ratio=ratio).max_record_bytes(n) < codec.max_record_bytes(n)
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["momentum", "nesterov"])
+def test_momentum_correction_holds_back_what_torchs_momentum_sgd_would_have_applied(nesterov):
+    """Entry 1 always gets a gradient too small to be sent: after 12 steps its velocity holds what
+    torch's momentum SGD (lr 1) would have moved it by, sum of its updates. Entry 0, sent every
+    step, has its momentum zeroed every step (momentum factor masking) and so sends the gradient
+    (Nesterov: with its look-ahead, (1 + m) g)."""
+    m, g = 0.9, torch.tensor([1.0, 0.001, -0.002, 0.0005])
+    mc = make_encoder(make_codec("topk", ratio=0.25), 4, True, momentum=m, nesterov=nesterov)
+    p = torch.zeros(4, requires_grad=True)
+    sgd = torch.optim.SGD([p], lr=1.0, momentum=m, nesterov=nesterov)
+    for _ in range(12):
+        record = mc.encode(g, 0, 0)
+        sent = parse_payload(mc.codec, record, [(0, 4)], [0], 0)[0].dense(torch.zeros(4))
+        assert sent[1:].tolist() == [0.0, 0.0, 0.0]  # entry 0 only: the others never get that large
+        assert float(sent[0]) == pytest.approx(1 + m if nesterov else 1.0)
+        p.grad = g.clone()
+        sgd.step()
+    state = mc.state_dict()
+    assert state["momentum"][0] == 0 and state["residual"][0] == 0  # cleared where sent
+    torch.testing.assert_close(state["residual"][1:].double(), -p.detach()[1:].double(), rtol=1e-5, atol=0)
+
+
+def test_momentum_correction_without_momentum_is_error_feedback():
+    codec = make_codec("topk", ratio=0.05)
+    ef, mc = ErrorFeedback(codec, N), MomentumCorrection(codec, N, momentum=0.0)
+    for step in range(5):
+        x = _x(seed=step)
+        assert np.array_equal(ef.encode(x, step, 0), mc.encode(x, step, 0))
+    assert torch.equal(ef.residual, mc.residual)
+
+
+def test_momentum_correction_state_round_trips_and_needs_a_sparse_codec():
+    codec = make_codec("randomk", ratio=0.1, error_feedback=True)
+    a, b = MomentumCorrection(codec, N, 0.9), MomentumCorrection(codec, N, 0.9)
+    for step in range(3):
+        a.encode(_x(seed=step), step, 0)
+    b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
+    x = _x(seed=7)
+    assert np.array_equal(a.encode(x, 3, 0), b.encode(x, 3, 0))
+    assert float(a.state_dict()["momentum"].abs().max()) > 0
+    with pytest.raises(ValueError, match="velocity of 3 elements"):
+        b.load_state_dict({"residual": torch.zeros(N), "momentum": torch.zeros(3)})
+    b.load_state_dict({"residual": torch.zeros(N)})  # a checkpoint from before: zero momentum
+    assert float(b.state_dict()["momentum"].abs().max()) == 0
+    with pytest.raises(ValueError, match="needs a sparse codec"):
+        MomentumCorrection(make_codec("qsgd"), N, 0.9)
+    with pytest.raises(ValueError, match="needs randomk unscaled"):
+        MomentumCorrection(make_codec("randomk", ratio=0.1), N, 0.9)
+
+
+def test_dgc_flags_and_the_combinations_they_refuse(tmp_path):
+    from mpips.config import ConfigError, parse_args
+
+    cfg = parse_args(["--compress", "randomk", "--optimizer", "nesterov", "--momentum", "0.8",
+                      "--momentum-correction", "--sparsity-warmup", "50"])
+    c = cfg.compression
+    assert (c.momentum_correction, c.sparsity_warmup, c.feedback()) == (True, 50, True)
+    assert c.worker_momentum(cfg.optim) == (0.8, True)
+    assert cfg.server_optim().optimizer == "sgd" and cfg.optim.optimizer == "nesterov"
+    toml = tmp_path / "dgc.toml"
+    toml.write_text('[compression]\ncompress = "topk"\nmomentum-correction = true\nsparsity-warmup = 8\n'
+                    '[optim]\noptimizer = "momentum"\n')
+    cfg = parse_args(["--config", str(toml)])
+    assert cfg.compression.worker_momentum(cfg.optim) == (0.9, False) and cfg.compression.sparsity_warmup == 8
+    assert parse_args([]).server_optim() == parse_args([]).optim
+    for argv, message in (
+        (["--compress", "qsgd", "--momentum-correction", "--optimizer", "momentum"],
+         r"^--momentum-correction needs --compress topk or randomk \(got --compress qsgd\): it zeroes"),
+        (["--compress", "topk", "--momentum-correction"],
+         r"^--momentum-correction moves the momentum of --optimizer momentum or nesterov onto the workers \(the"
+         r" servers then apply plain SGD\); --optimizer adam has none to move$"),
+        (["--compress", "topk", "--momentum-correction", "--optimizer", "momentum", "--no-error-feedback"],
+         r"^--momentum-correction keeps what it did not send in its velocity"),
+        (["--compress", "sign", "--sparsity-warmup", "10"], r"^--sparsity-warmup needs --compress topk or randomk"
+         r" \(got --compress sign\)"),
+        (["--compress", "topk", "--sparsity-warmup", "-1"], r"^--sparsity-warmup must be 0 or more \(got -1\)$"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(argv)
+
+
 # -- end to end (mpirun through tests/helpers.py) ---------------------------------------------------
 E2E = ("--data-servers", "0", "--steps", "12", "--log-every", "100", "--stall-timeout", "20")
 # as tests/test_checkpoint.py: a frozen layer, a never-called one and BatchNorm buffers
@@ -337,31 +443,67 @@ def test_topk_with_error_feedback_pushes_over_50x_fewer_bytes_and_bf16_pulls_hal
     assert end["loss"] < math.log(10)  # it learned: below chance after 12 steps (bsp: the same every run)
 
 
-def test_kill_and_resume_with_compression_is_bitwise_identical(tmp_path):
-    """bsp, qsgd with error feedback (seeded rounding noise and a residual per worker): a run
-    SIGKILLed at step 10 and resumed from its step-8 checkpoint ends bitwise equal to an
-    uninterrupted one. The residuals are in the checkpoint, and not zero."""
-    flags = (*CKPT_FLAGS, "--compress", "qsgd", "--error-feedback", "--qsgd-levels", "4")
+@pytest.mark.parametrize(("codec", "state"), [
+    (("--compress", "qsgd", "--error-feedback", "--qsgd-levels", "4"), ("residual",)),
+    (("--compress", "topk", "--compress-ratio", "0.05", "--optimizer", "nesterov", "--lr", "0.05",
+      "--momentum-correction", "--sparsity-warmup", "12"), ("residual", "momentum")),
+], ids=["qsgd-ef", "topk-dgc"])
+def test_kill_and_resume_with_compression_is_bitwise_identical(codec, state, tmp_path):
+    """bsp, qsgd with error feedback (seeded rounding noise and a residual per worker), and top-k
+    with DGC's momentum correction and sparsity warm-up (a velocity and a momentum per worker; the
+    fraction sent still falling at the resume): a run SIGKILLed at step 10 and resumed from its
+    step-8 checkpoint ends bitwise equal to an uninterrupted one. The worker state is in the
+    checkpoint, and not zero."""
+    flags = (*CKPT_FLAGS, *codec)
     run_train(3, *flags, "--save", str(tmp_path / "reference.pt"), timeout=120, check=True)
     ck = ("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "4")
     killed = run_train(3, *flags, *ck, env={"MPIPS_FAULT": "rank=0,phase=pull,step=10,kind=kill"}, timeout=120)
     assert killed.returncode != 0
     with h5py.File(tmp_path / "ck" / "ckpt-00000008.h5", "r") as f:
-        residual = f["workers/residual"][:]
-    assert residual.shape[0] == 2 and np.abs(residual).max() > 0
+        saved = {key: f[f"workers/{key}"][:] for key in state}
+    for vec in saved.values():
+        assert vec.shape[0] == 2 and np.abs(vec).max() > 0
     run_train(3, *flags, *ck, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=120, check=True)
     a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("reference.pt", "resumed.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_topk_1_percent_with_dgc_reaches_the_accuracy_target_on_the_default_job(tmp_path):
+    """The issue's target for top-k 1%: held-out accuracy within 0.5 point of the default job's
+    float32 accuracy (0.986 on this VM, so >= 0.981), on the default job (4 ranks, 30 epochs, seed
+    0) with deep gradient compression: momentum correction on momentum SGD (lr 0.1) and the
+    sparsity warmed up over the first 4 epochs (92 steps). Measured 0.989 here (3 held-out
+    samples above the line; seeds 1 and 2: 0.983); float32 on momentum SGD 0.989, adam 0.986.
+    (top-k with adam, no DGC: 0.981, one sample short.) Every push is its header, the record of
+    that step's k = ceil(ratio_t x n) entries and the mask: 17x fewer bytes than float32 over the
+    run, the warm-up's early pushes being nearly dense, 63x after it."""
+    warmup, n_steps, workers = 92, 690, 2
+    result = run_train(4, "--optimizer", "momentum", "--lr", "0.1", "--compress", "topk", "--compress-ratio",
+                       "0.01", "--momentum-correction", "--sparsity-warmup", str(warmup), "--metrics",
+                       str(tmp_path / "m.jsonl"), timeout=600, check=True)
+    assert "momentum correction (momentum 0.9 on the workers, plain SGD on the servers)" in result.stdout
+    assert "server 0: 26,122 elements (0.10 MiB) + sgd state ~0.00 MiB" in result.stdout + (result.stderr or "")
+    end = _end_event(tmp_path / "m.jsonl")
+    assert end["step"] == n_steps and end["accuracy"] >= 0.981
+    runs, n = (int(v.replace(",", "")) for v in re.search(r"shard plan: (\d+) tensors, ([\d,]+) parameters",
+                                                          result.stdout).groups())
+    ks = [min(n, max(1, math.ceil(sparsity_ratio(t, 0.01, warmup) * n))) for t in range(n_steps)]
+    push = [HEADER_BYTES + RECORD_BYTES + (6 * k + 4 + 3) // 4 * 4 + runs for k in ks]
+    assert end["bytes_pushed"] == workers * sum(push)
+    assert workers * n_steps * (HEADER_BYTES + 4 * n + runs) / end["bytes_pushed"] >= 15
+    assert (HEADER_BYTES + 4 * n + runs) / push[-1] >= 50
+
+
 @pytest.mark.mpi(min_size=2, sizes=(2,))
 @pytest.mark.parametrize("codec", [["--compress", "topk", "--compress-ratio", "0.05"],
-                                   ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"]],
-                         ids=["topk-ef", "qsgd-ef"])
+                                   ["--compress", "qsgd", "--qsgd-levels", "4", "--error-feedback"],
+                                   ["--compress", "topk", "--compress-ratio", "0.05", "--optimizer", "nesterov",
+                                    "--lr", "0.05", "--momentum-correction", "--sparsity-warmup", "8"]],
+                         ids=["topk-ef", "qsgd-ef", "topk-dgc"])
 def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient(codec, tmp_path_factory):
     """1 worker, 1 server: the run ends where plain torch ends when its flat gradient goes, chunk
-    by chunk (3 chunks of 10,000 elements), through the same error feedback and codec with the
-    same seeds."""
+    by chunk (3 chunks of 10,000 elements), through the same error feedback (or DGC's momentum
+    correction and sparsity warm-up, torch then running plain SGD) and codec with the same seeds."""
     from mpi4py import MPI
 
     from mpips.compression import make_encoder
@@ -382,10 +524,11 @@ def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient
         plan = data.plan(1, 16, 5)
         model = build_model(cfg.model, data.spec, 5)
         params = list(model.parameters())
-        opt = build_optimizer(params, cfg.optim)
+        opt = build_optimizer(params, cfg.server_optim())
         numel = sum(p.numel() for p in params)
         c = cfg.compression
-        enc = make_encoder(make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback()), numel, True)
+        enc = make_encoder(make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup),
+                           numel, True, *c.worker_momentum(cfg.optim))
         ranges = chunk_ranges(numel, 40000)
         assert len(ranges) == 3
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -395,10 +538,10 @@ def test_bsp_equals_single_process_training_with_the_codec_on_the_batch_gradient
             opt.zero_grad()
             loss.backward()
             g = torch.cat([p.grad.reshape(-1) for p in params])
-            sent = torch.cat([enc.codec.roundtrip(g[a:b] + enc.residual[a:b], chunk_seed(5, step, 0, 0, i))
-                              for i, (a, b) in enumerate(ranges)])
-            for i, (a, b) in enumerate(ranges):
-                enc.encode(g[a:b], chunk_seed(5, step, 0, 0, i), a)  # the residual moves on
+            enc.begin_step(step)
+            seeds = [chunk_seed(5, step, 0, 0, i) for i in range(len(ranges))]
+            sent = torch.cat([parse_payload(enc.codec, enc.encode(g[a:b], seed, a), [(0, b - a)], [seed], 0)[0]
+                              .dense(torch.zeros(b - a)) for (a, b), seed in zip(ranges, seeds, strict=True)])
             at = 0
             for p in params:
                 p.grad.copy_(sent[at : at + p.numel()].view_as(p))

@@ -70,9 +70,12 @@ def single_process_reference(flags: list[str], workers: int) -> dict[str, torch.
         ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000"],
         ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--weight-decay", "0.1",
          "--pull", "message", "--chunk-bytes", "1000"],
+        # applied, published and pulled ahead in buckets of 16 KiB (7 per shard at 4 ranks)
+        ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--weight-decay", "0.1",
+         "--chunk-bytes", "1000"],
     ],
     ids=["sgd", "sgd-message-pull", "momentum", "adam-cosine", "adamw-clip", "sgd-chunks-1000",
-         "adamw-clip-message-pull-chunks-1000"],
+         "adamw-clip-message-pull-chunks-1000", "adamw-clip-buckets"],
 )
 def test_bsp_equals_single_process_training_on_the_global_batch(optim):
     from mpi4py import MPI
@@ -104,8 +107,11 @@ def test_bsp_equals_single_process_training_on_the_global_batch(optim):
         ["--optimizer", "adamw", "--lr", "3e-3", "--clip-grad-norm", "0.5", "--chunk-bytes", "1000"],
         ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000", "--compress", "topk", "--compress-ratio", "0.1"],
         ["--optimizer", "sgd", "--lr", "0.1", "--chunk-bytes", "1000", "--model", "toymodels:frozen_and_unused"],
+        # records shorter than their slot: the warm-up sends fewer entries each step than step 0
+        ["--optimizer", "momentum", "--lr", "0.05", "--chunk-bytes", "1000", "--compress", "topk",
+         "--sparsity-warmup", "10", "--momentum-correction"],
     ],
-    ids=["adamw-clip", "topk-error-feedback", "frozen-and-unused"],
+    ids=["adamw-clip", "topk-error-feedback", "frozen-and-unused", "dgc-sparsity-warmup"],
 )
 def test_a_push_during_backward_trains_bit_for_bit_as_a_push_after_it(flags):
     """Chunks sent from the gradient hooks, last first (all but the unused layers' before backward returns),
@@ -165,6 +171,32 @@ def test_frozen_unused_parameters_and_buffers_train_as_in_torch(servers, model, 
         if "norm.running_mean" in want:
             assert int(got["norm.num_batches_tracked"]) == 30
             assert not torch.allclose(got["norm.running_mean"], start["norm.running_mean"])
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=4, sizes=(4,))
+@pytest.mark.parametrize("model, extra", [("mlp", []), ("mlp", ["--pull-codec", "bf16"]),
+                                          ("toymodels:reads_ahead", [])], ids=["mlp", "mlp-bf16-pulls", "reads-ahead"])
+def test_pulling_ahead_trains_bitwise_like_whole_pulls(model, extra, caplog):
+    """bsp in buckets of 16 KiB (--chunk-bytes 1000), each pulled as it is published, against
+    whole pulls: the same parameters, bit for bit. A model that reads a parameter without
+    calling the module that holds it is caught on its first step, said in one line, and
+    trained with whole pulls from then on."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    tmp = shared_tmpdir(comm)
+    flags = ["--data-servers", "0", "--servers", "1", "--batch-size", "16", "--steps", "25", "--seed", "4",
+             "--optimizer", "momentum", "--lr", "0.05", "--chunk-bytes", "1000", "--model", model, *extra]
+    with caplog.at_level("WARNING", logger="mpips.worker"):
+        train_in_process(comm, [*flags, "--save", str(tmp / "ahead.pt")])
+    warned = comm.gather(any("pull-ahead is off" in r.getMessage() for r in caplog.records), root=0)
+    train_in_process(comm, [*flags, "--no-pull-ahead", "--save", str(tmp / "whole.pt")])
+    if comm.rank == 0:
+        ahead, whole = torch.load(tmp / "ahead.pt", weights_only=True), torch.load(tmp / "whole.pt", weights_only=True)
+        assert all(torch.equal(ahead[k], whole[k]) for k in whole)
+        workers = warned[: comm.size - 1]  # ranks 0..2 are the workers, rank 3 the server
+        assert workers == ([True] * 3 if model != "mlp" else [False] * 3), warned
     comm.Barrier()
 
 

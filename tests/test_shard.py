@@ -54,3 +54,24 @@ def test_describe_counts_in_words():
     assert one.startswith("shard plan: 1 tensor, 12 parameters (0.00 MiB) over 1 server,")
     two = ShardPlan.build([("w", (3, 4)), ("b", (1,))], 2).describe(2).splitlines()[0]
     assert two.startswith("shard plan: 2 tensors, 13 parameters (0.00 MiB) over 2 servers,")
+
+
+def test_split_pieces_cuts_runs_at_bucket_starts_and_nowhere_else():
+    from mpips.chunking import bucket_ranges
+    from mpips.shard import split_pieces
+
+    plan = ShardPlan.build([("a", (10,)), ("big", (300, 1000)), ("b", (5,))], 2)
+    for s in range(2):
+        runs = plan.server_pieces(s)
+        buckets = bucket_ranges(plan.shard_numel(s), 1)  # the smallest buckets: 4096 elements
+        starts = [lo for lo, _ in buckets]
+        cut, source = split_pieces(runs, starts)
+        # the cut pieces tile the shard in order, each inside one bucket and one run
+        assert [p.server_offset for p in cut] == sorted({*(r.server_offset for r in runs), *starts[1:]})
+        assert sum(p.length for p in cut) == plan.shard_numel(s)
+        for p, i in zip(cut, source, strict=True):
+            r = runs[i]
+            assert p.tensor == r.tensor and r.server_offset <= p.server_offset
+            assert p.tensor_offset - r.tensor_offset == p.server_offset - r.server_offset
+            assert p.server_offset + p.length <= r.server_offset + r.length
+            assert any(lo <= p.server_offset and p.server_offset + p.length <= hi for lo, hi in buckets)

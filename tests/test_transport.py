@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mpips.transport import DEFAULT_CHUNK_BYTES, HEADER_BYTES, TRAILER_BYTES, Codec, MalformedMessage, PushHeader, Slot
 
@@ -119,6 +120,78 @@ def test_notices_name_each_version_and_the_buffer_that_holds_it():
     comm.Barrier()
     window.free()
     assert bad == 0
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
+def test_forward_computes_a_layer_as_soon_as_its_bucket_is_published():
+    """P3-style pull-ahead: the server publishes a version bucket by bucket, and holds bucket 1
+    back until the worker has begun the step, and the rest until its first layer has run. The
+    first layer (buckets 0 and 1) must run with the new values while buckets 2 and 3 are not
+    published (a worker that waited for the whole version would stall here: StallError, not a
+    hang); the next layers then get theirs."""
+    from mpi4py import MPI
+    from torch import nn
+
+    from mpips.chunking import MIN_BUCKET_BYTES, bucket_ranges
+    from mpips.pullahead import PullAhead
+    from mpips.shard import ShardPlan
+    from mpips.transport import NoticeReceiver, NoticeSender, ParameterWindow, StallError, wait_all
+    from mpips.worker import FlatModel
+
+    comm = MPI.COMM_WORLD
+    torch.manual_seed(0)
+    # layer 0: 64 x 64 + 64 = 4160 elements, layer 1 after it: buckets of 4096 elements
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    plan = ShardPlan.for_module(model, 1)
+    buckets = bucket_ranges(plan.numel, MIN_BUCKET_BYTES)
+    assert len(buckets) == 4
+    window = ParameterWindow(comm, plan.numel if comm.rank == 0 else 0)
+    if comm.rank == 0:
+        notices = NoticeSender(comm, [1])
+        window.begin_update(lazy=True)
+        version, buffer = window.next_version(), window.updating
+        for b, (lo, hi) in enumerate(buckets):
+            window.prepare(lo, hi)
+            window.params[lo:hi] = 1.0 + b
+            window.expose(lo, hi)
+            if b < len(buckets) - 1:
+                notices.send_partial(1, buffer, version, b + 1)
+            if b < 2:  # after bucket 0: until the worker began; after bucket 1: until layer 0 ran
+                req = comm.Irecv(np.zeros(1, dtype=np.int64), source=1, tag=98)
+                wait_all([req], "the worker", timeout=60)
+        window.status[Slot.CLOCK] = 1
+        notices.send(1, window.publish(), version)
+        notices.close(0)
+        notices.finish(timeout=60)
+    else:
+        flat = FlatModel(model, plan, torch.device("cpu"))
+        notices = NoticeReceiver(comm, [0])
+        status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
+        ahead = PullAhead(window, notices, [0], plan, MIN_BUCKET_BYTES, [flat.shard(0)], status,
+                          lambda need: f"clock {need}", timeout=20)
+        ahead.hooks(model, list(model.parameters()))
+        notices.wait_started(1, lambda: "rank 0", timeout=60)
+        ahead.begin(1)
+        assert ahead.have == [1]
+        comm.Send(np.zeros(1, dtype=np.int64), dest=0, tag=98)  # the server publishes bucket 1 now
+        x = torch.ones(2, 64)
+        try:
+            h = model[0](x)
+        except StallError:
+            pytest.fail("layer 0 waited for buckets it does not need")
+        assert ahead.have == [2]  # layer 0 ends in bucket 1; nothing later is published yet
+        assert torch.all(model[0].weight == 1.0) and torch.all(model[0].bias == 2.0)
+        assert model[2].weight.abs().max() < 1.0  # buckets 2 and 3: not pulled yet, the initial values
+        comm.Send(np.zeros(1, dtype=np.int64), dest=0, tag=98)
+        model[2](model[1](h))
+        ahead.finish()
+        for lo, hi in buckets:
+            values = flat.shard(0)[lo:hi]
+            assert values.min() == values.max() == 1.0 + buckets.index((lo, hi))
+        assert int(status[0, Slot.VERSION]) == int(notices.version[0]) and int(status[0, Slot.CLOCK]) == 1
+        notices.close(timeout=60)
+    comm.Barrier()
+    window.free()
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))

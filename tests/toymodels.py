@@ -1,8 +1,10 @@
 """User-model factories for tests (loaded as ``--model toymodels:NAME``)."""
 
+import math
 import os
 import time
 
+import torch
 from torch import nn
 
 
@@ -136,3 +138,21 @@ def fp16_overflow(input_shape, num_classes):
 def half_squared_error(output, target):
     """A user's loss (``--loss toymodels:half_squared_error``): half the mean squared error."""
     return 0.5 * ((output.reshape(target.shape) - target) ** 2).mean()
+
+
+class _ReadsAhead(nn.Module):
+    """Reads ``head``'s parameters without calling ``head``: pull-ahead cannot see that use. With
+    buckets of 4096 elements ``head`` is in a later bucket than anything forward waits for."""
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Linear(features, 64)
+        self.spare = nn.Linear(64, 64)  # never used: only puts head two buckets further
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return nn.functional.linear(torch.relu(self.body(x.flatten(1))), self.head.weight, self.head.bias)
+
+
+def reads_ahead(input_shape, num_classes):
+    return _ReadsAhead(math.prod(input_shape), num_classes)

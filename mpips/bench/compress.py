@@ -6,6 +6,9 @@ For every model and setting, on the first 3 ranks of the job (2 workers, 1 param
 
 - ``push`` codec ``none`` (float32: the baseline), then each ``--codecs`` entry with its default
   error feedback (on for topk and sign), then ``--compress none`` with each ``--pull-codecs``;
+  then, for the mlp unless ``--no-dgc``, deep gradient compression against its own baseline:
+  float32 with ``--optimizer momentum --lr --dgc-lr``, and top-k with ``--momentum-correction``
+  and ``--sparsity-warmup --dgc-warmup`` on the same optimizer (the momentum moves to the workers);
 - push and pull bytes per worker and step (from the run's ``end`` event), and the push ratio to
   float32: float32 bytes / codec bytes;
 - samples/s of all workers: per worker, batch x its steps after the first ``WARMUP`` over the
@@ -50,6 +53,7 @@ from mpips.compression import CODECS, make_codec, make_encoder, parse_payload
 from mpips.config import parse_args
 from mpips.data import open_dataset
 from mpips.models import build_model
+from mpips.tasks import resolve_loss
 from mpips.transport import PULL_CODECS
 from mpips.worker import evaluate
 
@@ -74,20 +78,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpt-batch", type=int, default=8, help="gpt: samples per worker per step")
     g.add_argument("--gpt-eval", type=int, default=512, help="gpt: held-out samples evaluated")
     g.add_argument("--codec-mb", type=float, default=16.0, help="float32 MB encoded per throughput timing")
+    g.add_argument("--dgc", action=argparse.BooleanOptionalAction, default=True,
+                   help="mlp: also float32 and topk with DGC (momentum correction, sparsity warm-up) on momentum SGD")
+    g.add_argument("--dgc-lr", type=float, default=0.1, help="DGC rows: momentum SGD's learning rate")
+    g.add_argument("--dgc-warmup", type=int, default=92,
+                   help="DGC rows: --sparsity-warmup in steps (92 = 4 epochs of the default job, as DGC's 4)")
     g.add_argument("--workdir", default=None, help="where metrics and models go (default: a temp dir)")
 
 
-def _settings(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _settings(args: argparse.Namespace, model: str) -> list[tuple[str, str, str]]:
+    """(push, pull, variant): variant "" (the default optimizer), "momentum" (float32 on momentum
+    SGD, the DGC rows' baseline) or "dgc" (topk with momentum correction and sparsity warm-up)."""
     codecs = parse_names(args.codecs, "--codecs", CODECS)
     pulls = parse_names(args.pull_codecs, "--pull-codecs", PULL_CODECS)
-    return [("none", "fp32")] + [(c, "fp32") for c in codecs if c != "none"] + [
-        ("none", c) for c in pulls if c != "fp32"]
+    dgc = [("none", "fp32", "momentum"), ("topk", "fp32", "dgc")] if args.dgc and model == "mlp" else []
+    return [("none", "fp32", "")] + [(c, "fp32", "") for c in codecs if c != "none"] + [
+        ("none", c, "") for c in pulls if c != "fp32"] + dgc
 
 
-def _argv(args: argparse.Namespace, model: str, push: str, pull: str, metrics: str, save: str) -> list[str]:
+def _argv(args: argparse.Namespace, model: str, push: str, pull: str, metrics: str, save: str,
+          variant: str = "") -> list[str]:
     argv = ["--servers", "1", "--data-servers", "0", "--sync", "bsp", "--compress", push, "--pull-codec", pull,
             "--compress-ratio", str(args.compress_ratio), "--qsgd-levels", str(args.qsgd_levels),
             "--threads", str(args.threads), "--log-every", str(10**9), "--metrics", metrics, "--save", save]
+    if variant:
+        argv += ["--optimizer", "momentum", "--lr", str(args.dgc_lr)]
+    if variant == "dgc":
+        argv += ["--momentum-correction", "--sparsity-warmup", str(args.dgc_warmup)]
     if model == "mlp":
         return [*argv, "--epochs", str(args.mlp_epochs)]
     return [*argv, "--model", "gpt", "--dataset", "pytext", "--steps", str(args.gpt_steps),
@@ -100,13 +117,14 @@ def _codec_speed(args: argparse.Namespace, push: str, cfg) -> tuple[float | None
     n = int(args.codec_mb * 1e6) // 4
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
     acc = torch.zeros(n)
-    codec = make_codec(push, args.compress_ratio, args.qsgd_levels, cfg.compression.feedback())
+    c = cfg.compression
+    codec = make_codec(push, args.compress_ratio, args.qsgd_levels, c.feedback())
     if codec is None:  # float32: the copy into the push buffer, and the server's add
         out = np.empty(n, dtype=np.float32)
         enc = time_repeated(lambda: np.copyto(out, x.numpy()), args.reps, args.warmup)
         dec = time_repeated(lambda: acc.add_(x, alpha=2.0), args.reps, args.warmup)
     else:
-        encoder = make_encoder(codec, n, cfg.compression.feedback())
+        encoder = make_encoder(codec, n, c.feedback(), *c.worker_momentum(cfg.optim))  # DGC: after warm-up
         enc = time_repeated(lambda: encoder.encode(x, 7, 0), args.reps, args.warmup)
         payload = np.concatenate([encoder.encode(x, 7, 0), np.ones(1, np.uint8)])
         dec = time_repeated(lambda: parse_payload(codec, payload, [(0, n)], [7], 1)[0].add_into(acc, 2.0),
@@ -116,11 +134,11 @@ def _codec_speed(args: argparse.Namespace, push: str, cfg) -> tuple[float | None
 
 
 def _one(args, comm: MPI.Comm, sub: MPI.Comm, model: str, push: str, pull: str, data, workdir: str,
-         record: bool = True) -> dict[str, Any] | None:
+         record: bool = True, variant: str = "") -> dict[str, Any] | None:
     rank = comm.Get_rank()
-    metrics = os.path.join(workdir, f"{model}-{push}-{pull}.jsonl")
-    save = os.path.join(workdir, f"{model}-{push}-{pull}.pt")
-    cfg = parse_args(_argv(args, model, push, pull, metrics, save))
+    metrics = os.path.join(workdir, f"{model}-{push}-{pull}{variant}.jsonl")
+    save = os.path.join(workdir, f"{model}-{push}-{pull}{variant}.pt")
+    cfg = parse_args(_argv(args, model, push, pull, metrics, save, variant))
     t0 = time.perf_counter()
     if sub != MPI.COMM_NULL:
         run_quietly(cfg, sub, metrics)
@@ -139,6 +157,7 @@ def _one(args, comm: MPI.Comm, sub: MPI.Comm, model: str, push: str, pull: str, 
     encode, decode = _codec_speed(args, push, cfg)
     row = {
         "model": model, "push": push, "pull": pull, "error_feedback": cfg.compression.feedback(),
+        "variant": variant, "optimizer": cfg.optim.optimizer,
         "steps": steps, "workers": workers,
         "push_bytes_per_step": end["bytes_pushed"] / (steps * workers),
         "pull_bytes_per_step": end["bytes_pulled"] / (steps * workers),
@@ -152,8 +171,10 @@ def _one(args, comm: MPI.Comm, sub: MPI.Comm, model: str, push: str, pull: str, 
         net = build_model(cfg.model, data.spec, cfg.train.seed)
         net.load_state_dict(torch.load(save, weights_only=True))
         k = min(args.gpt_eval, len(data.val_y))
-        row["loss"], row["accuracy"] = evaluate(net, data.val_x[:k], data.val_y[:k], torch.device("cpu"))
-    print(f"compress: {model} push {push} pull {pull}: {wall:.1f} s", flush=True)
+        held_out = evaluate(net, data.val_x[:k], data.val_y[:k], torch.device("cpu"), task="tokens",
+                            loss=resolve_loss("auto", "tokens"))
+        row["loss"], row["accuracy"] = held_out["loss"], held_out["accuracy"]
+    print(f"compress: {model} push {push} pull {pull} {variant}: {wall:.1f} s", flush=True)
     return row
 
 
@@ -163,7 +184,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
     if comm.Get_size() < RANKS:
         raise BenchError(f"compress needs {RANKS} ranks (2 workers, 1 server); the job has {comm.Get_size()}")
     models = parse_names(args.models, "--models", ("mlp", "gpt"))
-    settings = _settings(args)
+    for model in models:
+        _settings(args, model)  # bad --codecs / --pull-codecs: before anything runs
     if args.gpt_steps <= WARMUP + 1 or args.mlp_epochs < 0.5:
         raise BenchError(f"--gpt-steps must exceed {WARMUP + 1} and --mlp-epochs be at least 0.5 (samples/s"
                          f" leaves out {WARMUP} steps)")
@@ -177,8 +199,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
             data = None  # the gpt's held-out samples, evaluated on rank 0
             if rank == 0 and model == "gpt":
                 data = open_dataset("pytext", None, context=args.gpt_context, comm=MPI.COMM_SELF)
-            for push, pull in settings:
-                row = _one(args, comm, sub, model, push, pull, data, workdir)
+            for push, pull, variant in _settings(args, model):
+                row = _one(args, comm, sub, model, push, pull, data, workdir, variant=variant)
                 if row is not None:
                     rows.append(row)
                     _add_ratios(rows)
@@ -192,10 +214,11 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Against the float32 row (push none, pull fp32) of the same model, measured in the same job."""
-    base = {r["model"]: r for r in rows if r["push"] == "none" and r["pull"] == "fp32"}
+    """Against the float32 row (push none, pull fp32) of the same model and optimizer, measured in
+    the same job (the DGC row against float32 on momentum SGD)."""
+    base = {(r["model"], r["optimizer"]): r for r in rows if r["push"] == "none" and r["pull"] == "fp32"}
     for r in rows:
-        b = base.get(r["model"])
+        b = base.get((r["model"], r["optimizer"]))
         r["push_ratio"] = ratio(b and b["push_bytes_per_step"], r["push_bytes_per_step"])
         r["pull_ratio"] = ratio(b and b["pull_bytes_per_step"], r["pull_bytes_per_step"])
         r["speed_ratio"] = ratio(r["samples_per_s"], b and b["samples_per_s"])
@@ -206,7 +229,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 def format_rows(rows: list[dict[str, Any]], title: bool = True) -> str:
     header = ["model", "push", "pull", "EF", "push B/step", "x fewer", "pull B/step", "x fewer",
               "encode MB/s", "decode MB/s", "samples/s", "x fp32", "accuracy", "Δ acc", "loss", "Δ loss"]
-    table = [[r["model"], r["push"], r["pull"], "on" if r["error_feedback"] else "off",
+    names = {"": "{}", "momentum": "{} (momentum)", "dgc": "{} + DGC (momentum)"}
+    table = [[r["model"], names[r.get("variant", "")].format(r["push"]), r["pull"],
+              "on" if r["error_feedback"] else "off",
               r["push_bytes_per_step"], r["push_ratio"], r["pull_bytes_per_step"], r["pull_ratio"],
               r["encode_mb_s"], r["decode_mb_s"], r["samples_per_s"], r["speed_ratio"],
               r["accuracy"], r["accuracy_delta"], r["loss"], r["loss_delta"]] for r in rows]

@@ -8,7 +8,9 @@ For every model and worker count W, in one mpirun job and on the first ranks of 
 - ``ddp``: PyTorch ``DistributedDataParallel``, gloo backend, on W ranks, its process group
   initialised from the MPI ranks (rank 0 picks a free port and broadcasts it);
 - ``allreduce``: plain data parallel: backward into one flat gradient, ``Allreduce`` it with
-  mpi4py, divide by W, every worker steps the same local optimizer.
+  mpi4py, divide by W, every worker steps the same local optimizer;
+- ``mpips-bsp-whole`` (not in the default ``--systems``): bsp with ``--no-pull-ahead``, each
+  version applied and pulled whole: what pulling ahead (``mpips.pullahead``) gains.
 
 All five train the same model from the same seeded initial parameters, on the same samples in
 the same order (``EpochPlan``: worker w takes slice w of every global batch), with the same
@@ -49,9 +51,10 @@ from mpips.optim import build_optimizer
 from mpips.shard import ShardPlan
 from mpips.worker import FlatModel
 
-__all__ = ["SYSTEMS", "add_arguments", "format_rows", "run"]
+__all__ = ["DEFAULT_SYSTEMS", "SYSTEMS", "add_arguments", "format_rows", "run"]
 
-SYSTEMS = ("mpips-bsp", "mpips-asp", "mpips-ssp", "ddp", "allreduce")
+SYSTEMS = ("mpips-bsp", "mpips-asp", "mpips-ssp", "ddp", "allreduce", "mpips-bsp-whole")
+DEFAULT_SYSTEMS = SYSTEMS[:5]  # mpips-bsp-whole: bsp with --no-pull-ahead, the pipeline's own baseline
 DATASET = {"mlp": "digits", "cnn": "digits", "gpt": "pytext"}
 TARGET = {"mlp": 0.5, "cnn": 0.5, "gpt": 3.0}
 SMOOTH = 5  # steps in the moving mean of the loss compared with the target
@@ -60,7 +63,8 @@ SMOOTH = 5  # steps in the moving mean of the loss compared with the target
 def add_arguments(p: argparse.ArgumentParser, steps: int = 40, train_reps: int = 2) -> None:
     g = p.add_argument_group("train")
     g.add_argument("--models", default="mlp,gpt", help="models: mlp, cnn, gpt (comma-separated)")
-    g.add_argument("--systems", default=",".join(SYSTEMS), help="systems to run (comma-separated)")
+    g.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"systems to run (comma-separated; of {', '.join(SYSTEMS)})")
     g.add_argument("--workers", default=None,
                    help="worker counts W, comma-separated (default: 1 and all ranks but one)")
     g.add_argument("--steps", type=int, default=steps, help="global steps per run")
@@ -81,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser, steps: int = 40, train_reps: int =
 
 
 def _config(args: argparse.Namespace, model: str, sync: str, metrics: str | None) -> Config:
+    """The mpips configuration of one run; ``sync`` bsp, asp, ssp or bsp-whole (bsp, --no-pull-ahead)."""
+    whole = sync == "bsp-whole"
+    sync = "bsp" if whole else sync
     argv = [
         "--model", model, "--dataset", DATASET[model], "--servers", "1", "--data-servers", "0",
         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--sync", sync,
@@ -91,6 +98,8 @@ def _config(args: argparse.Namespace, model: str, sync: str, metrics: str | None
     ]
     if metrics:
         argv += ["--metrics", metrics]
+    if whole:
+        argv.append("--no-pull-ahead")
     return parse_args(argv)
 
 

@@ -170,10 +170,11 @@ class TrainConfig:
         " train on MPI-3.1 libraries; smaller chunks cost a call each"
     )
     push_during_backward: bool = _opt(
-        True, "a worker sends each chunk of its gradient as soon as backward has produced it (last layers"
+        True, "bsp: a worker sends each chunk of its gradient as soon as backward has produced it (last layers"
         " first), where the gradient is final then (float32 parameters on the CPU; not fp16 loss scaling, not"
         " GPU staging); --no-push-during-backward: after the whole backward. Only pushes longer than one"
-        " --chunk-bytes are streamed"
+        " --chunk-bytes are streamed; asp/ssp push after backward (a streamed push holds the server's one"
+        " receive buffer through its worker's backward)"
     )
     pull_ahead: bool = _opt(
         True, "bsp over RMA windows, CPU workers: the servers apply and publish each version in buckets of"

@@ -265,6 +265,7 @@ def test_asp_and_ssp_train_in_chunks_of_1000_bytes(sync, pull):
         end = events(metrics, "end")[0]
         assert len(end["staleness"]) == end["applied"] == 3 * end["step"]  # every gradient applied
         assert end["accuracy"] >= 0.9, end["accuracy"]  # default chunks: 0.93-0.97 at 30 epochs
+        assert end["chunks_streamed"] == 0  # asp/ssp push after backward (see --push-during-backward)
         if sync == "ssp":
             assert end["max_staleness"] <= 2
     comm.Barrier()

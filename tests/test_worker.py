@@ -9,10 +9,11 @@ import torch
 from torch import nn
 from toymodels import _Awkward
 
+from mpips.backwardpush import BackwardChunks, BackwardPush
 from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
 from mpips.shard import ShardPlan
 from mpips.transport import PushHeader
-from mpips.worker import BackwardChunks, BackwardPush, FlatModel
+from mpips.worker import FlatModel
 
 pytestmark = pytest.mark.timeout(120)
 

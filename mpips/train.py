@@ -36,7 +36,7 @@ from mpi4py import MPI
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
 from mpips.chunking import chunk_count
-from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig
+from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig, TrainConfig
 from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
 from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.doctor import find_loaded_libmpi
@@ -93,6 +93,16 @@ def describe_codecs(c: CompressionConfig, optim: OptimConfig | None = None) -> s
                      " workers, plain SGD on the servers)")
     pull = "float32" if c.pull_codec == "fp32" else f"{c.pull_codec} (float32 on the servers)"
     return f"codecs: pushes {push}; pulls {pull}"
+
+
+def describe_pipeline(t: TrainConfig) -> str:
+    """Which overlaps of the engine are on (--push-during-backward, --pull-ahead), for the start-up lines."""
+    if t.sync != "bsp":
+        return (f"pipeline: none in {t.sync} (pushes after backward, whole versions; --push-during-backward and"
+                " --pull-ahead are bsp's)")
+    on = {True: "on", False: "off"}
+    return (f"pipeline: push during backward {on[t.push_during_backward]}, per-bucket apply and pull ahead"
+            f" {on[t.pull_ahead]} (CPU workers; pull ahead over RMA windows)")
 
 
 def total_steps(cfg: Config, plan: EpochPlan) -> int:
@@ -189,6 +199,7 @@ def run_job(
         print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
         print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
         print(describe_codecs(cfg.compression, cfg.optim), flush=True)
+        print(describe_pipeline(cfg.train), flush=True)
         print(
             f"data: {data.name}, {len(data.train)} training / {len(data.val_y)} held-out samples;"
             f" {plural(epoch_plan.steps_per_epoch, 'step')} per epoch of {epoch_plan.global_batch};"

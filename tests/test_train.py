@@ -43,6 +43,7 @@ def test_dry_run_prints_the_role_map_or_says_why_not(nprocs, tmp_path):
     assert f"role map: {nprocs} ranks = 1 parameter server + 1 data server + {workers}\n" in out.stdout
     assert "shard plan: 6 tensors" in out.stdout and "imbalance" in out.stdout
     assert "codecs: pushes float32 (--compress none); pulls float32\n" in out.stdout
+    assert "pipeline: push during backward on, per-bucket apply and pull ahead on" in out.stdout
     assert "step 1/" not in out.stdout  # a dry run trains nothing
 
 

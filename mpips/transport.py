@@ -418,7 +418,7 @@ class PushLayout:
     @classmethod
     def raw(cls, numel: int, runs: int, chunk_bytes: int) -> PushLayout:
         """Float32 gradient of ``numel`` elements cut into chunks of ``chunk_bytes // 4`` elements."""
-        return cls(tuple(4 * (b - a) for a, b in chunks(numel, max(1, chunk_bytes // 4))), runs, True)
+        return cls.of(None, chunks(numel, max(1, chunk_bytes // 4)), runs)
 
     @classmethod
     def of(cls, codec: Any, ranges: Sequence[tuple[int, int]], runs: int) -> PushLayout:
@@ -776,13 +776,6 @@ class _Outgoing:
     nbytes: int  # bytes sent so far
 
 
-def _bytes_in(part: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """The bytes of a payload part, without a copy (a uint8 view of an array or tensor)."""
-    if isinstance(part, torch.Tensor):
-        return part.reshape(-1).view(torch.uint8)
-    return np.frombuffer(part, dtype=np.uint8)
-
-
 class Pusher:
     """Worker side: nonblocking pushes to servers, at most ``max_inflight`` outstanding per server.
 
@@ -839,8 +832,8 @@ class Pusher:
     @staticmethod
     def _put(buf: np.ndarray | torch.Tensor, at: int, part: np.ndarray | torch.Tensor) -> int:
         """Copy the bytes of ``part`` into ``buf`` at byte ``at``; returns how many."""
-        raw = _bytes_in(part)
-        n = raw.numel() if isinstance(raw, torch.Tensor) else raw.size
+        raw = _bytes_of(part)
+        n = _nbytes(raw)
         if isinstance(buf, torch.Tensor):
             buf[at : at + n].copy_(raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw))
         else:
@@ -872,7 +865,7 @@ class Pusher:
         layout, offsets = self.layouts[s], self.offsets[s]
         self.begin(s, header)
         if layout.exact:  # raw: the body's bytes cut at the slots
-            parts = [_bytes_in(p) for p in body]
+            parts = [_bytes_of(p) for p in body]
             raw = parts[0] if len(parts) == 1 else (
                 torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts))
             records = [raw[a : a + n] for a, n in zip(offsets, layout.slots, strict=True)]
@@ -1299,7 +1292,7 @@ class NoticeReceiver:
     """bsp worker: the latest notices of every server (see ``NoticeSender``).
 
     Per server: ``clock``, ``buffer`` and ``version`` of the newest version published whole;
-    ``next_clock``, ``next_buffer``, ``next_version`` and ``exposed`` (buckets readable) of the
+    ``next_clock``, ``next_buffer`` and ``exposed`` (buckets readable) of the
     version being applied after it, if any (``exposed`` 0: none); ``mark``, the checkpoint mark
     of the newest notice.
     """
@@ -1314,7 +1307,6 @@ class NoticeReceiver:
         self.version = np.zeros(n, dtype=np.int64)
         self.next_clock = np.full(n, -1, dtype=np.int64)
         self.next_buffer = [0] * n
-        self.next_version = np.zeros(n, dtype=np.int64)
         self.exposed = np.zeros(n, dtype=np.int64)
         self.mark = np.zeros(n, dtype=np.int64)
         self.ended = [False] * n
@@ -1336,7 +1328,7 @@ class NoticeReceiver:
                     self.clock[i], self.buffer[i], self.version[i] = clock, buffer, version
                     self.exposed[i], self.next_clock[i], self.mark[i] = 0, -1, mark
                 elif exposed != WHOLE and version > self.version[i]:
-                    self.next_clock[i], self.next_buffer[i], self.next_version[i] = clock, buffer, version
+                    self.next_clock[i], self.next_buffer[i] = clock, buffer
                     self.exposed[i], self.mark[i] = exposed, mark
                 self._reqs[i] = req = self.comm.Irecv(self._bufs[i], source=self.servers[i], tag=Tag.NOTICE)
         return moved

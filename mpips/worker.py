@@ -337,6 +337,7 @@ class Worker:
                       if c else None)
         self.encoder = (make_encoder(self.codec, plan.numel, c.feedback(), *c.worker_momentum(self.ctx.optim))
                         if self.codec else None)
+        self.wire_codec = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32  # push headers
         if self.flat.path == "direct" and (self.codec is not None or self.pull_codec != "fp32"):
             raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
                              " (mpips.train stages through host memory when they are set)")
@@ -627,8 +628,7 @@ class Worker:
 
     def _header(self, s: int, step: int, samples: int, clock: int) -> PushHeader:
         """A streamed push's header: what is known before backward (``Pusher.begin``)."""
-        codec = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
-        return PushHeader(step, self.index, codec, samples, clock, 0, 0.0, 0.0,
+        return PushHeader(step, self.index, self.wire_codec, samples, clock, 0, 0.0, 0.0,
                           applied_seen=int(self.status[s, Slot.APPLIED]))
 
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float,
@@ -637,12 +637,10 @@ class Worker:
         for s in range(len(self.servers)) if servers is None else servers:
             self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
-            parts, codec = [payload], Codec.RAW32
-            if self.codec is not None:
-                parts, codec = self._encode(s, step, payload, np.isfinite(grad_norm)), Codec(self.codec.wire_id)
+            parts = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
             header = PushHeader(
-                step, self.index, codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes, grad_norm,
-                loss, applied_seen=int(self.status[s, Slot.APPLIED]),
+                step, self.index, self.wire_codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes,
+                grad_norm, loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
             self.pusher.push(s, header, *parts, mask)
 

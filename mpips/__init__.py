@@ -1,18 +1,22 @@
 """mpips: an MPI parameter-server for PyTorch training on HPC clusters.
 
-``mpips.fit`` (``mpips.api``) trains a model from a script run under mpirun; it is imported on
-first use, so ``import mpips`` initialises no MPI.
+``mpips.init`` (``mpips.job``) gives every rank its role for a training loop of your own;
+``mpips.fit`` (``mpips.api``) trains a model with mpips' own loop. Both are imported on first
+use, so ``import mpips`` initialises no MPI.
 """
 
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["FitResult", "__version__", "fit"]
+__all__ = ["DistributedOptimizer", "FitResult", "Job", "Preempted", "__version__", "fit", "init"]
+
+_HOME = {"fit": "api", "FitResult": "api", "init": "job", "Job": "job", "DistributedOptimizer": "client",
+         "Preempted": "client"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("fit", "FitResult"):
-        from mpips import api
+    if name in _HOME:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f"mpips.{_HOME[name]}"), name)
     raise AttributeError(f"module 'mpips' has no attribute {name!r}")

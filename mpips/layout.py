@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from mpips.checkpoint import Checkpointing
     from mpips.config import CompressionConfig, OptimConfig, TrainConfig
+    from mpips.registration import TableSpec
     from mpips.shard import ShardPlan
 
 __all__ = ["LayoutError", "PSContext", "Role", "RoleComms", "RoleLayout"]
@@ -165,6 +166,8 @@ class PSContext:
         checkpoints: this rank's checkpointing (``mpips.checkpoint.Checkpointing``), or None.
         compression: the push codec, error feedback and pull precision (``--compress`` ...), or
             None: float32 both ways.
+        table: the model and optimizer a worker registered (``job.optimizer``,
+            ``mpips.registration``); None: the servers build ``optim``'s optimizer by name.
     """
 
     comm: MPI.Comm
@@ -177,3 +180,4 @@ class PSContext:
     total_steps: int
     checkpoints: Checkpointing | None = None
     compression: CompressionConfig | None = None
+    table: TableSpec | None = None

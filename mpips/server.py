@@ -13,6 +13,7 @@ and frees the window (collective).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -119,6 +120,12 @@ class ParameterServer:
         self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
         self.stats = ServerStats()
         self.clocks = [0] * len(self.workers)  # steps each worker has completed, as received here
+        # a registered optimizer (mpips.registration; None: the config's, by name): its class and
+        # groups, and the hyperparameters each push carries after its mask
+        self.table = ctx.table
+        self.hyper = self.table.hyper() if self.table is not None else None
+        self.hyper_bytes = self.table.hyper_bytes if self.table is not None else 0
+        self.hyper_values: np.ndarray | None = None  # of the last push decoded
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +145,7 @@ class ParameterServer:
                       if c else None)
         self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
         self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
-        layout = PushLayout.of(self.codec, self.ranges, len(self.runs))
+        layout = PushLayout.of(self.codec, self.ranges, len(self.runs) + self.hyper_bytes)
         self.receiver = PushReceiver(self.comm, self.workers, layout, chunk_bytes=self.chunk_bytes)
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
                             if self.pull_mode == "message" else None)
@@ -174,7 +181,11 @@ class ParameterServer:
         values = torch.from_numpy(self.window.params)
         self.pieces = [values[r.server_offset : r.server_offset + r.length].detach().requires_grad_(True)
                        for r in self.splits]
-        self.optimizer = build_optimizer(self.pieces, self.cfg)
+        if self.table is not None:
+            tensor = {name: i for i, name in enumerate(self.table.names)}
+            self.optimizer = self.table.build(self.pieces, [tensor[p.tensor] for p in self.splits])
+        else:
+            self.optimizer = build_optimizer(self.pieces, self.cfg)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this server (views, not copies: save before changing them).
@@ -199,73 +210,94 @@ class ParameterServer:
 
     def serve(self) -> ServerStats:
         """Apply pushes until every worker has stopped."""
-        workers = len(self.workers)
-        active = set(range(workers))
-        acc = torch.zeros(self.window.params.size) if self.sync == "bsp" else None
-        # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
-        bsp = _BspStep(workers, len(self.runs)) if self.sync == "bsp" else None
-        if bsp is not None:
-            self.receiver.prefer = 0
-        joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
-        final_saved = False
+        self.begin_serving()
         backoff, last_progress = Backoff.for_messages(), time.monotonic()
-        tracer = self.tracer
-        while active:
-            began = tracer.now()
-            ready = self.receiver.poll()
-            moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
-            if moved:
-                tracer.record("receive", began)
-            self.stats.max_queue = max(self.stats.max_queue, len(ready))
-            self.window.status[Slot.QUEUE] = len(ready)
-            for w, header, payload in ready:
-                if header.codec == Codec.STOP:
-                    active.discard(w)
-                    if self.notices is not None:
-                        self.notices.close(w)
-                    continue
-                if header.codec == Codec.JOIN:
-                    self._join(w, header, joined)
-                    self.receiver.repost(w)
-                    continue
-                faults.at("push", header.step)
-                grad, mask = self._decode(header, payload)  # views of the receive buffer
-                with tracer.span("apply", header.step):
-                    if isinstance(grad, PushGradient) and self.sync != "bsp":
-                        grad = grad.dense(self.dense)  # asp/ssp: the optimizer takes a dense gradient
-                    if self.sync == "bsp":
-                        self._bsp_accumulate(w, header, grad, mask, acc, bsp)
-                    else:
-                        self.clocks[w] = header.step + 1
-                        self._async_apply(w, header, grad, mask, min(self.clocks))
-                        self.receiver.repost(w)
-            if self.checkpoints is not None:
-                if self.sync != "bsp":
-                    moved |= self._async_checkpoint(joined)
-                if not final_saved and min(self.clocks) >= self.total_steps and not joined:
-                    final_saved = True  # every step of every worker is applied: the last checkpoint
-                    self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
-            if self.pull_server is not None:
-                served = tracer.now()
-                if self.pull_server.poll():
-                    tracer.record("serve pulls", served)
-                    moved = True
-            if moved:
+        while self.serving:
+            began = self.tracer.now()
+            if self.poll():
                 backoff.reset()
                 last_progress = time.monotonic()
             else:
                 if time.monotonic() - last_progress > self.stall_timeout:
-                    waiting = bsp.missing() if bsp is not None else sorted(active)
-                    partial = self.receiver.describe()
-                    raise StallError(
-                        f"server {self.index}: no push for {self.stall_timeout:.0f} s; waiting for"
-                        f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
-                        + (f"; {partial}" if partial else "")
-                    )
+                    raise StallError(self.stall_message())
                 backoff.wait()
-                tracer.idle("wait for pushes", began)
-        self.stats.bytes_received = self.receiver.bytes_received
+                self.tracer.idle("wait for pushes", began)
         return self.stats
+
+    def begin_serving(self) -> None:
+        """Before the first ``poll``: nothing received yet, every worker active."""
+        workers = len(self.workers)
+        self.active = set(range(workers))
+        self.acc = torch.zeros(self.window.params.size) if self.sync == "bsp" else None
+        # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
+        self.bsp = _BspStep(workers, len(self.runs)) if self.sync == "bsp" else None
+        if self.bsp is not None:
+            self.receiver.prefer = 0
+        self.joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
+        self.final_saved = False
+
+    @property
+    def serving(self) -> bool:
+        """Whether a worker has not sent its stop message yet."""
+        return bool(self.active)
+
+    @property
+    def step_open(self) -> bool:
+        """bsp: whether some workers' pushes of the step in progress are in and others are not."""
+        return self.bsp is not None and (self.bsp.next > 0 or bool(self.bsp.held))
+
+    def stall_message(self) -> str:
+        waiting = self.bsp.missing() if self.bsp is not None else sorted(self.active)
+        partial = self.receiver.describe()
+        return (f"server {self.index}: no push for {self.stall_timeout:.0f} s; waiting for"
+                f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
+                + (f"; {partial}" if partial else ""))
+
+    def poll(self) -> bool:
+        """Receive, apply and publish what has come; True if anything moved."""
+        tracer, bsp, joined = self.tracer, self.bsp, self.joined
+        began = tracer.now()
+        ready = self.receiver.poll()
+        moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
+        if moved:
+            tracer.record("receive", began)
+        self.stats.max_queue = max(self.stats.max_queue, len(ready))
+        self.window.status[Slot.QUEUE] = len(ready)
+        for w, header, payload in ready:
+            if header.codec == Codec.STOP:
+                self.active.discard(w)
+                if self.notices is not None:
+                    self.notices.close(w)
+                continue
+            if header.codec == Codec.JOIN:
+                self._join(w, header, joined)
+                self.receiver.repost(w)
+                continue
+            faults.at("push", header.step)
+            grad, mask = self._decode(header, payload)  # views of the receive buffer
+            with tracer.span("apply", header.step):
+                if isinstance(grad, PushGradient) and self.sync != "bsp":
+                    grad = grad.dense(self.dense)  # asp/ssp: the optimizer takes a dense gradient
+                if self.sync == "bsp":
+                    self._bsp_accumulate(w, header, grad, mask, self.acc, bsp)
+                else:
+                    self.clocks[w] = header.step + 1
+                    self._async_apply(w, header, grad, mask, min(self.clocks))
+                    self.receiver.repost(w)
+        if self.checkpoints is not None:
+            if self.sync != "bsp":
+                moved |= self._async_checkpoint(joined)
+            if not self.final_saved and min(self.clocks) >= self.total_steps and not joined:
+                self.final_saved = True  # every step of every worker is applied: the last checkpoint
+                self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
+        if self.pull_server is not None:
+            served = tracer.now()
+            if self.pull_server.poll():
+                tracer.record("serve pulls", served)
+                moved = True
+        if not self.active:
+            self.stats.bytes_received = self.receiver.bytes_received
+        return moved
 
     def finish(self, lead: int) -> None:
         """Collective: send the final shard to ``lead`` (a rank in comm), free the window."""
@@ -345,6 +377,13 @@ class ParameterServer:
                 is applied).
         """
         n, runs = self.window.params.size, len(self.runs)
+        if self.hyper_bytes:  # the registered optimizer's hyperparameters, after the mask
+            if payload.size < self.hyper_bytes:
+                raise MalformedMessage(f"server {self.index}: push from worker {header.worker} has {payload.size}"
+                                       f" bytes, less than its {self.hyper_bytes} bytes of hyperparameters")
+            cut = payload.size - self.hyper_bytes
+            self.hyper_values = payload[cut:].copy().view(np.float64)
+            payload, header = payload[:cut], dataclasses.replace(header, length=header.length - self.hyper_bytes)
         expected = Codec(self.codec.wire_id) if self.codec is not None else Codec.RAW32
         if header.codec != expected or (expected == Codec.RAW32 and header.length != 4 * n + runs):
             want = (f"raw float32 of {4 * n} bytes and a mask of {runs} bytes" if expected == Codec.RAW32
@@ -490,8 +529,11 @@ class ParameterServer:
                 coef = self.cfg.clip_grad_norm / (norm + 1e-6)
                 if coef < 1.0:
                     grad.mul_(coef)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
+            if self.hyper is not None:  # the worker's param_groups at this step
+                self.hyper.apply(self.optimizer, self.hyper_values, lr_scale)
+            else:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.lr * lr_scale * lr_factor(step, self.cfg, self.total_steps)
             has = used[self.split_run]
             version, buffer = self.window.next_version(), self.window.updating
             mark = int(self.window.status[Slot.CHECKPOINT])

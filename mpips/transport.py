@@ -121,6 +121,8 @@ class Tag(IntEnum):
     CHECKPOINT = 16  # rank -> rank 0: checkpoint pieces, where h5py has no MPI-IO
     NOTICE = 17  # bsp server -> worker: a version is published (NoticeSender / NoticeReceiver)
     PUSH_TAIL = 18  # a streamed push's last message: its mask and PushTrailer
+    INIT = 19  # lead worker -> server at registration (job.optimizer): the shard's initial values
+    CONTROL = 20  # worker -> server, pickled: ("register", n) from the lead worker, ("finish", w) from each
     DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
     DATA = 22  # data server -> worker: the samples
 

@@ -303,9 +303,9 @@ class Worker:
     tracer: Tracer | NullTracer = NULL_TRACER
 
     def __init__(
-        self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource, epoch_plan: EpochPlan,
-        metrics: MetricsLog, progress: Progress, on_eval: Callable[[int], None] | None = None,
-        loss: LossFn | None = None, precision: Precision | None = None,
+        self, ctx: PSContext, index: int, flat: FlatModel, source: BatchSource | None = None,
+        epoch_plan: EpochPlan | None = None, metrics: MetricsLog | None = None, progress: Progress | None = None,
+        on_eval: Callable[[int], None] | None = None, loss: LossFn | None = None, precision: Precision | None = None,
     ):
         self.ctx, self.index, self.flat, self.source, self.epoch_plan = ctx, index, flat, source, epoch_plan
         self.precision = precision if precision is not None else Precision("fp32", flat.device, flat.dtype)
@@ -321,9 +321,13 @@ class Worker:
         self.stats = WorkerStats()
         self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.position = 0  # the next step this worker computes (``load_state_dict`` sets it on resume)
+        self.clock = 0  # the servers' clock of the parameters pulled for it (``await_step``)
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
         self.status = np.zeros((len(self.servers), HEADER_BYTES // 8), dtype=np.int64)
+        # a registered optimizer's hyperparameters (mpips.registration.HyperCodec), sent after each mask
+        self.hyper_bytes = ctx.table.hyper_bytes if ctx.table is not None else 0
+        self.extras = np.zeros(self.hyper_bytes, dtype=np.uint8)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -342,7 +346,7 @@ class Worker:
             raise ValueError("the direct path moves float32 device buffers: no --compress or --pull-codec"
                              " (mpips.train stages through host memory when they are set)")
         self.ranges = [chunk_ranges(n, self.chunk_bytes) for n in sizes]  # the codec's chunks per slice
-        layouts = [PushLayout.of(self.codec, rg, r) for rg, r in zip(self.ranges, runs, strict=True)]
+        layouts = [PushLayout.of(self.codec, rg, r + self.hyper_bytes) for rg, r in zip(self.ranges, runs, strict=True)]
         # bsp: a worker's next push comes after the notice that its last one is applied, so one
         # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
         inflight = 1 if self.sync == "bsp" else self.max_inflight
@@ -409,13 +413,9 @@ class Worker:
         while self.position < self.total_steps:
             step = self.position
             t0 = time.perf_counter()
-            faults.at("pull", step)
-            clock = self.pull(self._need(step), ahead=True)
-            joined = self._join_checkpoint(step)
-            if self.stats.preempted:
+            clock = self.await_step()
+            if clock is None:
                 break  # checkpointed (or told to stop) at this boundary; the job stops here
-            if joined and self.sync != "bsp":
-                continue  # the servers applied the other workers' last pushes meanwhile: pull again
             staleness = step - clock
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
@@ -462,6 +462,35 @@ class Worker:
         if not self.stats.preempted:
             self._final_checkpoint()
         return self.stats
+
+    def await_step(self, ahead: bool = True) -> int | None:
+        """Before computing step ``position``: pull its parameters and join a checkpoint the servers
+        published at this boundary; returns the servers' clock, or None after a stop (preemption).
+
+        ``ahead``: pull ahead where this worker can (``pull``); else the whole version.
+        """
+        while True:
+            step = self.position
+            faults.at("pull", step)
+            clock = self.pull(self._need(step), ahead=ahead)
+            joined = self._join_checkpoint(step)
+            if self.stats.preempted:
+                return None
+            if not (joined and self.sync != "bsp"):
+                self.clock = clock
+                return clock
+            # asp/ssp: the servers applied the other workers' last pushes meanwhile: pull again
+
+    def step_after_backward(self, samples: int = 1, loss: float = float("nan")) -> None:
+        """Push the gradient of step ``position`` (backward is done), for a loop of the user's
+        (``mpips.client``): ``samples`` weighs it in the bsp mean (1: every worker the same)."""
+        if self.pull_ahead is not None and self.pull_ahead.pending:
+            self.pull_ahead.finish()
+        self.flat.before_push()
+        self.push(self.position, samples, self.clock, self.flat.grad_norm(), loss)
+        self.position += 1
+        self.stats.steps += 1
+        self.stats.bytes_pushed = self.pusher.bytes_sent
 
     def _compute(self, batch) -> torch.Tensor:  # noqa: ANN001 (mpips.data.Batch)
         """Forward and backward of ``batch`` into the flat gradient; returns the loss (detached).
@@ -544,7 +573,8 @@ class Worker:
         self.pusher.drain()
         if self.notices is not None:
             self.notices.close(self.stall_timeout)
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
         final = server_stats = None
         me = self.comm.Get_rank()
         if me == lead:  # every server sends its shard here, in chunks
@@ -637,6 +667,8 @@ class Worker:
         for s in range(len(self.servers)) if servers is None else servers:
             self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
             payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
+            if self.hyper_bytes:
+                mask = np.concatenate([mask, self.extras])
             parts = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
             header = PushHeader(
                 step, self.index, self.wire_codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes,

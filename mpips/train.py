@@ -303,7 +303,7 @@ def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.nda
     out = np.empty(plan.shard_numel(server), dtype=np.float32)
     for run in plan.server_pieces(server):
         values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
-        out[run.server_offset : run.server_offset + run.length] = values.float().numpy()  # bf16/fp16: widened
+        out[run.server_offset : run.server_offset + run.length] = values.float().cpu().numpy()  # bf16/fp16: widened
     return out
 
 

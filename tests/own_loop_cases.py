@@ -1,0 +1,65 @@
+"""Own-loop jobs for tests/test_own_loop.py: ``mpirun -n 4 python own_loop_cases.py CASE``.
+
+Each case is a small script of the kind a user writes, with one mistake (or none): the test
+checks the job ends at once with one line, and status 2, or trains.
+"""
+
+import sys
+
+import torch
+from torch import nn
+
+import mpips
+
+
+class Net(nn.Module):  # defined in __main__ only: the servers never import it
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).relu())
+
+
+case = sys.argv[1]
+job = mpips.init(servers=2, sync="bsp", config={"stall_timeout": 30})
+if case == "optimizer_on_a_server":
+    job.optimizer(Net(), torch.optim.SGD, lr=0.1)
+if not job.is_worker:
+    job.serve()
+    sys.exit(0)
+torch.manual_seed(0)
+w = job.worker_index
+if case == "different_models":
+    opt = job.optimizer(Net(8 if w == 0 else 9), torch.optim.SGD, lr=0.1)
+elif case == "different_order":
+    first, second = (Net(8), Net(16)) if w == 0 else (Net(16), Net(8))
+    job.optimizer(first, torch.optim.SGD, lr=0.1)
+    job.optimizer(second, torch.optim.SGD, lr=0.1)
+elif case == "unimportable":
+    job.optimizer(Net(), "no_such_package.optim:Fast", lr=0.1)
+elif case == "lbfgs":
+    job.optimizer(Net(), torch.optim.LBFGS, lr=0.1)
+elif case == "bad_argument":
+    job.optimizer(Net(), torch.optim.SGD, lr=-1.0)
+elif case == "trains":  # a class from __main__, param groups, a scheduler: the loss falls
+    model = Net()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = job.optimizer(model, torch.optim.AdamW, lr=0.05,
+                        param_groups=[{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    g = torch.Generator().manual_seed(w)
+    losses = []
+    for _ in range(40):
+        x = torch.randn(32, 4, generator=g)
+        y = (x[:, 0] > x[:, 1]).long()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    print(f"worker {w}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; groups"
+          f" {[(len(g['params']), g['weight_decay'], g['lr']) for g in opt.param_groups]}", flush=True)
+job.finish()

@@ -1,0 +1,90 @@
+"""The library API (``mpips.init``, ``job.optimizer``): own training loops under mpirun, 2 servers
+and 2 workers, as a user runs them: the examples reach what they promise, a ported torch script
+ends where torch does, and bad input is one line before any work."""
+
+import difflib
+import re
+
+import pytest
+import torch
+from helpers import REPO, run_mpi
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+CASES = REPO / "tests" / "own_loop_cases.py"
+
+
+def example(name: str, tmp_path, *args: str) -> str:
+    out = run_mpi(4, [str(REPO / "examples" / name), *args], timeout=240, cwd=tmp_path, check=True)
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_gradient_accumulation_with_a_torch_scheduler_trains_the_digits(tmp_path):
+    out = example("own_loop.py", tmp_path, "--steps", "150", "--accumulate", "2")
+    lr, accuracy = map(float, re.search(r"lr now (\S+), held-out accuracy ([0-9.]+)", out).groups())
+    assert accuracy >= 0.93, out
+    assert lr == 0.0  # the cosine schedule ran to its end, on the optimizer job.optimizer returned
+
+
+def test_gan_discriminator_and_generator_both_train(tmp_path):
+    out = example("gan.py", tmp_path, "--steps", "300")
+    d0, d1, g0, g1, off0, off1 = map(float, re.search(
+        r"discriminator loss (\S+) -> (\S+), generator loss (\S+) -> (\S+); generated points (\S+) -> (\S+)", out
+    ).groups())
+    assert abs(d1 - d0) > 0.02 and abs(g1 - g0) > 0.02, out  # both models' losses move
+    assert off1 < 0.6 * off0, out  # and the generator's points come nearer the real ring
+
+
+def test_student_learns_a_frozen_teacher_that_is_never_registered(tmp_path):
+    out = example("distill.py", tmp_path, "--steps", "200")
+    first, last = map(float, re.search(r"KL\(teacher \|\| student\) (\S+) -> (\S+)", out).groups())
+    assert last < 0.2 * first, out
+
+
+def test_early_stopping_on_a_held_out_metric_in_the_loop(tmp_path):
+    out = example("early_stopping.py", tmp_path, "--max-steps", "2000", "--patience", "3")
+    step, best = re.search(r"stopped at step (\d+) of at most 2000; best held-out accuracy ([0-9.]+)", out).groups()
+    assert int(step) < 2000 and float(best) >= 0.93, out  # every worker took the same decision, or bsp would stall
+
+
+def test_a_torch_script_ported_in_ten_lines_ends_where_torch_ends(tmp_path):
+    """bsp with 2 workers and 2 servers equals one torch process on the concatenated batch:
+    AdamW, OneCycleLR (warm-up + cosine), two micro-batches accumulated, 30 steps."""
+    plain, port = REPO / "examples/port/plain_torch.py", REPO / "examples/port/mpips_port.py"
+    diff = [line for line in difflib.unified_diff(plain.read_text().splitlines(), port.read_text().splitlines(), n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert len([line for line in diff if line.startswith("+")]) <= 10, "\n".join(diff)
+    run_mpi(1, [str(plain), "--out", str(tmp_path / "plain.pt")], timeout=120, cwd=tmp_path, check=True)
+    run_mpi(4, [str(port), "--out", str(tmp_path / "port.pt")], timeout=180, cwd=tmp_path, check=True)
+    a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "port.pt")
+    assert a.keys() == b.keys()
+    for k in a:  # largest difference relative to the tensor's largest value
+        assert float((a[k] - b[k]).abs().max() / a[k].abs().max()) <= 1e-5, k
+
+
+def test_a_model_class_from_the_script_param_groups_and_a_scheduler_train(tmp_path):
+    out = run_mpi(4, [str(CASES), "trains"], timeout=120, cwd=tmp_path, check=True).stdout
+    for first, last in re.findall(r"loss ([0-9.]+) -> ([0-9.]+)", out):
+        assert float(last) < 0.5 * float(first), out
+    # both groups, each with its weight decay, and the StepLR's lr after 40 steps: 0.05 / 2**4
+    assert out.count("groups [(2, 0.1, 0.003125), (2, 0.0, 0.003125)]") == 2, out
+
+
+@pytest.mark.parametrize("case, line", [
+    ("different_models", r"mpips: bad model: job.optimizer call #1: worker 1 registered tensor 0 as a.weight \[9, 4\],"
+                         r" worker 0 as a.weight \[8, 4\]"),
+    ("different_order", r"mpips: bad model: job.optimizer call #1: worker 1 registered tensor 0 as a.weight"),
+    ("unimportable", r"mpips: bad configuration: cannot import the optimizer class 'no_such_package.optim:Fast'"),
+    ("lbfgs", r"mpips: bad configuration: optimizer LBFGS cannot run shard by shard on parameter servers"),
+    ("bad_argument", r"mpips: bad configuration: SGD\(...\) refused its arguments: Invalid learning rate: -1.0"),
+    ("optimizer_on_a_server", r"mpips: bad configuration on rank [23] \(host \S+, server [01]\): job.optimizer is for"
+                              r" workers"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, case, line):
+    out = run_mpi(4, [str(CASES), case], timeout=60, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    said = [s for s in out.stderr.splitlines() if s.startswith("mpips:")]
+    assert re.match(line, said[0]), out.stderr
+    assert len(said) <= (2 if case == "optimizer_on_a_server" else 1), said  # each server says its own
+    assert "Traceback" not in out.stderr

@@ -45,6 +45,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,8 +53,8 @@ import torch
 from mpi4py import MPI
 
 from mpips import stderr_filter
-from mpips.checkpoint import Checkpointing, Preemption
-from mpips.client import DistributedOptimizer
+from mpips.checkpoint import Checkpointing, Preemption, list_checkpoints, module_spec
+from mpips.client import DistributedOptimizer, Preempted
 from mpips.config import Config, ConfigError
 from mpips.cuda_aware import decide
 from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks, what
@@ -145,6 +146,32 @@ class _Table:
     client: Worker | None = None
     servers: MPI.Comm | None = None  # servers only: a duplicate of their role communicator
     finished: bool = False
+    checkpoints: Checkpointing | None = None
+
+
+def _align(directory: Path) -> None:
+    """Before resuming the newest checkpoints of several models: move aside those of steps that
+    not every model's directory holds (a job killed between two models' checkpoints of one step),
+    so that every model resumes from the same step."""
+    dirs = [directory, *sorted(p for p in directory.glob("model-*") if p.is_dir())]
+    steps = [{step for step, _ in list_checkpoints(d)} for d in dirs]
+    common = set.intersection(*steps) if steps else set()
+    newest = max(common, default=-1)
+    for d in dirs:
+        for step, path in list_checkpoints(d):
+            if step > newest:
+                aside = d / "not-resumed"
+                aside.mkdir(exist_ok=True)
+                path.rename(aside / path.name)
+                log.warning("%s: moved to %s, as not every model has a checkpoint at step %d", path, aside, step)
+
+
+class _OwnLoop:
+    """The epoch plan of an own loop, for checkpoints: steps only (the loop owns its data)."""
+
+    @staticmethod
+    def position(step: int) -> tuple[int, int]:
+        return 0, step
 
 
 class Job:
@@ -238,7 +265,7 @@ class Job:
                                    **kwargs)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{cls.__name__}(...) refused its arguments: {exc}") from None
-            return TableSpec.of(trainable, local["opt"])
+            return TableSpec.of(trainable, local["opt"], module_spec(FlatModel.module_state_of(model)))
 
         table, spec = self._register(describe)
         t = self._tables[table]
@@ -259,9 +286,14 @@ class Job:
         client = Worker(self._context(t, spec, plan), self.index, flat)
         with self.dog.blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             client.start()
-        client.await_step(ahead=False)  # every worker now holds the servers' values
+        resumed = client.checkpoints.worker_state(client.state_dict())
+        if resumed is not None:  # position, torch's RNG, buffers: the loop goes on from opt.steps
+            client.load_state_dict(resumed)
         t.client = client
-        return DistributedOptimizer(client, local["opt"], spec.hyper(), self._stopped)
+        opt = DistributedOptimizer(client, local["opt"], spec.hyper(), self._stopped)
+        if client.await_step(ahead=False) is None:  # every worker now holds the servers' values
+            raise Preempted(client.position, self._stopped(client.position))
+        return opt
 
     def finish(self) -> None:
         """This worker is done: its models' servers stop once every worker finished; worker 0's
@@ -284,13 +316,18 @@ class Job:
         self.dog.close()
 
     def _stopped(self, step: int) -> int:
-        ckpt = self._tables[0].client.checkpoints if self._tables else None
-        return ckpt.exit_status() if ckpt is not None else 0
+        """The exit status after a stop on a signal at ``step`` (75: checkpointed, requeue)."""
+        return max(t.client.checkpoints.exit_status() for t in self._tables)
 
     # -- servers -----------------------------------------------------------------------------
-    def serve(self) -> None:
+    def serve(self) -> int:
         """Serve until every worker has called ``finish``: apply the pushes of every registered
-        model, take new registrations. Parameter servers and data servers call this."""
+        model, take new registrations. Parameter servers and data servers call this.
+
+        Returns:
+            The job's exit status: 0, or 75 (checkpointed) / 143 after a stop on a signal
+            (``sys.exit(job.serve())`` ends a server's process as the workers end theirs).
+        """
         if self.is_worker:
             raise ConfigError(f"job.serve is for servers; this rank is worker {self.index}: train, then job.finish()")
         if self.is_data_server:
@@ -330,6 +367,7 @@ class Job:
                 raise StallError(open_step.stall_message())
             backoff.wait()
         self.dog.close()
+        return max((t.server.checkpoints.exit_status() for t in self._tables), default=0)
 
     def _serve_data(self) -> None:
         raise ConfigError("data servers need job.loader, which this version does not have: init(data_servers=0)")
@@ -360,6 +398,7 @@ class Job:
             if self.is_server:
                 t.servers = self.comms.role.Dup()
         self._tables.append(t)
+        t.checkpoints = self._checkpointing(t, spec, self._plan(spec), table)
         if self.is_server:
             plan = self._plan(spec)
             init = np.empty(plan.shard_numel(self.index), dtype=np.float32)
@@ -368,6 +407,9 @@ class Job:
             t.server = ParameterServer(self._context(t, spec, plan), self.index, init, t.servers, batch_size=1)
             with blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
                 t.server.start()
+            resumed = t.checkpoints.server_state(t.server.state_dict())
+            if resumed is not None:
+                t.server.load_state_dict(resumed)
             t.server.begin_serving()
             if self.index == 0:
                 log.info("model %d: %d tensors, %s parameters over %d servers, optimizer %s", table, len(spec.names),
@@ -382,15 +424,33 @@ class Job:
         # an own loop: pushes after backward (gradients may accumulate over several backward
         # calls) and whole pulls (the loop may read parameters outside forward)
         train = dataclasses.replace(cfg.train, push_during_backward=False, pull_ahead=False)
+        return PSContext(comm=t.comm, servers=self._servers, workers=self._workers, plan=plan, train=train,
+                         optim=cfg.optim, pull=choose_pull(cfg.train.pull), total_steps=OPEN_ENDED,
+                         checkpoints=t.checkpoints, compression=cfg.compression, table=spec)
+
+    def _checkpointing(self, t: _Table, spec: TableSpec, plan: ShardPlan, table: int) -> Checkpointing:
+        """Registration ``table``'s checkpoints (collective over its communicator): in
+        ``checkpoint_dir`` for the first model, ``checkpoint_dir/model-<n>`` for the n-th after it;
+        the one to resume from is chosen as the command line chooses it (``resume``)."""
+        cfg, c = self.config, self.config.checkpoint
+        if c.checkpoint_dir is not None and c.resume == "latest" and table == 0 and self.index == 0 and self.is_worker:
+            _align(Path(c.checkpoint_dir))
+        if c.checkpoint_dir is not None and table:
+            cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+                c, checkpoint_dir=os.path.join(c.checkpoint_dir, f"model-{table}"),
+                resume=c.resume if c.resume in (None, "latest") else os.path.join(
+                    os.path.dirname(c.resume), f"model-{table}", os.path.basename(c.resume))))
         counts = {"servers": self.num_servers, "data_servers": len(self.layout.data_servers),
                   "workers": self.num_workers}
-        ckpt = Checkpointing(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint,
-                                                                                     checkpoint_dir=None)),
-                             t.comm, counts, plan, [], OPEN_ENDED, preemption=self.preemption)
-        ckpt.bind(t.comm, "server" if self.is_server else "worker", self.index)
-        return PSContext(comm=t.comm, servers=self._servers, workers=self._workers, plan=plan, train=train,
-                         optim=cfg.optim, pull=choose_pull(cfg.train.pull), total_steps=OPEN_ENDED, checkpoints=ckpt,
-                         compression=cfg.compression, table=spec)
+        with self.dog.blocking("job.optimizer: choosing the checkpoint to resume from (collective over servers and"
+                               " workers)"):
+            try:
+                module = [[name, list(shape), dtype, kind] for name, shape, dtype, kind in spec.module]
+                ckpt = Checkpointing.setup(cfg, t.comm, counts, plan, module, OPEN_ENDED, self.preemption)
+            except INPUT_ERRORS as exc:
+                raise SystemExit(self._bad_input(exc)) from None
+        ckpt.bind(t.comm, "server" if self.is_server else "worker", self.index, _OwnLoop())
+        return ckpt
 
     # -- failures ----------------------------------------------------------------------------
     def _bad_input(self, exc: BaseException) -> int:
@@ -404,7 +464,15 @@ class Job:
         return self.reporter.bad_input(exc)
 
     def _excepthook(self, kind: type[BaseException], exc: BaseException, tb: Any) -> None:
-        """An exception nobody caught, on this rank: one line, then the whole job ends."""
+        """An exception nobody caught, on this rank: one line, then the whole job ends.
+
+        ``Preempted`` that the loop did not catch: this worker finishes (the servers stop once
+        every worker has) and exits with its status (75: requeue)."""
+        if isinstance(exc, Preempted) and self.is_worker:
+            print(f"mpips: worker {self.index}: {exc}", file=sys.stderr, flush=True)
+            self.finish()
+            MPI.Finalize()
+            os._exit(exc.status)
         where = f"rank {self.comm.Get_rank()} (host {MPI.Get_processor_name()}, {self.who['role']})"
         if isinstance(exc, INPUT_ERRORS):
             print(f"mpips: bad {what(exc)} on {where}: {exc}", file=sys.stderr, flush=True)

@@ -91,6 +91,8 @@ class TableSpec:
         optimizer: the optimizer class, ``"package.module:Qualname"``.
         groups: each parameter group's settings as torch filled them in (everything but ``params``).
         group_of: the group of each tensor.
+        module: the buffers and frozen parameters the workers keep (``checkpoint.module_spec``:
+            name, shape, dtype, kind), which checkpoints hold for them.
     """
 
     names: tuple[str, ...]
@@ -99,10 +101,13 @@ class TableSpec:
     optimizer: str
     groups: tuple[tuple[tuple[str, Any], ...], ...]
     group_of: tuple[int, ...]
+    module: tuple[tuple[Any, ...], ...] = ()
 
     @classmethod
-    def of(cls, named: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> TableSpec:
-        """The spec of trainable tensors ``named`` (in flat order) under ``optimizer``.
+    def of(cls, named: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+           module: Sequence[Sequence[Any]] = ()) -> TableSpec:
+        """The spec of trainable tensors ``named`` (in flat order) under ``optimizer``, with the
+        workers' ``module`` state (``checkpoint.module_spec``).
 
         Raises:
             ModelError: a trainable tensor is in no parameter group or in two, or a group holds
@@ -131,7 +136,8 @@ class TableSpec:
                        for group in optimizer.param_groups)
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named),
                    str(next(iter(dtypes), torch.float32)).removeprefix("torch."),
-                   class_path(type(optimizer)), groups, tuple(group_of))
+                   class_path(type(optimizer)), groups, tuple(group_of),
+                   tuple(tuple(tuple(x) if isinstance(x, list) else x for x in m) for m in module))
 
     def build(self, pieces: Sequence[torch.Tensor], tensor_of: Sequence[int]) -> torch.optim.Optimizer:
         """The servers' optimizer over ``pieces`` (views of the shard), piece ``j`` being part of
@@ -230,6 +236,8 @@ def spec_mismatch(specs: Sequence[TableSpec], table: int) -> str | None:
                     " on every worker and register the models in the same order")
         if spec.dtype != first.dtype:
             return f"{what} {spec.dtype} parameters, worker 0 {first.dtype}"
+        if spec.module != first.module:
+            return f"{what} other buffers or frozen parameters than worker 0"
         if spec.optimizer != first.optimizer:
             return f"{what} optimizer {spec.optimizer}, worker 0 {first.optimizer}"
         return f"{what} other parameter groups or hyperparameters than worker 0: pass the same to every worker"

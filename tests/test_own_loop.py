@@ -4,10 +4,11 @@ ends where torch does, and bad input is one line before any work."""
 
 import difflib
 import re
+import signal
 
 import pytest
 import torch
-from helpers import REPO, run_mpi
+from helpers import REPO, mpi_job, run_mpi, signal_at_line
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -88,3 +89,65 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(tmp_path, case, line):
     assert re.match(line, said[0]), out.stderr
     assert len(said) <= (2 if case == "optimizer_on_a_server" else 1), said  # each server says its own
     assert "Traceback" not in out.stderr
+
+
+RESUME = REPO / "tests" / "own_loop_resume.py"
+
+
+def params(path) -> dict:
+    return torch.load(path)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """Both models' final parameters after an uninterrupted run of own_loop_resume.py."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_mpi(4, [str(RESUME), str(tmp / "full.pt")], timeout=120, cwd=tmp, check=True)
+    return params(tmp / "full.pt")
+
+
+def test_own_loop_kill_9_and_resume_is_bitwise(tmp_path, uninterrupted):
+    """Two models (Adam with BatchNorm and dropout; momentum SGD), checkpoints every 5 steps; a
+    worker killed with SIGKILL at step 12; resumed from step 10 with --resume latest: the final
+    parameters are bitwise an uninterrupted run's."""
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5"]
+    killed = run_mpi(4, [str(RESUME), str(tmp_path / "resumed.pt"), *ck], timeout=120, cwd=tmp_path,
+                     env={"MPIPS_FAULT": "rank=1,phase=pull,step=12,kind=kill"})
+    assert killed.returncode != 0 and not (tmp_path / "resumed.pt").exists()
+    resumed = run_mpi(4, [str(RESUME), str(tmp_path / "resumed.pt"), *ck, "--resume", "latest"], timeout=120,
+                      cwd=tmp_path, check=True)
+    assert "resuming from" in resumed.stderr and "at step 10" in resumed.stderr, resumed.stderr
+    again = params(tmp_path / "resumed.pt")
+    assert uninterrupted.keys() == again.keys()
+    assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
+
+
+def test_resume_takes_the_newest_step_every_model_has(tmp_path, uninterrupted):
+    """A job killed between its two models' checkpoints of one step: that step's lone checkpoint
+    is moved aside (one line), both models resume from the step before, and the run ends bitwise."""
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5"]
+    run_mpi(4, [str(RESUME), str(tmp_path / "first.pt"), *ck], timeout=120, cwd=tmp_path, check=True)
+    (tmp_path / "ck" / "model-1" / "ckpt-00000015.h5").unlink()  # as if killed between the two
+    resumed = run_mpi(4, [str(RESUME), str(tmp_path / "resumed.pt"), *ck, "--resume", "latest"], timeout=120,
+                      cwd=tmp_path, check=True)
+    assert "not every model has a checkpoint at step 15" in resumed.stderr, resumed.stderr
+    assert (tmp_path / "ck" / "not-resumed" / "ckpt-00000015.h5").exists()
+    again = params(tmp_path / "resumed.pt")
+    assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
+
+
+def test_a_stop_signal_surfaces_at_step_as_preempted_and_the_job_requeues(tmp_path, uninterrupted):
+    """SIGUSR1 (Slurm's --signal) mid-run: every worker's opt.step() raises mpips.Preempted after the
+    checkpoint at that boundary, the loop exits with its status 75, the servers too; the rerun
+    resumes from there and ends bitwise like an uninterrupted run."""
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    with mpi_job(4, [str(RESUME), str(tmp_path / "resumed.pt"), *ck], cwd=tmp_path,
+                 env={"OWN_LOOP_PAUSE": "0.5"}) as proc:
+        out, _ = signal_at_line(proc, "step 5/", signal.SIGUSR1)
+    assert proc.returncode == 75, out
+    assert re.search(r"worker 0: preempted after step (\d+)", out), out
+    assert not (tmp_path / "resumed.pt").exists()
+    run_mpi(4, [str(RESUME), str(tmp_path / "resumed.pt"), *ck, "--resume", "latest"], timeout=120, cwd=tmp_path,
+            check=True)
+    again = params(tmp_path / "resumed.pt")
+    assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)

@@ -25,7 +25,7 @@ MIN_CHUNK_BYTES = 64
 # chunks of 1 MiB to 1 GiB all ran within the noise of one call per transfer, 256 KiB lost at 1 GB.
 # 4 MiB (BytePS's choice too) costs nothing measurable and stays small enough to overlap later.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
-# bsp servers apply and publish a shard in buckets of --chunk-bytes (mpips.pullahead), but no
+# bsp servers apply and publish a shard in buckets of --chunk-bytes (mpips.client.pullahead), but no
 # smaller than this: every bucket costs an optimizer call, a window sync and a notice per worker.
 MIN_BUCKET_BYTES = 2**14
 

@@ -54,7 +54,7 @@ from mpi4py import MPI
 
 from mpips import stderr_filter
 from mpips.checkpoint import Checkpointing, Preemption, list_checkpoints, module_spec
-from mpips.client import DistributedOptimizer, Preempted
+from mpips.client import DistributedOptimizer, FlatModel, ParameterClient, Preempted
 from mpips.config import Config, ConfigError
 from mpips.cuda_aware import decide
 from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks, what
@@ -66,7 +66,6 @@ from mpips.shard import ShardPlan
 from mpips.train import _cuda_support, choose_pull, shard_values
 from mpips.transport import Backoff, StallError, Tag, recv_chunks, send_chunks, wait_all
 from mpips.watchdog import Watchdog, abort_job
-from mpips.worker import FlatModel, Worker
 
 __all__ = ["Job", "init"]
 
@@ -143,7 +142,7 @@ class _Table:
 
     comm: MPI.Comm  # a duplicate of the parameter-server communicator: this model's messages only
     server: ParameterServer | None = None
-    client: Worker | None = None
+    client: ParameterClient | None = None
     servers: MPI.Comm | None = None  # servers only: a duplicate of their role communicator
     finished: bool = False
     checkpoints: Checkpointing | None = None
@@ -283,7 +282,7 @@ class Job:
             sends = [r for s, rank in enumerate(self._servers)
                      for r in send_chunks(t.comm, shard_values(model, plan, s), rank, Tag.INIT, cfg.train.chunk_bytes)]
             wait_all(sends, "the servers to take the initial values", cfg.train.stall_timeout)
-        client = Worker(self._context(t, spec, plan), self.index, flat)
+        client = ParameterClient(self._context(t, spec, plan), self.index, flat)
         with self.dog.blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             client.start()
         resumed = client.checkpoints.worker_state(client.state_dict())

@@ -135,7 +135,7 @@ class ParameterServer:
         self.init = None  # the window holds the values now
         # bsp over windows: every worker waits for every version, so each is announced by a
         # notice, and applied and published bucket by bucket, which workers pull as they come
-        # (mpips.pullahead); asp/ssp and message pulls publish a version whole
+        # (mpips.client.pullahead); asp/ssp and message pulls publish a version whole
         if not self.window.rma:
             self.pull_mode = "message"
         self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None

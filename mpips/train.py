@@ -53,7 +53,7 @@ from mpips.startup import checked_model, pull_line
 from mpips.tasks import LossFn, TaskMetrics, resolve_loss
 from mpips.text import plural
 from mpips.trace import NULL_TRACER, Tracer
-from mpips.transport import HEADER_BYTES
+from mpips.transport import HEADER_BYTES, Tag, recv_chunks, send_chunks, wait_all
 from mpips.watchdog import Watchdog
 from mpips.worker import FlatModel, Worker, evaluate
 
@@ -187,12 +187,16 @@ def run_job(
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
     loss_fn = agree(comm, lambda: resolve_loss(loss if loss is not None else cfg.train.loss, task), dog.blocking)
-    model = agree(comm, lambda: checked_model(cfg, data, role != Role.DATA, rank == layout.lead_worker, given_model,
+    # only workers build the model: the servers take its shard plan and their initial values from
+    # the lead worker (as from a registration, mpips.job), so they never build or import it
+    model = agree(comm, lambda: checked_model(cfg, data, role == Role.WORKER, rank == layout.lead_worker, given_model,
                                               loss_fn), dog.blocking)
     if isinstance(given_model, torch.nn.Module):
-        with dog.blocking("start-up: every rank's checksum of the given model (allgather over the world)"):
+        with dog.blocking("start-up: every worker's checksum of the given model (allgather over the world)"):
             _same_model_everywhere(comm, model)
-    plan = ShardPlan.for_module(model, cfg.roles.servers) if model is not None else None
+    with dog.blocking("start-up: the shard plan from the lead worker (broadcast over the world)"):
+        plan = comm.bcast(ShardPlan.for_module(model, cfg.roles.servers) if rank == layout.lead_worker else None,
+                          root=layout.lead_worker)
     if rank == 0:
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.server_optim().optimizer]), flush=True)
@@ -226,12 +230,18 @@ def run_job(
     ckpt.tracer = tracer
     try:
         if role == Role.SERVER:
-            # a server keeps its shard's values only, and they become its working copy (``[...]``:
+            # the lead worker's values of this server's shard become its working copy (``[...]``:
             # no reference is left here once the server owns them)
-            init = [shard_values(model, plan, layout.index_of(rank))]
-            model = None
+            init = [np.empty(plan.shard_numel(layout.index_of(rank)), dtype=np.float32)]
+            with dog.blocking("start-up: the shard's initial values from the lead worker"):
+                wait_all(recv_chunks(comm, init[0], layout.lead_worker, Tag.INIT, cfg.train.chunk_bytes),
+                         "the lead worker's initial values", cfg.train.stall_timeout)
             _run_server(cfg, layout, comms, ps_comm, plan, init, steps, pull, ckpt, dog, tracer)
         elif role == Role.WORKER:
+            if rank == layout.lead_worker:
+                sends = [r for s, server in enumerate(layout.servers) for r in
+                         send_chunks(comm, shard_values(model, plan, s), server, Tag.INIT, cfg.train.chunk_bytes)]
+                wait_all(sends, "the servers to take the initial values", cfg.train.stall_timeout)
             job = _WorkerJob(task, loss_fn, result)
             _run_worker(cfg, layout, comms, ps_comm, plan, model, data, epoch_plan, steps, pull, ckpt, dog, job,
                         tracer)

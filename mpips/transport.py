@@ -716,7 +716,7 @@ class ParameterWindow:
     ) -> None:
         """Worker: elements ``lo:hi`` of each range of ``target``'s exposed buffer ``buffer`` into
         ``shard[lo:hi]`` (widened from the pull codec), and its status block into ``status``
-        if given, in one shared-lock epoch (``mpips.pullahead``: the buckets a notice says are
+        if given, in one shared-lock epoch (``mpips.client.pullahead``: the buckets a notice says are
         exposed)."""
         size, wide = self.itemsize, self.pull_codec == "fp32"
         win = self.wins[buffer]
@@ -1252,7 +1252,7 @@ class NoticeSender:
     After each publish: the clock, the exposed buffer that holds the version and its number
     (``send``). While a version is being applied bucket by bucket (``ParameterWindow``'s lazy
     update), after each bucket: how many of its buckets are exposed so far (``send_partial``), so
-    a worker can pull them while the server applies the rest (``mpips.pullahead``). Every
+    a worker can pull them while the server applies the rest (``mpips.client.pullahead``). Every
     notice carries the checkpoint mark of the version (``Slot.CHECKPOINT``). A waiting worker
     learns what it waits for from a message it polls cheaply (``Backoff.for_messages``) instead
     of reading every server's status blocks under locks. ``close(w)`` sends worker ``w`` the

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
+from mpips.client.staging import stage_chunks
 from mpips.shard import ShardPlan
-from mpips.staging import stage_chunks
 from mpips.worker import FlatModel
 
 

@@ -133,7 +133,7 @@ def test_forward_computes_a_layer_as_soon_as_its_bucket_is_published():
     from torch import nn
 
     from mpips.chunking import MIN_BUCKET_BYTES, bucket_ranges
-    from mpips.pullahead import PullAhead
+    from mpips.client.pullahead import PullAhead
     from mpips.shard import ShardPlan
     from mpips.transport import NoticeReceiver, NoticeSender, ParameterWindow, StallError, wait_all
     from mpips.worker import FlatModel

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from toymodels import _Awkward
 
-from mpips.backwardpush import BackwardChunks, BackwardPush
+from mpips.client.backwardpush import BackwardChunks, BackwardPush
 from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
 from mpips.shard import ShardPlan
 from mpips.transport import PushHeader

@@ -4,7 +4,7 @@
   two saved state_dicts, e.g. after 20 bsp steps on the GPU and on the CPU); exit 1 above ``--rtol``.
 - ``pull`` (under ``mpirun -n 2``): rank 0 exposes a ``--mib`` shard in a ``ParameterWindow``;
   rank 1 pulls it (a) into pinned host memory, then copies it to the GPU chunk by chunk on a side
-  stream (the staging path, ``mpips.staging``), and (b) where the MPI library says it is
+  stream (the staging path, ``mpips.client.staging``), and (b) where the MPI library says it is
   CUDA-aware, straight into GPU memory (the direct path). Baselines: the same pull into host
   memory alone, and a raw pinned host -> device ``copy_`` of the same bytes. GB/s, best of ``--reps``.
 - ``loop``: a plain single-GPU torch loop (no MPI): ``ByteGPT`` on the pytext bytes, AdamW on the
@@ -66,9 +66,9 @@ def _pull(args: argparse.Namespace) -> int:
     _need_cuda("pull")
     from mpi4py import MPI
 
+    from mpips.client.staging import CudaCopyEngine
     from mpips.cuda_aware import decide, library_lookup, query
     from mpips.doctor import find_loaded_libmpi
-    from mpips.staging import CudaCopyEngine
     from mpips.transport import HEADER_BYTES, ParameterWindow
 
     comm = MPI.COMM_WORLD

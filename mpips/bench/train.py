@@ -10,7 +10,7 @@ For every model and worker count W, in one mpirun job and on the first ranks of 
 - ``allreduce``: plain data parallel: backward into one flat gradient, ``Allreduce`` it with
   mpi4py, divide by W, every worker steps the same local optimizer;
 - ``mpips-bsp-whole`` (not in the default ``--systems``): bsp with ``--no-pull-ahead``, each
-  version applied and pulled whole: what pulling ahead (``mpips.pullahead``) gains.
+  version applied and pulled whole: what pulling ahead (``mpips.client.pullahead``) gains.
 
 All five train the same model from the same seeded initial parameters, on the same samples in
 the same order (``EpochPlan``: worker w takes slice w of every global batch), with the same

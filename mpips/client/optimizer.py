@@ -32,7 +32,7 @@ import torch
 from mpips.registration import HyperCodec
 
 if TYPE_CHECKING:
-    from mpips.worker import Worker
+    from mpips.client.pushpull import ParameterClient
 
 __all__ = ["DistributedOptimizer", "Preempted"]
 
@@ -62,7 +62,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         on_stop: called with the step when the job stops on a signal; returns the exit status.
     """
 
-    def __init__(self, client: Worker, local: torch.optim.Optimizer, hyper: HyperCodec,
+    def __init__(self, client: ParameterClient, local: torch.optim.Optimizer, hyper: HyperCodec,
                  on_stop: Callable[[int], int]):
         self._client, self._hyper, self._on_stop = client, hyper, on_stop
         super().__init__(local.param_groups, local.defaults)

@@ -19,7 +19,7 @@ from mpips.shard import ShardPlan
 from mpips.transport import Pusher, PushHeader
 
 if TYPE_CHECKING:
-    from mpips.worker import FlatModel
+    from mpips.client.flat import FlatModel
 
 __all__ = ["BackwardChunks", "BackwardPush"]
 

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping
 __all__ = ["KEEP", "collapse_repeats", "install"]
 
 KEEP = 2  # times an identical Open MPI line is shown before the rest are only counted
+_installed: list[bool] = []  # one filter per process: fd 2 is process-wide
 _NATIVE_LINE = re.compile(r"^\[[^\]\s]+:\d+\] ")  # Open MPI's opal_output prefix: [host:pid]
 
 
@@ -63,6 +64,8 @@ def install(environ: Mapping[str, str] = os.environ) -> bool:
     """
     if environ.get("MPIPS_STDERR_FILTER", "1") == "0":
         return False
+    if _installed:  # fd 2 of this process goes through a filter already (mpips.init called again)
+        return True
     sys.stderr.flush()
     read, write = os.pipe()
     original = os.dup(2)
@@ -79,6 +82,7 @@ def install(environ: Mapping[str, str] = os.environ) -> bool:
         os.close(original)
     os.dup2(write, 2)
     os.close(write)
+    _installed.append(True)
     return True
 
 

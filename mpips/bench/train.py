@@ -10,7 +10,10 @@ For every model and worker count W, in one mpirun job and on the first ranks of 
 - ``allreduce``: plain data parallel: backward into one flat gradient, ``Allreduce`` it with
   mpi4py, divide by W, every worker steps the same local optimizer;
 - ``mpips-bsp-whole`` (not in the default ``--systems``): bsp with ``--no-pull-ahead``, each
-  version applied and pulled whole: what pulling ahead (``mpips.client.pullahead``) gains.
+  version applied and pulled whole: what pulling ahead (``mpips.client.pullahead``) gains;
+- ``mpips-own``: bsp through the library API (``mpips.init``, ``job.optimizer``) with the
+  baselines' loop: what a user's own loop gets; ``x fit`` is its ratio to ``mpips-bsp`` (fit's
+  own loop) and to ``mpips-bsp-whole`` (the same whole pulls an own loop makes).
 
 All five train the same model from the same seeded initial parameters, on the same samples in
 the same order (``EpochPlan``: worker w takes slice w of every global batch), with the same
@@ -27,8 +30,10 @@ throughput / (W x the same system's one-worker throughput).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
+import io
 import json
 import os
 import shutil
@@ -47,14 +52,14 @@ from mpips.config import Config, parse_args
 from mpips.data import EpochPlan, LocalSource, open_dataset
 from mpips.metrics import Progress
 from mpips.models import build_model, loss_and_correct
-from mpips.optim import build_optimizer
+from mpips.optim import build_optimizer, optimizer_class
 from mpips.shard import ShardPlan
 from mpips.worker import FlatModel
 
 __all__ = ["DEFAULT_SYSTEMS", "SYSTEMS", "add_arguments", "format_rows", "run"]
 
-SYSTEMS = ("mpips-bsp", "mpips-asp", "mpips-ssp", "ddp", "allreduce", "mpips-bsp-whole")
-DEFAULT_SYSTEMS = SYSTEMS[:5]  # mpips-bsp-whole: bsp with --no-pull-ahead, the pipeline's own baseline
+SYSTEMS = ("mpips-bsp", "mpips-asp", "mpips-ssp", "ddp", "allreduce", "mpips-own", "mpips-bsp-whole")
+DEFAULT_SYSTEMS = SYSTEMS[:6]  # mpips-bsp-whole: bsp with --no-pull-ahead, the pipeline's own baseline
 DATASET = {"mlp": "digits", "cnn": "digits", "gpt": "pytext"}
 TARGET = {"mlp": 0.5, "cnn": 0.5, "gpt": 3.0}
 SMOOTH = 5  # steps in the moving mean of the loss compared with the target
@@ -148,7 +153,13 @@ def _free_port() -> int:
 
 def _baseline_loop(cfg: Config, sub: MPI.Comm, data, model, step_fn) -> list[list[tuple]] | None:
     """Shared loop of the baselines: this worker's batches, ``step_fn(loss)`` after backward."""
-    w, workers = sub.Get_rank(), sub.Get_size()
+    mine = _loop(cfg, data, model, step_fn, sub.Get_rank(), sub.Get_size())
+    gathered = sub.gather(mine, root=0)
+    return gathered if sub.Get_rank() == 0 else None
+
+
+def _loop(cfg: Config, data, model, step_fn, w: int, workers: int) -> list[tuple]:
+    """Worker ``w`` of ``workers``: its batches, ``step_fn(loss)`` after each forward; its records."""
     plan = _epoch_plan(data, workers, cfg)
     source = LocalSource(data.train, plan, w)
     mine = []
@@ -158,8 +169,7 @@ def _baseline_loop(cfg: Config, sub: MPI.Comm, data, model, step_fn) -> list[lis
         loss, _ = loss_and_correct(model(x), y)
         step_fn(loss)
         mine.append((step + 1, time.time(), len(batch), float(loss.detach())))
-    gathered = sub.gather(mine, root=0)
-    return gathered if w == 0 else None
+    return mine
 
 
 def _run_ddp(cfg: Config, sub: MPI.Comm, data) -> list[list[tuple]] | None:
@@ -190,6 +200,31 @@ def _run_ddp(cfg: Config, sub: MPI.Comm, data) -> list[list[tuple]] | None:
         gc.collect()
         sub.Barrier()
         dist.destroy_process_group()
+
+
+def _run_own(cfg: Config, sub: MPI.Comm, data) -> list[list[tuple]] | None:
+    """The baselines' loop over ``job.optimizer`` (bsp, 1 server: the highest rank of ``sub``)."""
+    import mpips
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the role map
+        job = mpips.init(config=cfg, comm=sub, handle_signals=False)
+    mine = None
+    if job.is_worker:
+        model = build_model(cfg.model, data.spec, cfg.train.seed)
+        cls, kwargs = optimizer_class(cfg.optim)
+        opt = job.optimizer(model, cls, **kwargs)
+
+        def step(loss: torch.Tensor) -> None:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        mine = _loop(cfg, data, model, step, job.worker_index, job.num_workers)
+        job.finish()
+    else:
+        job.serve()
+    gathered = sub.gather(mine, root=0)
+    return [g for g in gathered if g is not None] if sub.Get_rank() == 0 else None
 
 
 def _run_allreduce(cfg: Config, sub: MPI.Comm, data) -> list[list[tuple]] | None:
@@ -305,9 +340,12 @@ def _one_run(args, comm: MPI.Comm, model: str, system: str, ranks: int, data, wo
     if sub != MPI.COMM_NULL:
         mpips = system.startswith("mpips")
         metrics = os.path.join(workdir, f"{model}-{system}-{ranks}-{rep}.jsonl")
-        cfg = _config(args, model, system.removeprefix("mpips-") if mpips else "bsp", metrics)
+        sync = system.removeprefix("mpips-") if mpips and system != "mpips-own" else "bsp"
+        cfg = _config(args, model, sync, metrics)
         torch.set_num_threads(args.threads)
-        if mpips:
+        if system == "mpips-own":
+            records = _run_own(cfg, sub, data)
+        elif mpips:
             records = _run_mpips(cfg, sub, data, metrics)
         elif system == "ddp":
             records = _run_ddp(cfg, sub, data)
@@ -343,10 +381,14 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         r["ratio_vs_allreduce"] = ratio(r["samples_per_s"], ar and ar["samples_per_s"])
         one = by.get((r["model"], r["system"], 1))
         r["efficiency"] = ratio(r["samples_per_s"], one and r["workers"] * one["samples_per_s"])
+        if r["system"] == "mpips-own":  # the own loop against fit's, pipelined and whole
+            for key, fit in (("ratio_vs_fit", "mpips-bsp"), ("ratio_vs_fit_whole", "mpips-bsp-whole")):
+                f = by.get((r["model"], fit, r["workers"]))
+                r[key] = ratio(r["samples_per_s"], f and f["samples_per_s"])
 
 
 def format_rows(rows: list[dict[str, Any]], title: bool = True) -> str:
-    header = ["model", "params", "W", "ranks", "system", "samples/s", "±", "x DDP", "x allreduce",
+    header = ["model", "params", "W", "ranks", "system", "samples/s", "±", "x DDP", "x allreduce", "x fit",
               "efficiency", "to target s", "final loss"]
     table = []
     for r in rows:
@@ -354,7 +396,7 @@ def format_rows(rows: list[dict[str, Any]], title: bool = True) -> str:
         spread = f"{(s['max'] - s['min']) / 2 / s['median'] * 100:.0f}%" if s["median"] else "-"
         table.append([
             r["model"], f"{r['params'] / 1e6:.2f}M", r["workers"], r["ranks"], r["system"],
-            r["samples_per_s"], spread, r["ratio_vs_ddp"], r["ratio_vs_allreduce"],
+            r["samples_per_s"], spread, r["ratio_vs_ddp"], r["ratio_vs_allreduce"], r.get("ratio_vs_fit"),
             r["efficiency"], r["time_to_target_s"], r["final_loss"],
         ])
     return format_table("train: end-to-end samples/s (median of runs, ± = half the min-max range);"

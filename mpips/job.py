@@ -38,12 +38,13 @@ waiting.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,17 +58,19 @@ from mpips.checkpoint import Checkpointing, Preemption, list_checkpoints, module
 from mpips.client import DistributedOptimizer, FlatModel, ParameterClient, Preempted
 from mpips.config import Config, ConfigError
 from mpips.cuda_aware import decide
+from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
+from mpips.dataserver import RemoteSource, run_data_server
 from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks, what
 from mpips.layout import PSContext, Role, RoleComms, RoleLayout
 from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer, spec_mismatch
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
-from mpips.train import _cuda_support, choose_pull, shard_values
+from mpips.train import _cuda_support, choose_pull, shard_values, total_steps
 from mpips.transport import Backoff, StallError, Tag, recv_chunks, send_chunks, wait_all
 from mpips.watchdog import Watchdog, abort_job
 
-__all__ = ["Job", "init"]
+__all__ = ["Job", "Loader", "init"]
 
 log = logging.getLogger("mpips.job")
 
@@ -165,6 +168,37 @@ def _align(directory: Path) -> None:
                 log.warning("%s: moved to %s, as not every model has a checkpoint at step %d", path, aside, step)
 
 
+class Loader:
+    """A worker's batches of the run's steps (made by ``Job.loader``).
+
+    Iterating it yields ``(x, y)`` tensors for each global step from the optimizer's position to
+    ``steps`` (across epochs: ``steps_per_epoch`` steps make one), then closes the source.
+
+    Attributes:
+        steps: the run's global steps.
+        steps_per_epoch: steps in one epoch over the training split.
+        val_x, val_y: the held-out split (numpy arrays), for the loop's own evaluation.
+    """
+
+    def __init__(self, source: Any, plan: EpochPlan, steps: int, data: DatasetHandle, start: Callable[[], int]):
+        self.source, self.plan, self.steps, self._start = source, plan, steps, start
+        self.steps_per_epoch = plan.steps_per_epoch
+        self.val_x, self.val_y = data.val_x, data.val_y
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(self._start(), self.steps):
+            batch = self.source.batch(*self.plan.position(step))
+            yield torch.from_numpy(batch.x), torch.from_numpy(batch.y)
+        self.close()
+
+    def close(self) -> None:
+        """Tell the data servers this worker is done (also done by ``job.finish``)."""
+        self.source.close()
+
+
 class _OwnLoop:
     """The epoch plan of an own loop, for checkpoints: steps only (the loop owns its data)."""
 
@@ -193,11 +227,13 @@ class Job:
         self.dog = Watchdog(comm, cfg.train.stall_timeout, self.who)
         with self.dog.blocking("mpips.init: splitting the communicators (collective over the world)"):
             self.comms = RoleComms.split(comm, layout)
-            self.ps_comm = comm.Split(0 if self._role != Role.DATA else 1, rank)
+            self.ps_comm = comm.Split(0 if self._role != Role.DATA else 1, rank)  # servers and workers
+            self.data_comm = comm.Split(0 if self._role != Role.SERVER else 1, rank)  # workers and data servers
         members = sorted(layout.servers + layout.workers)
         self._servers = [members.index(r) for r in layout.servers]  # ranks in ps_comm
         self._workers = [members.index(r) for r in layout.workers]
         self._tables: list[_Table] = []
+        self._loaders: list[Loader] = []
         self._finished = False
 
     # -- who am I ----------------------------------------------------------------------------
@@ -310,8 +346,12 @@ class Job:
             if final is not None:
                 t.client.flat.load_wire(final)
             t.comm.Free()
+        for loader in self._loaders:
+            loader.close()
         for rank in self._servers:
             self.ps_comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
+        for rank in self.layout.data_servers:
+            self.comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
         self.dog.close()
 
     def _stopped(self, step: int) -> int:
@@ -368,8 +408,87 @@ class Job:
         self.dog.close()
         return max((t.server.checkpoints.exit_status() for t in self._tables), default=0)
 
-    def _serve_data(self) -> None:
-        raise ConfigError("data servers need job.loader, which this version does not have: init(data_servers=0)")
+    def loader(self, data: str | Sequence[str] | None = None, *, batch_size: int | None = None,
+               steps: int | None = None, epochs: float | None = None) -> Loader:
+        """This worker's batches of the job's dataset, streamed by the data servers (or read by the
+        workers themselves without data servers), in the order of ``mpips.data.EpochPlan``.
+
+        Collective over the workers and data servers: every worker calls it with the same arguments.
+
+        Args:
+            data: HDF5 training data as ``fit`` takes it (a file of ``python -m mpips.data prepare``,
+                or files read in place with the config's ``x_key``/``y_key``); default: the config's
+                (the built-in digits).
+            batch_size: samples per worker per step (default: the config's).
+            steps: global steps (default: the config's, else ``epochs`` over the training split).
+            epochs: epochs when ``steps`` is not given (default: the config's).
+
+        Returns:
+            A ``Loader``: one pass yields ``(x, y)`` tensors for each step from ``opt.steps`` of the
+            first registered optimizer (0 before any: a resumed run goes on where it stopped).
+        """
+        if not self.is_worker:
+            raise ConfigError(f"job.loader is for workers; this rank is {self.role} {self.index}: call job.serve()")
+        request = {"data": data if data is None or isinstance(data, str) else ",".join(map(str, data)),
+                   "batch_size": batch_size, "steps": steps, "epochs": epochs}
+        if self.index == 0:
+            for rank in self.layout.data_servers:
+                self.comm.send(("loader", request), dest=rank, tag=Tag.CONTROL)
+        source, plan, total, handle = self._open_data(request)
+        loader = Loader(source, plan, total, handle,
+                        lambda: self._tables[0].client.position if self._tables else 0)
+        self._loaders.append(loader)
+        return loader
+
+    def _open_data(self, request: dict[str, Any]) -> tuple[Any, EpochPlan, int, DatasetHandle]:
+        """Collective over workers and data servers: open the dataset, plan the epochs; a data
+        server serves its partitions until every worker's source is closed."""
+        cfg = copy.deepcopy(self.config)
+        cfg.data.data = request["data"] if request["data"] is not None else cfg.data.data
+        cfg.data.batch_size = request["batch_size"] or cfg.data.batch_size
+        cfg.train.steps = request["steps"] if request["steps"] is not None else cfg.train.steps
+        cfg.train.epochs = request["epochs"] if request["epochs"] is not None else cfg.train.epochs
+        d = cfg.data
+        try:
+            cfg.validate()
+            with self.dog.blocking("job.loader: opening the dataset (collective over workers and data servers)"):
+                data = open_dataset(d.dataset, d.data, context=cfg.model.gpt_context, comm=self.data_comm,
+                                    data_dir=d.data_dir, data_servers=len(self.layout.data_servers),
+                                    replicas=d.replicas, cache_mb=d.cache_mb, x_key=d.x_key, y_key=d.y_key,
+                                    task=d.task, num_classes=d.num_classes, val_data=d.val_data)
+        except INPUT_ERRORS as exc:  # the same on every worker and data server; the servers wait elsewhere
+            if self.data_comm.Get_rank() == 0:
+                print(f"mpips: bad {what(exc)}: {exc}", file=sys.stderr, flush=True)
+            self.data_comm.Barrier()
+            abort_job(self.comm, 2)
+        plan = data.plan(self.num_workers, d.batch_size, cfg.train.seed)
+        total = total_steps(cfg, plan)
+        if self.is_data_server:
+            run_data_server(cfg, self.layout, self.comms, data, plan, total)
+            return None, plan, total, data
+        if self.layout.data_servers:
+            source = RemoteSource.for_job(self.comm, cfg, self.layout, self.index, plan, data, total)
+        else:
+            source = LocalSource(data.train, plan, self.index)
+        return source, plan, total, data
+
+    def _serve_data(self) -> int:
+        """A data server: serve each ``job.loader`` the workers open, until every worker finished."""
+        finished: set[int] = set()
+        backoff = Backoff.for_messages()
+        while len(finished) < self.num_workers:
+            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=Tag.CONTROL)
+            if message is None:
+                backoff.wait()
+                continue
+            backoff.reset()
+            kind, what_ = message.recv()
+            if kind == "loader":
+                self._open_data(what_)
+            else:
+                finished.add(what_)
+        self.dog.close()
+        return 0
 
     # -- registration (collective over servers and workers) ----------------------------------
     def _register(self, describe: Callable[[], TableSpec] | None) -> tuple[int, TableSpec]:

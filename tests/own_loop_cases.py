@@ -22,7 +22,9 @@ class Net(nn.Module):  # defined in __main__ only: the servers never import it
 
 
 case = sys.argv[1]
-job = mpips.init(servers=2, sync="bsp", config={"stall_timeout": 30})
+with_data = case.startswith("loader")  # 1 server, 1 data server streaming the built-in digits, 2 workers
+job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0, sync="bsp",
+                 config={"stall_timeout": 30})
 if case == "optimizer_on_a_server":
     job.optimizer(Net(), torch.optim.SGD, lr=0.1)
 if not job.is_worker:
@@ -42,6 +44,23 @@ elif case == "lbfgs":
     job.optimizer(Net(), torch.optim.LBFGS, lr=0.1)
 elif case == "bad_argument":
     job.optimizer(Net(), torch.optim.SGD, lr=-1.0)
+elif case == "loader":  # job.loader: the data servers' batches, the loop's own evaluation
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = job.optimizer(model, torch.optim.Adam, lr=3e-3)
+    loader = job.loader(batch_size=32, steps=150)
+    seen = 0
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen += len(y)
+    with torch.no_grad():
+        val_x, val_y = torch.from_numpy(loader.val_x), torch.from_numpy(loader.val_y)
+        accuracy = (model(val_x).argmax(1) == val_y).float().mean().item()
+    print(f"worker {w}: {opt.steps} steps of {loader.steps} ({loader.steps_per_epoch} per epoch), {seen} samples,"
+          f" held-out accuracy {accuracy:.4f}", flush=True)
+elif case == "loader_bad_data":
+    job.loader("/no/such/file.h5")
 elif case == "trains":  # a class from __main__, param groups, a scheduler: the loss falls
     model = Net()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]

@@ -72,6 +72,17 @@ def test_a_model_class_from_the_script_param_groups_and_a_scheduler_train(tmp_pa
     assert out.count("groups [(2, 0.1, 0.003125), (2, 0.0, 0.003125)]") == 2, out
 
 
+def test_job_loader_streams_the_data_servers_batches(tmp_path):
+    """1 server, 1 data server, 2 workers: job.loader's batches (the built-in digits, the epoch
+    plan of mpips.train) train the model to a held-out accuracy the loop computes itself."""
+    out = run_mpi(4, [str(CASES), "loader"], timeout=120, cwd=tmp_path, check=True).stdout
+    found = re.findall(r"worker (\d): 150 steps of 150 \(23 per epoch\), (\d+) samples, held-out accuracy ([0-9.]+)",
+                       out)
+    assert len(found) == 2, out
+    assert {int(n) for _, n, _ in found} == {4698}  # 1,438 samples: 64 a step, the last of each epoch short
+    assert all(float(a) >= 0.9 for _, _, a in found), out
+
+
 @pytest.mark.parametrize("case, line", [
     ("different_models", r"mpips: bad model: job.optimizer call #1: worker 1 registered tensor 0 as a.weight \[9, 4\],"
                          r" worker 0 as a.weight \[8, 4\]"),
@@ -79,6 +90,7 @@ def test_a_model_class_from_the_script_param_groups_and_a_scheduler_train(tmp_pa
     ("unimportable", r"mpips: bad configuration: cannot import the optimizer class 'no_such_package.optim:Fast'"),
     ("lbfgs", r"mpips: bad configuration: optimizer LBFGS cannot run shard by shard on parameter servers"),
     ("bad_argument", r"mpips: bad configuration: SGD\(...\) refused its arguments: Invalid learning rate: -1.0"),
+    ("loader_bad_data", r"mpips: bad dataset: dataset file /no/such/file.h5 does not exist"),
     ("optimizer_on_a_server", r"mpips: bad configuration on rank [23] \(host \S+, server [01]\): job.optimizer is for"
                               r" workers"),
 ])

@@ -38,43 +38,35 @@ waiting.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from mpips import stderr_filter
-from mpips.checkpoint import Checkpointing, Preemption, list_checkpoints, module_spec
+from mpips.checkpoint import Preemption, module_spec
 from mpips.client import DistributedOptimizer, FlatModel, ParameterClient, Preempted
+from mpips.client.loader import Loader, open_data
 from mpips.config import Config, ConfigError
 from mpips.cuda_aware import decide
-from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
-from mpips.dataserver import RemoteSource, run_data_server
-from mpips.errors import INPUT_ERRORS, Reporter, agree, check_launch, speaks, what
-from mpips.layout import PSContext, Role, RoleComms, RoleLayout
+from mpips.errors import INPUT_ERRORS, Reporter, check_launch, speaks, what
+from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.models import ModelError
-from mpips.registration import TableSpec, resolve_optimizer, spec_mismatch
-from mpips.server import ParameterServer
-from mpips.shard import ShardPlan
-from mpips.train import _cuda_support, choose_pull, shard_values, total_steps
-from mpips.transport import Backoff, StallError, Tag, recv_chunks, send_chunks, wait_all
+from mpips.registration import TableSpec, resolve_optimizer
+from mpips.tables import Table, context, plan_of, register
+from mpips.train import _cuda_support, shard_values
+from mpips.transport import Backoff, StallError, Tag, send_chunks, wait_all
 from mpips.watchdog import Watchdog, abort_job
 
-__all__ = ["Job", "Loader", "init"]
+__all__ = ["Job", "init"]
 
 log = logging.getLogger("mpips.job")
 
-OPEN_ENDED = 2**62  # an own loop's steps: as many as the user's loop takes
 
 
 def init(
@@ -139,74 +131,6 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-@dataclass
-class _Table:
-    """One registration as this rank holds it: its communicators and its server or client."""
-
-    comm: MPI.Comm  # a duplicate of the parameter-server communicator: this model's messages only
-    server: ParameterServer | None = None
-    client: ParameterClient | None = None
-    servers: MPI.Comm | None = None  # servers only: a duplicate of their role communicator
-    finished: bool = False
-    checkpoints: Checkpointing | None = None
-
-
-def _align(directory: Path) -> None:
-    """Before resuming the newest checkpoints of several models: move aside those of steps that
-    not every model's directory holds (a job killed between two models' checkpoints of one step),
-    so that every model resumes from the same step."""
-    dirs = [directory, *sorted(p for p in directory.glob("model-*") if p.is_dir())]
-    steps = [{step for step, _ in list_checkpoints(d)} for d in dirs]
-    common = set.intersection(*steps) if steps else set()
-    newest = max(common, default=-1)
-    for d in dirs:
-        for step, path in list_checkpoints(d):
-            if step > newest:
-                aside = d / "not-resumed"
-                aside.mkdir(exist_ok=True)
-                path.rename(aside / path.name)
-                log.warning("%s: moved to %s, as not every model has a checkpoint at step %d", path, aside, step)
-
-
-class Loader:
-    """A worker's batches of the run's steps (made by ``Job.loader``).
-
-    Iterating it yields ``(x, y)`` tensors for each global step from the optimizer's position to
-    ``steps`` (across epochs: ``steps_per_epoch`` steps make one), then closes the source.
-
-    Attributes:
-        steps: the run's global steps.
-        steps_per_epoch: steps in one epoch over the training split.
-        val_x, val_y: the held-out split (numpy arrays), for the loop's own evaluation.
-    """
-
-    def __init__(self, source: Any, plan: EpochPlan, steps: int, data: DatasetHandle, start: Callable[[], int]):
-        self.source, self.plan, self.steps, self._start = source, plan, steps, start
-        self.steps_per_epoch = plan.steps_per_epoch
-        self.val_x, self.val_y = data.val_x, data.val_y
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step in range(self._start(), self.steps):
-            batch = self.source.batch(*self.plan.position(step))
-            yield torch.from_numpy(batch.x), torch.from_numpy(batch.y)
-        self.close()
-
-    def close(self) -> None:
-        """Tell the data servers this worker is done (also done by ``job.finish``)."""
-        self.source.close()
-
-
-class _OwnLoop:
-    """The epoch plan of an own loop, for checkpoints: steps only (the loop owns its data)."""
-
-    @staticmethod
-    def position(step: int) -> tuple[int, int]:
-        return 0, step
-
-
 class Job:
     """This rank's part of a parameter-server job (made by ``mpips.init``).
 
@@ -230,9 +154,9 @@ class Job:
             self.ps_comm = comm.Split(0 if self._role != Role.DATA else 1, rank)  # servers and workers
             self.data_comm = comm.Split(0 if self._role != Role.SERVER else 1, rank)  # workers and data servers
         members = sorted(layout.servers + layout.workers)
-        self._servers = [members.index(r) for r in layout.servers]  # ranks in ps_comm
-        self._workers = [members.index(r) for r in layout.workers]
-        self._tables: list[_Table] = []
+        self.server_ranks = [members.index(r) for r in layout.servers]  # ranks in ps_comm
+        self.worker_ranks = [members.index(r) for r in layout.workers]
+        self.tables: list[Table] = []
         self._loaders: list[Loader] = []
         self._finished = False
 
@@ -302,8 +226,8 @@ class Job:
                 raise ConfigError(f"{cls.__name__}(...) refused its arguments: {exc}") from None
             return TableSpec.of(trainable, local["opt"], module_spec(FlatModel.module_state_of(model)))
 
-        table, spec = self._register(describe)
-        t = self._tables[table]
+        table, spec = register(self, describe)
+        t = self.tables[table]
         cfg = self.config
         device = next(p.device for _, p in model.named_parameters() if p.requires_grad)
         comp = cfg.compression
@@ -312,13 +236,13 @@ class Job:
                                   if f)
         path = decide(cfg.train.cuda_aware, _cuda_support(), device.type, needs_host).path if device.type == "cuda" \
             else "host"
-        plan = self._plan(spec)
+        plan = plan_of(self, spec)
         flat = FlatModel(model, plan, device, path=path)
         if self.index == 0:  # the servers' initial values are worker 0's
-            sends = [r for s, rank in enumerate(self._servers)
+            sends = [r for s, rank in enumerate(self.server_ranks)
                      for r in send_chunks(t.comm, shard_values(model, plan, s), rank, Tag.INIT, cfg.train.chunk_bytes)]
             wait_all(sends, "the servers to take the initial values", cfg.train.stall_timeout)
-        client = ParameterClient(self._context(t, spec, plan), self.index, flat)
+        client = ParameterClient(context(self, t, spec, plan), self.index, flat)
         with self.dog.blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             client.start()
         resumed = client.checkpoints.worker_state(client.state_dict())
@@ -338,8 +262,8 @@ class Job:
         if self._finished:
             return
         self._finished = True
-        lead = self._workers[0]
-        for t in self._tables:
+        lead = self.worker_ranks[0]
+        for t in self.tables:
             with self.dog.blocking("job.finish: the final parameters from every server (collective over servers and"
                                    " workers)"):
                 final = t.client.finish(lead=lead)
@@ -348,7 +272,7 @@ class Job:
             t.comm.Free()
         for loader in self._loaders:
             loader.close()
-        for rank in self._servers:
+        for rank in self.server_ranks:
             self.ps_comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
         for rank in self.layout.data_servers:
             self.comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
@@ -356,7 +280,7 @@ class Job:
 
     def _stopped(self, step: int) -> int:
         """The exit status after a stop on a signal at ``step`` (75: checkpointed, requeue)."""
-        return max(t.client.checkpoints.exit_status() for t in self._tables)
+        return max(t.client.checkpoints.exit_status() for t in self.tables)
 
     # -- servers -----------------------------------------------------------------------------
     def serve(self) -> int:
@@ -373,19 +297,19 @@ class Job:
             return self._serve_data()
         finished: set[int] = set()
         backoff, quiet_since = Backoff.for_messages(), MPI.Wtime()
-        while len(finished) < self.num_workers or any(not t.finished for t in self._tables):
+        while len(finished) < self.num_workers or any(not t.finished for t in self.tables):
             moved = False
-            for t in self._tables:
+            for t in self.tables:
                 if not t.finished and t.server.serving:
                     moved |= t.server.poll()
-            for t in self._tables:  # in registration order, as the workers finish them
+            for t in self.tables:  # in registration order, as the workers finish them
                 if t.finished:
                     continue
                 if t.server.serving:
                     break
                 with self.dog.blocking("job.serve: sending the final shard to worker 0 (collective over servers and"
                                        " workers)"):
-                    t.server.finish(lead=self._workers[0])
+                    t.server.finish(lead=self.worker_ranks[0])
                 t.comm.Free()
                 t.servers.Free()
                 t.finished = moved = True
@@ -393,7 +317,7 @@ class Job:
             if message is not None:
                 kind, who = message.recv()
                 if kind == "register":
-                    self._register(None)
+                    register(self, None)
                 else:
                     finished.add(who)
                 moved = True
@@ -401,12 +325,12 @@ class Job:
                 backoff.reset()
                 quiet_since = MPI.Wtime()
                 continue
-            open_step = next((t.server for t in self._tables if not t.finished and t.server.step_open), None)
+            open_step = next((t.server for t in self.tables if not t.finished and t.server.step_open), None)
             if open_step is not None and MPI.Wtime() - quiet_since > self.config.train.stall_timeout:
                 raise StallError(open_step.stall_message())
             backoff.wait()
         self.dog.close()
-        return max((t.server.checkpoints.exit_status() for t in self._tables), default=0)
+        return max((t.server.checkpoints.exit_status() for t in self.tables), default=0)
 
     def loader(self, data: str | Sequence[str] | None = None, *, batch_size: int | None = None,
                steps: int | None = None, epochs: float | None = None) -> Loader:
@@ -434,43 +358,11 @@ class Job:
         if self.index == 0:
             for rank in self.layout.data_servers:
                 self.comm.send(("loader", request), dest=rank, tag=Tag.CONTROL)
-        source, plan, total, handle = self._open_data(request)
+        source, plan, total, handle = open_data(self, request)
         loader = Loader(source, plan, total, handle,
-                        lambda: self._tables[0].client.position if self._tables else 0)
+                        lambda: self.tables[0].client.position if self.tables else 0)
         self._loaders.append(loader)
         return loader
-
-    def _open_data(self, request: dict[str, Any]) -> tuple[Any, EpochPlan, int, DatasetHandle]:
-        """Collective over workers and data servers: open the dataset, plan the epochs; a data
-        server serves its partitions until every worker's source is closed."""
-        cfg = copy.deepcopy(self.config)
-        cfg.data.data = request["data"] if request["data"] is not None else cfg.data.data
-        cfg.data.batch_size = request["batch_size"] or cfg.data.batch_size
-        cfg.train.steps = request["steps"] if request["steps"] is not None else cfg.train.steps
-        cfg.train.epochs = request["epochs"] if request["epochs"] is not None else cfg.train.epochs
-        d = cfg.data
-        try:
-            cfg.validate()
-            with self.dog.blocking("job.loader: opening the dataset (collective over workers and data servers)"):
-                data = open_dataset(d.dataset, d.data, context=cfg.model.gpt_context, comm=self.data_comm,
-                                    data_dir=d.data_dir, data_servers=len(self.layout.data_servers),
-                                    replicas=d.replicas, cache_mb=d.cache_mb, x_key=d.x_key, y_key=d.y_key,
-                                    task=d.task, num_classes=d.num_classes, val_data=d.val_data)
-        except INPUT_ERRORS as exc:  # the same on every worker and data server; the servers wait elsewhere
-            if self.data_comm.Get_rank() == 0:
-                print(f"mpips: bad {what(exc)}: {exc}", file=sys.stderr, flush=True)
-            self.data_comm.Barrier()
-            abort_job(self.comm, 2)
-        plan = data.plan(self.num_workers, d.batch_size, cfg.train.seed)
-        total = total_steps(cfg, plan)
-        if self.is_data_server:
-            run_data_server(cfg, self.layout, self.comms, data, plan, total)
-            return None, plan, total, data
-        if self.layout.data_servers:
-            source = RemoteSource.for_job(self.comm, cfg, self.layout, self.index, plan, data, total)
-        else:
-            source = LocalSource(data.train, plan, self.index)
-        return source, plan, total, data
 
     def _serve_data(self) -> int:
         """A data server: serve each ``job.loader`` the workers open, until every worker finished."""
@@ -484,94 +376,14 @@ class Job:
             backoff.reset()
             kind, what_ = message.recv()
             if kind == "loader":
-                self._open_data(what_)
+                open_data(self, what_)
             else:
                 finished.add(what_)
         self.dog.close()
         return 0
 
     # -- registration (collective over servers and workers) ----------------------------------
-    def _register(self, describe: Callable[[], TableSpec] | None) -> tuple[int, TableSpec]:
-        """Worker (``describe`` given) or server: agree on the next registration's spec, check it,
-        and set up its communicators; a server also builds its shard and starts serving it."""
-        table = len(self._tables)
-        if describe is not None and self.index == 0:
-            for rank in self._servers:
-                self.ps_comm.send(("register", table), dest=rank, tag=Tag.CONTROL)
-        blocking = self.dog.blocking
-        try:
-            mine = agree(self.ps_comm, describe if describe is not None else lambda: None, blocking)
-            with blocking("job.optimizer: every worker's model and optimizer (allgather over servers and workers)"):
-                specs = [s for s in self.ps_comm.allgather(mine) if s is not None]
-            problem = spec_mismatch(specs, table)
-            if problem:
-                raise ModelError(problem)
-            spec = specs[0]
-            agree(self.ps_comm, (lambda: resolve_optimizer(spec.optimizer)) if self.is_server else (lambda: None),
-                  blocking)
-        except INPUT_ERRORS as exc:
-            raise SystemExit(self._bad_input(exc)) from None
-        with blocking("job.optimizer: a communicator for the model (collective over servers and workers)"):
-            t = _Table(self.ps_comm.Dup())
-            if self.is_server:
-                t.servers = self.comms.role.Dup()
-        self._tables.append(t)
-        t.checkpoints = self._checkpointing(t, spec, self._plan(spec), table)
-        if self.is_server:
-            plan = self._plan(spec)
-            init = np.empty(plan.shard_numel(self.index), dtype=np.float32)
-            wait_all(recv_chunks(t.comm, init, self._workers[0], Tag.INIT, self.config.train.chunk_bytes),
-                     "worker 0's initial values (job.optimizer)", self.config.train.stall_timeout)
-            t.server = ParameterServer(self._context(t, spec, plan), self.index, init, t.servers, batch_size=1)
-            with blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
-                t.server.start()
-            resumed = t.checkpoints.server_state(t.server.state_dict())
-            if resumed is not None:
-                t.server.load_state_dict(resumed)
-            t.server.begin_serving()
-            if self.index == 0:
-                log.info("model %d: %d tensors, %s parameters over %d servers, optimizer %s", table, len(spec.names),
-                         f"{plan.numel:,}", self.num_servers, spec.optimizer)
-        return table, spec
-
-    def _plan(self, spec: TableSpec) -> ShardPlan:
-        return ShardPlan.build(list(zip(spec.names, spec.shapes, strict=True)), self.num_servers)
-
-    def _context(self, t: _Table, spec: TableSpec, plan: ShardPlan) -> PSContext:
-        cfg = self.config
-        # an own loop: pushes after backward (gradients may accumulate over several backward
-        # calls) and whole pulls (the loop may read parameters outside forward)
-        train = dataclasses.replace(cfg.train, push_during_backward=False, pull_ahead=False)
-        return PSContext(comm=t.comm, servers=self._servers, workers=self._workers, plan=plan, train=train,
-                         optim=cfg.optim, pull=choose_pull(cfg.train.pull), total_steps=OPEN_ENDED,
-                         checkpoints=t.checkpoints, compression=cfg.compression, table=spec)
-
-    def _checkpointing(self, t: _Table, spec: TableSpec, plan: ShardPlan, table: int) -> Checkpointing:
-        """Registration ``table``'s checkpoints (collective over its communicator): in
-        ``checkpoint_dir`` for the first model, ``checkpoint_dir/model-<n>`` for the n-th after it;
-        the one to resume from is chosen as the command line chooses it (``resume``)."""
-        cfg, c = self.config, self.config.checkpoint
-        if c.checkpoint_dir is not None and c.resume == "latest" and table == 0 and self.index == 0 and self.is_worker:
-            _align(Path(c.checkpoint_dir))
-        if c.checkpoint_dir is not None and table:
-            cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-                c, checkpoint_dir=os.path.join(c.checkpoint_dir, f"model-{table}"),
-                resume=c.resume if c.resume in (None, "latest") else os.path.join(
-                    os.path.dirname(c.resume), f"model-{table}", os.path.basename(c.resume))))
-        counts = {"servers": self.num_servers, "data_servers": len(self.layout.data_servers),
-                  "workers": self.num_workers}
-        with self.dog.blocking("job.optimizer: choosing the checkpoint to resume from (collective over servers and"
-                               " workers)"):
-            try:
-                module = [[name, list(shape), dtype, kind] for name, shape, dtype, kind in spec.module]
-                ckpt = Checkpointing.setup(cfg, t.comm, counts, plan, module, OPEN_ENDED, self.preemption)
-            except INPUT_ERRORS as exc:
-                raise SystemExit(self._bad_input(exc)) from None
-        ckpt.bind(t.comm, "server" if self.is_server else "worker", self.index, _OwnLoop())
-        return ckpt
-
-    # -- failures ----------------------------------------------------------------------------
-    def _bad_input(self, exc: BaseException) -> int:
+    def bad_input(self, exc: BaseException) -> int:
         """Collective bad input among servers and workers: said once; every one of them exits 2."""
         if self.layout.data_servers:  # they wait elsewhere: end the whole job
             if self.ps_comm.Get_rank() == 0:

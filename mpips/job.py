@@ -58,8 +58,8 @@ from mpips.errors import INPUT_ERRORS, Reporter, check_launch, speaks, what
 from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer
+from mpips.startup import cuda_support, shard_values
 from mpips.tables import Table, context, plan_of, register
-from mpips.train import _cuda_support, shard_values
 from mpips.transport import Backoff, StallError, Tag, send_chunks, wait_all
 from mpips.watchdog import Watchdog, abort_job
 
@@ -234,7 +234,7 @@ class Job:
         needs_host = " and ".join(f for f in (f"--compress {comp.compress}" if comp.compress != "none" else "",
                                               f"--pull-codec {comp.pull_codec}" if comp.pull_codec != "fp32" else "")
                                   if f)
-        path = decide(cfg.train.cuda_aware, _cuda_support(), device.type, needs_host).path if device.type == "cuda" \
+        path = decide(cfg.train.cuda_aware, cuda_support(), device.type, needs_host).path if device.type == "cuda" \
             else "host"
         plan = plan_of(self, spec)
         flat = FlatModel(model, plan, device, path=path)

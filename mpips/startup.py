@@ -1,26 +1,44 @@
-"""Start-up checks, once, before any step: does the model build, and does it fit the data?
+"""Start-up, once, before any step: does the model build and fit the data, and what the job says.
 
 The dataset checks itself when it is opened (``mpips.data.open_dataset``: checksums, finite
-features, labels inside the class count, a plausible class count). Here, every server and
-worker builds the model (``build_model``: a factory that cannot be imported, raises, or returns
-something else than an ``nn.Module`` with float32, bfloat16 or float16 parameters is a
-``ModelError``; so is a float16 model with ``--precision fp16``), and the lead worker feeds it
-two samples of the dataset under ``torch.no_grad`` (``check_model``: it must accept them and
-return logits the loss takes). ``mpips.errors.agree`` then makes every rank, data servers
-included, raise the same ``ModelError`` or none.
+features, labels inside the class count, a plausible class count). Here, every worker builds
+the model (``build_model``: a factory that cannot be imported, raises, or returns something
+else than an ``nn.Module`` with float32, bfloat16 or float16 parameters is a ``ModelError``; so
+is a float16 model with ``--precision fp16``), and the lead worker feeds it two samples of the
+dataset under ``torch.no_grad`` (``check_model``: it must accept them and return logits the loss
+takes). ``mpips.errors.agree`` then makes every rank, servers and data servers included, raise
+the same ``ModelError`` or none. Servers never build it: they take the shard plan and their
+initial values from the lead worker.
+
+The rest: what a job decides at start-up (how to pull, its steps, each worker's device, each
+server's initial values) and the lines rank 0 prints about it.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
+from mpi4py import MPI
 from torch import nn
 
-from mpips.config import Config
-from mpips.data import DatasetHandle
+from mpips.chunking import chunk_count
+from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig, TrainConfig
+from mpips.cuda_aware import CudaSupport, library_lookup, query
+from mpips.data import DatasetHandle, EpochPlan
+from mpips.doctor import find_loaded_libmpi
+from mpips.memory import expected_bytes_per_param
 from mpips.models import ModelError, build_model, check_model
+from mpips.shard import FLOAT_BYTES, ShardPlan
 from mpips.tasks import LossFn
+from mpips.text import plural
+from mpips.transport import HEADER_BYTES
 
-__all__ = ["checked_model", "pull_line"]
+__all__ = ["checked_model", "choose_pull", "cuda_support", "describe_chunks", "describe_codecs", "describe_pipeline",
+           "memory_line", "precision_words", "pull_line", "shard_values", "total_steps", "worker_device"]
 
 
 def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool, model: object = None,
@@ -70,3 +88,103 @@ def pull_line(requested: str, chosen: str, used: str) -> str:
     else:
         why = "--pull auto: this MPI library makes no one-sided progress while a server computes"
     return f"pulls: request/reply messages that the servers answer (message; {why})"
+
+
+def choose_pull(mode: str) -> str:
+    """rma where the MPI library makes passive-target progress on its own, else messages."""
+    if mode != "auto":
+        return mode
+    if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
+        return "rma"
+    return "message"
+
+
+def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
+    """How the largest shard travels, for --dry-run and the start-up lines."""
+    largest = max(plan.shard_numel(s) for s in range(plan.servers)) * FLOAT_BYTES
+    count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
+    return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
+            f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
+
+
+def describe_codecs(c: CompressionConfig, optim: OptimConfig | None = None) -> str:
+    """What pushes and pulls carry (--compress, --pull-codec, the DGC options), for the start-up lines."""
+    if c.compress == "none":
+        push = "float32 (--compress none)"
+    else:
+        ratio = f" {c.compress_ratio:g} of each chunk" if c.compress in ("topk", "randomk") else ""
+        levels = f" {c.qsgd_levels} levels" if c.compress == "qsgd" else ""
+        push = f"{c.compress}{ratio}{levels}, error feedback {'on' if c.feedback() else 'off'}"
+        if c.sparsity_warmup:
+            push += f", sparsity warm-up over {plural(c.sparsity_warmup, 'step')}"
+        momentum, nesterov = c.worker_momentum(optim) if optim is not None else (None, False)
+        if momentum is not None:
+            push += (f", momentum correction ({'nesterov ' if nesterov else ''}momentum {momentum:g} on the"
+                     " workers, plain SGD on the servers)")
+    pull = "float32" if c.pull_codec == "fp32" else f"{c.pull_codec} (float32 on the servers)"
+    return f"codecs: pushes {push}; pulls {pull}"
+
+
+def describe_pipeline(t: TrainConfig) -> str:
+    """Which overlaps of the engine are on (--push-during-backward, --pull-ahead), for the start-up lines."""
+    if t.sync != "bsp":
+        return (f"pipeline: none in {t.sync} (pushes after backward, whole versions; --push-during-backward and"
+                " --pull-ahead are bsp's)")
+    on = {True: "on", False: "off"}
+    return (f"pipeline: push during backward {on[t.push_during_backward]}, per-bucket apply and pull ahead"
+            f" {on[t.pull_ahead]} (CPU workers; pull ahead over RMA windows)")
+
+
+def total_steps(cfg: Config, plan: EpochPlan) -> int:
+    return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+
+
+def memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
+    """Expected memory of each role (``mpips.memory``), for the start-up lines and --dry-run."""
+    largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
+    per = {role: expected_bytes_per_param(role, cfg.server_optim().optimizer, workers, cfg.train.max_inflight,
+                                          cfg.train.sync, cfg.optim.weight_decay, largest,
+                                          cfg.compression.pull_codec)["total"]
+           for role in ("server", "worker")}
+    shard = max(plan.shard_numel(s) for s in range(plan.servers))
+    return (f"memory (expected, above a bare process): server {per['server']:.3g} bytes per parameter of its"
+            f" shard ({per['server'] * shard / 2**20:.1f} MiB for the largest), worker {per['worker']:.3g}"
+            f" bytes per parameter ({per['worker'] * plan.numel / 2**20:.1f} MiB) + activations")
+
+
+def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.ndarray:
+    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters (the
+    float32 master of a bf16/fp16 model)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    out = np.empty(plan.shard_numel(server), dtype=np.float32)
+    for run in plan.server_pieces(server):
+        values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
+        out[run.server_offset : run.server_offset + run.length] = values.float().cpu().numpy()  # bf16/fp16: widened
+    return out
+
+
+def cuda_support() -> CudaSupport:
+    """What this process's MPI library says about device buffers (``mpips.cuda_aware.query``)."""
+    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
+    return query(library_lookup(libmpi), MPI.Get_library_version().splitlines()[0], os.environ)
+
+
+def precision_words(mode: str) -> str:
+    return {"fp32": "no autocast", "bf16": "torch.autocast to bfloat16",
+            "fp16": "torch.autocast to float16, torch.amp.GradScaler loss scaling"}[mode]
+
+
+def worker_device(name: str, local_rank: int) -> torch.device:
+    """The worker's device: with cuda, one GPU per rank of a node, round-robin.
+
+    Several workers on one GPU (more worker ranks on a node than GPUs) share it: each has its
+    own CUDA context and streams; the kernels of the others interleave with its own.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device cuda, but torch {torch.__version__} sees no CUDA device on"
+                              f" {MPI.Get_processor_name()} (torch.cuda.is_available() is False)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")

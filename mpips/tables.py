@@ -29,7 +29,7 @@ from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer, spec_mismatch
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
-from mpips.train import choose_pull
+from mpips.startup import choose_pull
 from mpips.transport import Tag, recv_chunks, wait_all
 
 if TYPE_CHECKING:

@@ -21,12 +21,9 @@ if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot 
 
 import dataclasses
 import logging
-import math
-import os
 import sys
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,78 +32,39 @@ from mpi4py import MPI
 
 from mpips import faults, stderr_filter
 from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, Preemption, module_spec
-from mpips.chunking import chunk_count
-from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig, TrainConfig
-from mpips.cuda_aware import CudaSupport, decide, library_lookup, query
-from mpips.data import DatasetError, DatasetHandle, EpochPlan, LocalSource, open_dataset
-from mpips.doctor import find_loaded_libmpi
+from mpips.config import Config
+from mpips.cuda_aware import decide
+from mpips.data import DatasetError, DatasetHandle, LocalSource, open_dataset
 from mpips.errors import agree
 from mpips.layout import PSContext, Role, RoleComms, RoleLayout
-from mpips.memory import expected_bytes_per_param
 from mpips.metrics import MetricsLog, Progress, format_table
 from mpips.models import ModelError
 from mpips.optim import STATE_FACTOR
 from mpips.precision import Precision
 from mpips.server import ParameterServer
-from mpips.shard import FLOAT_BYTES, ShardPlan
-from mpips.startup import checked_model, pull_line
+from mpips.shard import ShardPlan
+from mpips.startup import (
+    checked_model,
+    choose_pull,
+    cuda_support,
+    describe_chunks,
+    describe_codecs,
+    describe_pipeline,
+    memory_line,
+    precision_words,
+    pull_line,
+    shard_values,
+    total_steps,
+    worker_device,
+)
 from mpips.tasks import LossFn, TaskMetrics, resolve_loss
 from mpips.text import plural
 from mpips.trace import NULL_TRACER, Tracer
-from mpips.transport import HEADER_BYTES, Tag, recv_chunks, send_chunks, wait_all
+from mpips.transport import Tag, recv_chunks, send_chunks, wait_all
 from mpips.watchdog import Watchdog
 from mpips.worker import FlatModel, Worker, evaluate
 
 __all__ = ["FitResult", "main", "run", "run_job"]
-
-
-def choose_pull(mode: str) -> str:
-    """rma where the MPI library makes passive-target progress on its own, else messages."""
-    if mode != "auto":
-        return mode
-    if "Open MPI" in MPI.Get_library_version() or os.environ.get("MPIR_CVAR_ASYNC_PROGRESS") == "1":
-        return "rma"
-    return "message"
-
-
-def describe_chunks(plan: ShardPlan, chunk_bytes: int) -> str:
-    """How the largest shard travels, for --dry-run and the start-up lines."""
-    largest = max(plan.shard_numel(s) for s in range(plan.servers)) * FLOAT_BYTES
-    count = chunk_count(HEADER_BYTES + largest, chunk_bytes)
-    return (f"transfers: at most {chunk_bytes:,} bytes per MPI call (--chunk-bytes); the largest shard"
-            f" ({largest / 2**20:,.2f} MiB) moves in {count:,} chunk{'s' if count > 1 else ''} per pull and per push")
-
-
-def describe_codecs(c: CompressionConfig, optim: OptimConfig | None = None) -> str:
-    """What pushes and pulls carry (--compress, --pull-codec, the DGC options), for the start-up lines."""
-    if c.compress == "none":
-        push = "float32 (--compress none)"
-    else:
-        ratio = f" {c.compress_ratio:g} of each chunk" if c.compress in ("topk", "randomk") else ""
-        levels = f" {c.qsgd_levels} levels" if c.compress == "qsgd" else ""
-        push = f"{c.compress}{ratio}{levels}, error feedback {'on' if c.feedback() else 'off'}"
-        if c.sparsity_warmup:
-            push += f", sparsity warm-up over {plural(c.sparsity_warmup, 'step')}"
-        momentum, nesterov = c.worker_momentum(optim) if optim is not None else (None, False)
-        if momentum is not None:
-            push += (f", momentum correction ({'nesterov ' if nesterov else ''}momentum {momentum:g} on the"
-                     " workers, plain SGD on the servers)")
-    pull = "float32" if c.pull_codec == "fp32" else f"{c.pull_codec} (float32 on the servers)"
-    return f"codecs: pushes {push}; pulls {pull}"
-
-
-def describe_pipeline(t: TrainConfig) -> str:
-    """Which overlaps of the engine are on (--push-during-backward, --pull-ahead), for the start-up lines."""
-    if t.sync != "bsp":
-        return (f"pipeline: none in {t.sync} (pushes after backward, whole versions; --push-during-backward and"
-                " --pull-ahead are bsp's)")
-    on = {True: "on", False: "off"}
-    return (f"pipeline: push during backward {on[t.push_during_backward]}, per-bucket apply and pull ahead"
-            f" {on[t.pull_ahead]} (CPU workers; pull ahead over RMA windows)")
-
-
-def total_steps(cfg: Config, plan: EpochPlan) -> int:
-    return cfg.train.steps or max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
 
 
 @dataclass
@@ -200,7 +158,7 @@ def run_job(
     if rank == 0:
         print(layout.describe(), flush=True)
         print(plan.describe(STATE_FACTOR[cfg.server_optim().optimizer]), flush=True)
-        print(_memory_line(cfg, plan, len(layout.workers)), flush=True)
+        print(memory_line(cfg, plan, len(layout.workers)), flush=True)
         print(describe_chunks(plan, cfg.train.chunk_bytes), flush=True)
         print(describe_codecs(cfg.compression, cfg.optim), flush=True)
         print(describe_pipeline(cfg.train), flush=True)
@@ -287,34 +245,10 @@ def _same_model_everywhere(comm: MPI.Comm, model: torch.nn.Module | None) -> Non
                          " seeding with --seed")
 
 
-def _memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
-    """Expected memory of each role (``mpips.memory``), for the start-up lines and --dry-run."""
-    largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
-    per = {role: expected_bytes_per_param(role, cfg.server_optim().optimizer, workers, cfg.train.max_inflight,
-                                          cfg.train.sync, cfg.optim.weight_decay, largest,
-                                          cfg.compression.pull_codec)["total"]
-           for role in ("server", "worker")}
-    shard = max(plan.shard_numel(s) for s in range(plan.servers))
-    return (f"memory (expected, above a bare process): server {per['server']:.3g} bytes per parameter of its"
-            f" shard ({per['server'] * shard / 2**20:.1f} MiB for the largest), worker {per['worker']:.3g}"
-            f" bytes per parameter ({per['worker'] * plan.numel / 2**20:.1f} MiB) + activations")
-
-
 def _ps_rank(layout: RoleLayout, world_rank: int) -> int:
     """Rank in the parameter-server communicator (servers + workers, world order)."""
     members = sorted(layout.servers + layout.workers)
     return members.index(world_rank)
-
-
-def shard_values(model: torch.nn.Module, plan: ShardPlan, server: int) -> np.ndarray:
-    """float32 [shard elements]: server ``server``'s slice of the model's trainable parameters (the
-    float32 master of a bf16/fp16 model)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    out = np.empty(plan.shard_numel(server), dtype=np.float32)
-    for run in plan.server_pieces(server):
-        values = params[run.tensor].detach().reshape(-1)[run.tensor_offset : run.tensor_offset + run.length]
-        out[run.server_offset : run.server_offset + run.length] = values.float().cpu().numpy()  # bf16/fp16: widened
-    return out
 
 
 def _ps_context(cfg: Config, layout: RoleLayout, ps_comm: MPI.Comm, plan: ShardPlan, steps: int, pull: str,
@@ -353,11 +287,11 @@ def _run_worker(
     world = comms.world
     rank = world.Get_rank()
     index, lead = layout.index_of(rank), rank == layout.lead_worker
-    device = _device(cfg.train.device, layout.local_rank(rank))
+    device = worker_device(cfg.train.device, layout.local_rank(rank))
     comp = cfg.compression
     needs_host = " and ".join(f for f in (f"--compress {comp.compress}" if comp.compress != "none" else "",
                                           f"--pull-codec {comp.pull_codec}" if comp.pull_codec != "fp32" else "") if f)
-    decision = decide(cfg.train.cuda_aware, _cuda_support(), device.type, needs_host)
+    decision = decide(cfg.train.cuda_aware, cuda_support(), device.type, needs_host)
     flat = FlatModel(model, plan, device, path=decision.path, overlap_backward=cfg.train.precision != "fp16")
     trainable = [p for p in flat.model.parameters() if p.requires_grad]
     precision = Precision(cfg.train.precision, device, flat.dtype, trainable)
@@ -481,33 +415,6 @@ def _save_model(cfg, flat) -> None:
         state = {k: v.detach().cpu().clone() for k, v in flat.model.state_dict().items()}
         torch.save(state, cfg.train.save)
         print(f"saved model state_dict to {cfg.train.save}", flush=True)
-
-
-def _cuda_support() -> CudaSupport:
-    """What this process's MPI library says about device buffers (``mpips.cuda_aware.query``)."""
-    libmpi = find_loaded_libmpi(Path("/proc/self/maps").read_text())
-    return query(library_lookup(libmpi), MPI.Get_library_version().splitlines()[0], os.environ)
-
-
-def precision_words(mode: str) -> str:
-    return {"fp32": "no autocast", "bf16": "torch.autocast to bfloat16",
-            "fp16": "torch.autocast to float16, torch.amp.GradScaler loss scaling"}[mode]
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    """The worker's device: with cuda, one GPU per rank of a node, round-robin.
-
-    Several workers on one GPU (more worker ranks on a node than GPUs) share it: each has its
-    own CUDA context and streams; the kernels of the others interleave with its own.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device cuda, but torch {torch.__version__} sees no CUDA device on"
-                              f" {MPI.Get_processor_name()} (torch.cuda.is_available() is False)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def _setup_logging(rank: int, role: Role, layout: RoleLayout) -> None:

@@ -18,7 +18,7 @@ import torch
 from mpips.data import DatasetHandle, EpochPlan, LocalSource, open_dataset
 from mpips.dataserver import RemoteSource, run_data_server
 from mpips.errors import INPUT_ERRORS, what
-from mpips.train import total_steps
+from mpips.startup import total_steps
 from mpips.watchdog import abort_job
 
 if TYPE_CHECKING:

@@ -33,8 +33,9 @@ from mpips.compression import (
     make_codec,
     parse_payload,
 )
-from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor, sum_of_squares
+from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor
 from mpips.shard import split_pieces
+from mpips.sync import sync_mode
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     Backoff,
@@ -71,29 +72,6 @@ class ServerStats:
     max_queue: int = 0
 
 
-@dataclass
-class _BspStep:
-    """The bsp step in progress: pushes held until their turn, the sum's progress."""
-
-    workers: int
-    runs: int  # tensor runs of the shard
-    next: int = 0  # the worker whose push is added next
-    held: dict[int, tuple[int, Any, np.ndarray]] = field(default_factory=dict)  # w -> samples, grad, mask
-    samples: int = 0
-    used: np.ndarray = field(init=False)  # bool [runs]: tensor runs with a gradient from any worker
-
-    def __post_init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.next, self.samples, self.used = 0, 0, np.zeros(self.runs, dtype=bool)
-        self.held.clear()
-
-    def missing(self) -> list[int]:
-        """Workers whose push for the step has not come."""
-        return [w for w in range(self.next, self.workers) if w not in self.held]
-
-
 class ParameterServer:
     """Owns shard ``index`` of the flat parameter vector.
 
@@ -114,7 +92,8 @@ class ParameterServer:
     def __init__(self, ctx: PSContext, index: int, init: np.ndarray, servers: MPI.Comm, batch_size: int):
         self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
         self.comm, self.workers, self.plan, self.cfg = ctx.comm, ctx.workers, ctx.plan, ctx.optim
-        self.sync, self.total_steps, self.pull_mode = ctx.train.sync, ctx.total_steps, ctx.pull
+        self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull
+        self.mode = sync_mode(ctx.train.sync, ctx.train.staleness)  # mpips.sync: the server's half
         self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
         self.checkpoints = ctx.checkpoints
         self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
@@ -138,18 +117,19 @@ class ParameterServer:
         # (mpips.client.pullahead); asp/ssp and message pulls publish a version whole
         if not self.window.rma:
             self.pull_mode = "message"
-        self.notices = NoticeSender(self.comm, self.workers) if self.sync == "bsp" and self.pull_mode == "rma" else None
+        announce = self.mode.announces and self.pull_mode == "rma"
+        self.notices = NoticeSender(self.comm, self.workers) if announce else None
         self._build_optimizer(n)
         c = self.compression
         self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
                       if c else None)
         self.ranges = chunk_ranges(n, self.chunk_bytes)  # the codec's chunks of this shard
-        self.dense = torch.zeros(n) if self.codec is not None and self.sync != "bsp" else None  # asp: decoded
+        self.dense = torch.zeros(n) if self.codec is not None and not self.mode.sums else None  # asp: decoded
         layout = PushLayout.of(self.codec, self.ranges, len(self.runs) + self.hyper_bytes)
         self.receiver = PushReceiver(self.comm, self.workers, layout, chunk_bytes=self.chunk_bytes)
         self.pull_server = (PullServer(self.comm, self.window, chunk_bytes=self.chunk_bytes)
                             if self.pull_mode == "message" else None)
-        self._publish()
+        self.publish()
         mib = 4 * n / 2**20
         log.info(
             "server %d: %s elements (%.2f MiB) + %s state ~%.2f MiB; %s pulls",
@@ -206,7 +186,7 @@ class ParameterServer:
         self.clocks = [int(c) for c in state["clocks"]]
         self.window.status[Slot.APPLIED] = self.stats.applied
         self.window.status[Slot.CLOCK] = min(self.clocks)
-        self._publish()
+        self.publish()
 
     def serve(self) -> ServerStats:
         """Apply pushes until every worker has stopped."""
@@ -226,14 +206,8 @@ class ParameterServer:
 
     def begin_serving(self) -> None:
         """Before the first ``poll``: nothing received yet, every worker active."""
-        workers = len(self.workers)
-        self.active = set(range(workers))
-        self.acc = torch.zeros(self.window.params.size) if self.sync == "bsp" else None
-        # bsp: the step in progress, summed in worker order as the pushes come (see _bsp_accumulate)
-        self.bsp = _BspStep(workers, len(self.runs)) if self.sync == "bsp" else None
-        if self.bsp is not None:
-            self.receiver.prefer = 0
-        self.joined: dict[int, int] = {}  # asp/ssp: worker -> its position, for the checkpoint in progress
+        self.active = set(range(len(self.workers)))
+        self.mode.begin(self)
         self.final_saved = False
 
     @property
@@ -244,10 +218,10 @@ class ParameterServer:
     @property
     def step_open(self) -> bool:
         """bsp: whether some workers' pushes of the step in progress are in and others are not."""
-        return self.bsp is not None and (self.bsp.next > 0 or bool(self.bsp.held))
+        return self.mode.step_open
 
     def stall_message(self) -> str:
-        waiting = self.bsp.missing() if self.bsp is not None else sorted(self.active)
+        waiting = self.mode.waiting(self)
         partial = self.receiver.describe()
         return (f"server {self.index}: no push for {self.stall_timeout:.0f} s; waiting for"
                 f" workers {waiting} (clock {int(self.window.status[Slot.CLOCK])})"
@@ -255,7 +229,7 @@ class ParameterServer:
 
     def poll(self) -> bool:
         """Receive, apply and publish what has come; True if anything moved."""
-        tracer, bsp, joined = self.tracer, self.bsp, self.joined
+        tracer = self.tracer
         began = tracer.now()
         ready = self.receiver.poll()
         moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
@@ -270,26 +244,18 @@ class ParameterServer:
                     self.notices.close(w)
                 continue
             if header.codec == Codec.JOIN:
-                self._join(w, header, joined)
+                self.mode.join_received(self, w, header)
                 self.receiver.repost(w)
                 continue
             faults.at("push", header.step)
             grad, mask = self._decode(header, payload)  # views of the receive buffer
             with tracer.span("apply", header.step):
-                if isinstance(grad, PushGradient) and self.sync != "bsp":
-                    grad = grad.dense(self.dense)  # asp/ssp: the optimizer takes a dense gradient
-                if self.sync == "bsp":
-                    self._bsp_accumulate(w, header, grad, mask, self.acc, bsp)
-                else:
-                    self.clocks[w] = header.step + 1
-                    self._async_apply(w, header, grad, mask, min(self.clocks))
-                    self.receiver.repost(w)
+                self.mode.accept(self, w, header, grad, mask)
         if self.checkpoints is not None:
-            if self.sync != "bsp":
-                moved |= self._async_checkpoint(joined)
-            if not self.final_saved and min(self.clocks) >= self.total_steps and not joined:
+            moved |= self.mode.checkpoint(self)
+            if not self.final_saved and min(self.clocks) >= self.total_steps and not self.mode.cutting:
                 self.final_saved = True  # every step of every worker is applied: the last checkpoint
-                self.checkpoints.save_final(self.state_dict(), self._serve_pulls)
+                self.checkpoints.save_final(self.state_dict(), self.serve_pulls)
         if self.pull_server is not None:
             served = tracer.now()
             if self.pull_server.poll():
@@ -319,54 +285,18 @@ class ParameterServer:
         for piece, r in zip(self.pieces, self.splits, strict=True):
             piece.data = values[r.server_offset : r.server_offset + r.length]
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         """Publish the working shard and status as the next version; in bsp, announce it."""
         buffer = self.window.publish()
         if self.notices is not None:
             status = self.window.status
             self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]), int(status[Slot.CHECKPOINT]))
 
-    def _serve_pulls(self) -> None:
+    def serve_pulls(self) -> None:
         if self.pull_server is not None:
             self.pull_server.poll()
 
     # -- checkpoints in asp/ssp: a consistent cut --------------------------------------------
-    def _async_checkpoint(self, joined: dict[int, int]) -> bool:
-        """Server 0 opens a checkpoint when one is due; every server saves once all workers joined.
-
-        The cut: a worker that sees the mark in a pull stops pushing and sends JOIN (after its
-        earlier pushes, so MPI's message order means every server has applied all of them); a
-        server saves when it has every worker's JOIN. So each server holds exactly the updates of
-        steps ``< position[w]`` from each worker ``w``, and each worker saves its ``position``.
-        """
-        mark = int(self.window.status[Slot.CHECKPOINT])
-        if not mark and self.index == 0:
-            mark = self.checkpoints.due_async(self.window, min(self.clocks))
-            if mark:
-                self.window.status[Slot.CHECKPOINT] = mark
-                self._publish()
-                return True
-        if not mark or len(joined) < len(self.workers):
-            return False
-        # every server clears the mark before the collective save, so no worker sees it again
-        self.window.status[Slot.CHECKPOINT] = 0
-        self._publish()
-        self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
-        joined.clear()
-        return True
-
-    def _join(self, w: int, header: PushHeader, joined: dict[int, int]) -> None:
-        mark = header.clock_seen  # the mark the worker saw
-        if self.sync == "bsp" or not mark or w in joined or header.step != self.clocks[w] or not self.checkpoints:
-            raise MalformedMessage(
-                f"server {self.index}: unexpected checkpoint join from worker {w} (mark {mark},"
-                f" position {header.step}, {self.clocks[w]} steps received)"
-            )
-        joined[w] = header.step
-        if not self.window.status[Slot.CHECKPOINT]:  # told by a worker: publish it for the others
-            self.window.status[Slot.CHECKPOINT] = mark
-            self._publish()
-
     # -- gradients ---------------------------------------------------------------------------
     def _decode(self, header: PushHeader, payload: np.ndarray) -> tuple[torch.Tensor | PushGradient, np.ndarray]:
         """(gradient, mask): float32 [shard elements] (raw) or the validated compressed chunks
@@ -418,7 +348,7 @@ class ParameterServer:
             raise MalformedMessage(f"server {self.index}: worker {header.worker} sent a mask that is not 0/1")
         return torch.from_numpy(payload[: 4 * n].view(np.float32)), mask
 
-    def _is_bad(self, header: PushHeader, grad: torch.Tensor | PushGradient) -> bool:
+    def is_bad(self, header: PushHeader, grad: torch.Tensor | PushGradient) -> bool:
         """Non-finite gradients are dropped, counted and logged, never applied."""
         # numpy's isfinite: ~25x faster than torch's on one thread (measured, 4 M floats)
         if np.isfinite(header.grad_norm) and (
@@ -438,77 +368,7 @@ class ParameterServer:
             )
         return True
 
-    def _bsp_accumulate(
-        self, w: int, header: PushHeader, grad: torch.Tensor | PushGradient, mask: np.ndarray, acc: torch.Tensor,
-        bsp: _BspStep,
-    ) -> None:
-        """Add worker ``w``'s push to the step's sum in worker order; apply once all are in.
-
-        Worker order, not arrival order: the same sum, bit for bit, on every run (resume). A push
-        that comes before its turn waits in its receive buffer (a first-chunk buffer: the
-        receiver gives the body, for a push longer than one chunk, only to the worker whose turn
-        it is), so the server holds one push of a shard's size at a time, whatever W.
-        """
-        step = int(self.window.status[Slot.CLOCK])
-        twice = w in bsp.held or w < bsp.next
-        if header.step != step or twice:
-            raise MalformedMessage(
-                f"server {self.index}: bsp step {step} got a push for step {header.step}"
-                f" from worker {w}" + (" twice" if twice else "")
-            )
-        bsp.held[w] = (0 if self._is_bad(header, grad) else header.samples, grad, mask)
-        while bsp.next in bsp.held:
-            v = bsp.next
-            n, g, m = bsp.held.pop(v)
-            if n:
-                if isinstance(g, PushGradient):
-                    g.add_into(acc, alpha=float(n))  # sparse chunks: index_add_ of their entries only
-                else:
-                    acc.add_(g, alpha=float(n))
-                bsp.used |= m.astype(bool)  # a tensor has a gradient if any worker's forward used it
-                bsp.samples += n
-            bsp.next += 1
-            self.receiver.prefer = bsp.next % bsp.workers
-            self.receiver.repost(v)
-        if bsp.next < bsp.workers:
-            return
-        samples, used = bsp.samples, bsp.used
-        bsp.reset()
-        norm = None
-        if samples:
-            acc.div_(samples)
-        if self.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
-            norm = self.servers.allreduce(sum_of_squares(acc.numpy())) ** 0.5
-        mark = self.checkpoints.schedule(self.window, self.servers, step + 1) if self.checkpoints else 0
-        self.clocks = [step + 1] * bsp.workers
-        self._apply(acc if samples else None, used, step, norm=norm, clock=step + 1)
-        if mark:  # every worker joins once it sees clock step + 1 and this mark
-            self.checkpoints.save(abs(mark), mark < 0, self.state_dict(), self._serve_pulls)
-        acc.zero_()
-
-    def _async_apply(
-        self, w: int, header: PushHeader, grad: torch.Tensor, mask: np.ndarray, clock: int
-    ) -> None:
-        use = not self._is_bad(header, grad) and header.samples > 0
-        if use:
-            grad.mul_(header.samples / self.batch_size)  # a short last batch counts for less
-            staleness = max(0, header.step - header.clock_seen)
-            self.stats.staleness.append(staleness)
-            self.stats.max_staleness = max(self.stats.max_staleness, staleness)
-            self.window.status[Slot.MAX_STALENESS] = self.stats.max_staleness
-        # clipping uses the worker's own whole-gradient norm: servers see only their slice
-        step = self.stats.applied // len(self.workers)
-        # Each gradient is one worker's share of a step: scale the step, not the gradient, since
-        # Adam-type updates are invariant to gradient scale (scaling it would be a no-op there).
-        scale = self.cfg.asp_scale if self.cfg.asp_scale is not None else 1.0 / len(self.workers)
-        if use and self.cfg.staleness_lr:
-            # staleness in steps: updates applied here since the worker pulled, per worker
-            behind = (self.stats.applied - header.applied_seen) / len(self.workers)
-            scale /= max(1.0, behind)
-        self._apply(grad if use else None, mask.astype(bool), step, norm=header.grad_norm, clock=clock,
-                    lr_scale=scale)
-
-    def _apply(
+    def apply(
         self, grad: torch.Tensor | None, used: np.ndarray, step: int, norm: float | None, clock: int,
         lr_scale: float = 1.0,
     ) -> None:
@@ -557,4 +417,4 @@ class ParameterServer:
             self.window.status[Slot.APPLIED] = self.stats.applied
         self.window.status[Slot.CLOCK] = clock
         with self.tracer.span("publish"):
-            self._publish()
+            self.publish()

@@ -192,7 +192,7 @@ class Worker(ParameterClient):
             return
         while True:
             clock = self.pull(self.total_steps)
-            if self.sync != "bsp" and self._join_checkpoint(self.position):
+            if self.mode.marks_anytime and self._join_checkpoint(self.position):
                 if self.stats.preempted:
                     return
                 continue

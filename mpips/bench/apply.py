@@ -91,7 +91,7 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
         header = PushHeader(step=step[0], worker=0, codec=Codec.RAW32, samples=1,
                             clock_seen=step[0], length=payload.nbytes, grad_norm=1.0, loss=0.0)
         grad, mask = server._decode(header, payload)  # noqa: SLF001 - timing the server's own path
-        server._async_apply(0, header, grad, mask, clock=step[0] + 1)  # noqa: SLF001
+        server.mode.apply_push(server, 0, header, grad, mask)
         step[0] += 1
 
     try:

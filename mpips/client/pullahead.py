@@ -1,7 +1,7 @@
 """Pull ahead, first layers first: a bsp worker pulls each bucket as its server exposes it, and
 each module's forward waits only for the buckets of its own parameters.
 
-A bsp server applies a version bucket by bucket, in shard order (``ParameterServer._apply``,
+A bsp server applies a version bucket by bucket, in shard order (``ParameterServer.apply``,
 ``ParameterWindow.begin_update(lazy=True)``), and after each bucket sends every worker a notice
 of how many are readable (``transport.NoticeSender``). The worker starts its step once every
 server has exposed a first bucket of the version it needs, and a forward pre-hook on each

@@ -37,6 +37,7 @@ from mpips.client.flat import FlatModel
 from mpips.client.pullahead import PullAhead
 from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
 from mpips.precision import Precision
+from mpips.sync import sync_mode
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
 from mpips.transport import (
     HEADER_BYTES,
@@ -99,7 +100,7 @@ class ParameterClient:
         self.precision = precision if precision is not None else Precision("fp32", flat.device, flat.dtype)
         train = ctx.train
         self.comm, self.servers, self.checkpoints = ctx.comm, ctx.servers, ctx.checkpoints
-        self.sync, self.staleness = train.sync, train.staleness
+        self.mode = sync_mode(train.sync, train.staleness)  # mpips.sync: the client's half
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
         self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
         self.chunk_bytes = train.chunk_bytes
@@ -133,7 +134,7 @@ class ParameterClient:
         layouts = [PushLayout.of(self.codec, rg, r + self.hyper_bytes) for rg, r in zip(self.ranges, runs, strict=True)]
         # bsp: a worker's next push comes after the notice that its last one is applied, so one
         # send buffer per server is never waited on; asp/ssp keep --max-inflight in flight
-        inflight = 1 if self.sync == "bsp" else self.max_inflight
+        inflight = self.mode.inflight(self.max_inflight)
         self.pusher = Pusher(self.comm, self.servers, layouts, inflight, chunk_bytes=self.chunk_bytes,
                              device=self.flat.device if self.flat.path == "direct" else None)
         # push during backward, in bsp: the servers whose pushes take more than one chunk, where
@@ -144,7 +145,7 @@ class ParameterClient:
         # GPT at 2 workers, asp, 39 samples/s streamed against 58 pushed after backward)
         streamed = [s for s, st in enumerate(self.pusher.streamed) if st]
         final = self.flat.final_in_backward and self.precision.scaler is None
-        on = self.ctx.train.push_during_backward and self.sync == "bsp"
+        on = self.ctx.train.push_during_backward and self.mode.streams
         self.streamed = streamed if on and final else []
         if not self.window.rma:
             self.pull_mode = "message"
@@ -160,7 +161,7 @@ class ParameterClient:
         # bsp over windows: the servers announce each version (transport.NoticeSender), bucket
         # by bucket, and a CPU worker pulls the buckets as they come (mpips.client.pullahead)
         self.notices = (NoticeReceiver(self.comm, self.servers)
-                        if self.sync == "bsp" and self.pull_mode == "rma" else None)
+                        if self.mode.announces and self.pull_mode == "rma" else None)
         self.pull_ahead = None
         if self.notices is not None and self.ctx.train.pull_ahead and self.flat.staging is None \
                 and self.flat.path == "host":
@@ -204,7 +205,7 @@ class ParameterClient:
             joined = self._join_checkpoint(step)
             if self.stats.preempted:
                 return None
-            if not (joined and self.sync != "bsp"):
+            if not (joined and self.mode.marks_anytime):
                 self.clock = clock
                 return clock
             # asp/ssp: the servers applied the other workers' last pushes meanwhile: pull again
@@ -232,17 +233,12 @@ class ParameterClient:
         ckpt = self.checkpoints
         ckpt.ring(self.window, self.servers[0])
         marks = {int(m) for m in self.status[:, Slot.CHECKPOINT]} - {0}
-        if self.sync == "bsp":
-            if step == 0 or marks not in ({step}, {-step}):
-                return False
-        elif not marks:
+        if not self.mode.joins(marks, step):
             return False
         if len(marks) != 1:
             raise RuntimeError(f"worker {self.index}: the servers published different checkpoint marks {marks}")
         mark = marks.pop()
-        if self.sync != "bsp":
-            for s in range(len(self.servers)):
-                self.pusher.push(s, PushHeader(self.position, self.index, Codec.JOIN, 0, mark, 0, 0.0, 0.0))
+        self.mode.join(self, mark)
         self.stats.preempted = ckpt.save(abs(mark), mark < 0, self.state_dict())
         return True
 
@@ -274,11 +270,7 @@ class ParameterClient:
     # -- pull and push -----------------------------------------------------------------------
     def _need(self, step: int) -> int:
         """The slowest-worker clock the parameters for ``step`` must have reached."""
-        if self.sync == "bsp":
-            return step
-        if self.sync == "ssp":
-            return step - self.staleness
-        return -1
+        return self.mode.need(step)
 
     def pull(self, need: int, ahead: bool = False) -> int:
         """Wait until every server's clock is at least ``need``, then pull; returns the clock.
@@ -314,7 +306,7 @@ class ParameterClient:
                 nonlocal newest
                 newest = self.window.read_status(targets, self.status)
                 # asp/ssp: a checkpoint mark ends the wait too (a waiting worker must join it)
-                marked = self.sync != "bsp" and bool(self.status[:, Slot.CHECKPOINT].any())
+                marked = self.mode.marks_anytime and bool(self.status[:, Slot.CHECKPOINT].any())
                 return int(self.status[:, Slot.CLOCK].min()) >= need or marked
 
             if need >= 0:

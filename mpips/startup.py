@@ -38,7 +38,8 @@ from mpips.text import plural
 from mpips.transport import HEADER_BYTES
 
 __all__ = ["checked_model", "choose_pull", "cuda_support", "describe_chunks", "describe_codecs", "describe_pipeline",
-           "memory_line", "precision_words", "pull_line", "shard_values", "total_steps", "worker_device"]
+           "memory_line", "precision_words", "prepare_outputs", "pull_line", "shard_values", "total_steps",
+           "worker_device"]
 
 
 def checked_model(cfg: Config, data: DatasetHandle, builds: bool, checks: bool, model: object = None,
@@ -88,6 +89,25 @@ def pull_line(requested: str, chosen: str, used: str) -> str:
     else:
         why = "--pull auto: this MPI library makes no one-sided progress while a server computes"
     return f"pulls: request/reply messages that the servers answer (message; {why})"
+
+
+def prepare_outputs(cfg: Config) -> None:
+    """Before any work: the folders of ``--metrics``, ``--trace`` and ``--save`` exist (made here
+    when missing) and can be written, so that no run fails at its end for want of one.
+
+    Raises:
+        ConfigError: naming the flag and the folder that cannot be made or written.
+    """
+    for flag, path in (("--metrics", cfg.train.metrics), ("--trace", cfg.train.trace), ("--save", cfg.train.save)):
+        if not path:
+            continue
+        folder = Path(path).expanduser().resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path}: cannot make the folder {folder} ({exc.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def choose_pull(mode: str) -> str:

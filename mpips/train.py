@@ -52,6 +52,7 @@ from mpips.startup import (
     describe_pipeline,
     memory_line,
     precision_words,
+    prepare_outputs,
     pull_line,
     shard_values,
     total_steps,
@@ -145,6 +146,7 @@ def run_job(
     steps = total_steps(cfg, epoch_plan)
     pull = choose_pull(cfg.train.pull)
     loss_fn = agree(comm, lambda: resolve_loss(loss if loss is not None else cfg.train.loss, task), dog.blocking)
+    agree(comm, lambda: prepare_outputs(cfg), dog.blocking)
     # only workers build the model: the servers take its shard plan and their initial values from
     # the lead worker (as from a registration, mpips.job), so they never build or import it
     model = agree(comm, lambda: checked_model(cfg, data, role == Role.WORKER, rank == layout.lead_worker, given_model,

@@ -163,3 +163,4 @@ def test_a_stop_signal_surfaces_at_step_as_preempted_and_the_job_requeues(tmp_pa
             check=True)
     again = params(tmp_path / "resumed.pt")
     assert all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted)
+

@@ -240,3 +240,17 @@ def _start_up_state(pid: int) -> str:
     if caught and not mpi:
         return "holding"
     return "MPI loaded" if mpi and not caught else ""
+
+
+def test_output_folders_are_made_or_refused_before_any_work(tmp_path):
+    """--metrics, --trace and --save into folders that do not exist yet: made at start-up; into a
+    folder that cannot be made: one line, status 2, before training (not a crash at the end)."""
+    out = run_train(4, "--steps", "3", "--metrics", "new/a/m.jsonl", "--trace", "new/b/t.json", "--save",
+                    "new/c/model.pt", timeout=120, cwd=tmp_path, check=True)
+    assert all((tmp_path / "new" / p).is_file() for p in ("a/m.jsonl", "b/t.json", "c/model.pt")), out.stdout
+    bad = run_train(4, "--steps", "3", "--save", "/proc/no-such/model.pt", timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert [s for s in bad.stderr.splitlines() if s.startswith("mpips:")] == [
+        "mpips: bad configuration: --save /proc/no-such/model.pt: cannot make the folder /proc/no-such (No such file"
+        " or directory)"]
+    assert "step 1/" not in bad.stdout

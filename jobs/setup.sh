@@ -137,8 +137,8 @@ else
         || { echo "h5py was built but has no MPI-IO" >&2; exit 1; }
 fi
 
-# --- 6. mpips itself, editable, with the test tools ------------------------------------------
-say "installing mpips (editable, [test,dev])"
-pip install -e "${here}[test,dev]"
+# --- 6. mpips itself, editable, with the test and documentation tools ------------------------
+say "installing mpips (editable, [test,dev,docs])"
+pip install -e "${here}[test,dev,docs]"
 say "done: $("$py" -c 'import torch, h5py, mpi4py, numpy; print(f"torch {torch.__version__}, h5py {h5py.__version__} (mpi={h5py.get_config().mpi}), mpi4py {mpi4py.__version__}, numpy {numpy.__version__}")')"
 say "before mpirun or python in a shell: source ${here}/jobs/env.sh (the .venv, and Open MPI's settings for root and for more ranks than cores)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (after `bash jobs/setup.sh`):
 #
-#   bash jobs/test.sh                   # unit + end-to-end tests, then mpi tests at 1, 2, 4, 6 ranks
+#   bash jobs/test.sh                   # lint, unit + end-to-end, mpi tests at 1, 2, 4, 6 ranks, Slurm, docs
 #   bash jobs/test.sh -x -k transport   # extra arguments go to every pytest run
 #   MPIPS_TEST_SIZES="2 4" bash jobs/test.sh
 #
@@ -12,7 +12,8 @@
 # private Slurm that they start (jobs/slurm-local.sh: needs root; installs the Slurm packages when
 # missing); MPIPS_SLURM_TESTS=0 leaves that stage out, and the summary says so. Each stage has a
 # wall-clock limit; a failing rank aborts its stage at once. Every stage runs even after a
-# failure; the exit status is 1 if any failed.
+# failure; the exit status is 1 if any failed. The last stage builds the docs (Sphinx, warnings as
+# errors) into a temporary folder.
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$here/jobs/env.sh"
@@ -46,7 +47,7 @@ stage() {
 }
 
 total_start=$(now)
-stage "lint (ruff)" 120 ruff check mpips tests examples
+stage "lint (ruff)" 120 ruff check mpips tests examples docs
 stage "unit + end-to-end (plain pytest)" 1800 \
     python -m pytest -q -p no:cacheprovider -m "not mpi and not slurm" "$@"
 for k in ${MPIPS_TEST_SIZES:-1 2 4 6}; do
@@ -62,6 +63,8 @@ else
         python -m pytest -q -p no:cacheprovider -m slurm -o faulthandler_timeout=590 "$@"
     [ -f "$logs/slurm/slurm.conf" ] && bash "$here/jobs/slurm-local.sh" stop "$logs/slurm" 2>/dev/null
 fi
+
+stage "docs (sphinx -W)" 300 bash docs/build.sh "$logs/docs"
 
 printf '\n=== summary\n'
 printf '%s\n' "${summary[@]}"

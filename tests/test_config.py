@@ -69,17 +69,22 @@ def test_replicas_cannot_exceed_data_servers():
         parse_args(["--data-servers", "1", "--replicas", "2"])
 
 
-def test_readme_documents_every_flag():
+def test_the_docs_flag_reference_documents_every_flag():
+    """The flag reference of docs/command-line.md is generated from these dataclasses
+    (docs/gen_flags.py); tests/test_docs.py checks it against --help as well."""
     import re
+    import sys
     from pathlib import Path
 
     from mpips.config import build_parser
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    documented = set(re.findall(r"^\| `(--[a-z-]+)`", readme, re.M))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+    import gen_flags
+
+    documented = set(re.findall(r"^\| `(--[a-z-]+)`", gen_flags.render(), re.M))
     flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     flags -= {"--help", "--config"} | {f for f in flags if f.startswith("--no-")}
-    assert flags <= documented, f"flags missing from README's table: {sorted(flags - documented)}"
+    assert flags <= documented, f"flags missing from the flag reference: {sorted(flags - documented)}"
 
 
 @pytest.mark.parametrize(
@@ -110,9 +115,9 @@ def test_help_states_the_factory_contract():
                   "B x num_classes"):
         assert words in text, words
     assert parse_args(["--debug"]).train.debug and not parse_args([]).train.debug
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index("### Your own model")
-    section = readme[start:readme.index("\n## ", start)]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "command-line.md").read_text()
+    start = page.index("## Your own model")
+    section = page[start:page.index("\n## ", start)]
     for words in ("`input_shape`: a tuple of ints", "`num_classes`: an int", "only if the factory's",
                   "`task`: a str", "`target_shape`: a tuple of ints", "parameters are all float32, all bfloat16 or",
                   "`(B, num_classes)`"):

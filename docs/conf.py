@@ -14,7 +14,7 @@ These are generated at every build, so they cannot drift from the code and the r
   (``docs/gen_flags.py``);
 - ``_generated/perf.md``: the performance tables, from the benchmark JSON committed under
   ``bench/results/<machine>/`` (``docs/gen_perf.py``);
-- ``_generated/own_loop.diff``, ``_generated/horovod.diff``: the ports of ``docs/snippets``;
+- ``_generated/own_loop.diff``, ``_generated/horovod.diff``: the ports of ``examples/port`` and ``docs/snippets``;
 - ``_generated/api.md``: one ``automodule`` per public module that exists in this checkout
   (``mpips.job``, the library API of issue 22, is listed when it is there).
 """
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's mpips, not an installed copy
 sys.path.insert(0, str(HERE))
 
@@ -56,6 +57,10 @@ nitpicky = False
 API_MODULES = [
     ("mpips", "The package: `mpips.init`, `mpips.fit` and the public names"),
     ("mpips.job", "`mpips.init` and the `Job` a script holds: roles, `optimizer`, `loader`, `serve`, `finish`"),
+    ("mpips.client", "What a worker links: `DistributedOptimizer`, `Preempted`, `ParameterClient`, `FlatModel`"),
+    ("mpips.client.loader", "`job.loader`'s `Loader`: a worker's batches in the epoch plan's order"),
+    ("mpips.registration", "What a worker registers: `TableSpec`, hyperparameters with every push"),
+    ("mpips.sync", "The sync modes as objects: `Bsp`, `Async` (asp, ssp)"),
     ("mpips.api", "`mpips.fit`: the whole training loop in one call"),
     ("mpips.config", "The configuration dataclasses behind every flag"),
     ("mpips.errors", "How bad input is said once, in one line"),
@@ -75,11 +80,10 @@ def _api_page() -> str:
     return "\n".join(out)
 
 
-def port_diff(before: str, after: str) -> str:
-    """The unified diff of two scripts under ``docs/snippets`` (what the own-loop page shows)."""
-    a = (HERE / "snippets" / before).read_text().splitlines(keepends=True)
-    b = (HERE / "snippets" / after).read_text().splitlines(keepends=True)
-    return "".join(difflib.unified_diff(a, b, before, after, n=2))
+def port_diff(before: Path, after: Path) -> str:
+    """The unified diff of two scripts (what the own-loop page shows)."""
+    a, b = before.read_text().splitlines(keepends=True), after.read_text().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(a, b, before.name, after.name, n=2))
 
 
 def _write(path: Path, text: str) -> None:
@@ -121,5 +125,7 @@ def setup(app) -> None:  # noqa: ANN001 - Sphinx's application
 gen_flags.write(HERE / "_generated" / "flags.md")
 gen_perf.write(HERE / "_generated" / "perf.md")
 _write(HERE / "_generated" / "api.md", _api_page())
-_write(HERE / "_generated" / "own_loop.diff", port_diff("plain_loop.py", "ported_loop.py"))
-_write(HERE / "_generated" / "horovod.diff", port_diff("horovod_loop.py", "horovod_ported.py"))
+_write(HERE / "_generated" / "own_loop.diff",
+       port_diff(REPO / "examples" / "port" / "plain_torch.py", REPO / "examples" / "port" / "mpips_port.py"))
+_write(HERE / "_generated" / "horovod.diff",
+       port_diff(HERE / "snippets" / "horovod_loop.py", HERE / "snippets" / "horovod_ported.py"))

@@ -20,9 +20,7 @@ The Sphinx build itself (warnings as errors) is a stage of ``jobs/test.sh``.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
-import math
 import os
 import re
 import subprocess
@@ -207,42 +205,27 @@ def test_getting_started_block_runs(block, tmp_path):
 
 # --- the own-loop page ------------------------------------------------------------------------
 
-def _changed_lines(before: str, after: str) -> tuple[int, int]:
-    a = (DOCS / "snippets" / before).read_text().splitlines()
-    b = (DOCS / "snippets" / after).read_text().splitlines()
+def _changed_lines(before: Path, after: Path) -> tuple[int, int]:
+    a, b = before.read_text().splitlines(), after.read_text().splitlines()
     diff = [line for line in difflib.unified_diff(a, b, lineterm="", n=0) if line[:3] not in ("+++", "---")]
     added = sum(1 for line in diff if line.startswith("+") and line[1:].strip())
     removed = sum(1 for line in diff if line.startswith("-") and line[1:].strip())
     return added, removed
 
 
-def test_the_port_of_a_torch_script_changes_at_most_10_lines():
-    added, removed = _changed_lines("plain_loop.py", "ported_loop.py")
-    assert added <= 10 and removed <= 10, (added, removed)
-
-
-@pytest.mark.timeout(300)
-def test_the_plain_torch_script_of_the_own_loop_page_runs(tmp_path):
-    subprocess.run([sys.executable, str(DOCS / "snippets" / "plain_loop.py")], cwd=tmp_path, env=_env(),
-                   check=True, timeout=280)
-    assert (tmp_path / "model.pt").exists()
+def test_the_ports_on_the_own_loop_page_change_at_most_10_lines():
+    """The torch port (examples/port: run and compared by tests/test_own_loop.py) and the Horovod
+    port (docs/snippets, run below)."""
+    port = ROOT / "examples" / "port"
+    for before, after in ((port / "plain_torch.py", port / "mpips_port.py"),
+                          (DOCS / "snippets" / "horovod_loop.py", DOCS / "snippets" / "horovod_ported.py")):
+        added, removed = _changed_lines(before, after)
+        assert added <= 10 and removed <= 10, (after.name, added, removed)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(importlib.util.find_spec("mpips.job") is None,
-                    reason="mpips.init (mpips.job) is the library API of issue 22, not in this checkout yet")
-def test_the_ported_script_trains_to_the_plain_scripts_parameters(tmp_path):
-    import torch
-
-    plain, port = tmp_path / "plain", tmp_path / "port"
-    plain.mkdir()
-    port.mkdir()
-    subprocess.run([sys.executable, str(DOCS / "snippets" / "plain_loop.py")], cwd=plain, env=_env(),
-                   check=True, timeout=280)
-    subprocess.run(["mpirun", "-n", "4", sys.executable, str(DOCS / "snippets" / "ported_loop.py")], cwd=port,
+@pytest.mark.timeout(300)
+def test_the_horovod_port_runs_under_mpirun(tmp_path):
+    subprocess.run(["mpirun", "-n", "4", sys.executable, str(DOCS / "snippets" / "horovod_ported.py")], cwd=tmp_path,
                    env=_env(), check=True, timeout=280)
-    a, b = torch.load(plain / "model.pt"), torch.load(port / "model.pt")
-    for name, tensor in a.items():
-        rel = ((b[name] - tensor).abs().max() / tensor.abs().max().clamp_min(1e-12)).item()
-        assert rel <= 1e-5 and math.isfinite(rel), (name, rel)
+    assert (tmp_path / "model.pt").exists()

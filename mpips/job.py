@@ -1,12 +1,13 @@
 """mpips as a library: every rank calls ``mpips.init``; workers run their own loop, servers serve.
 
     # train.py, run as: mpirun -n 4 python train.py
+    import sys
+
     import torch
     import mpips
 
     job = mpips.init(servers=2, data_servers=0, sync="bsp")
     if job.is_worker:
-        torch.manual_seed(0)
         model = Net()
         opt = job.optimizer(model, torch.optim.AdamW, lr=3e-4, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
@@ -17,7 +18,7 @@
             sched.step()
         job.finish()                           # worker 0's models now hold the final parameters
     else:
-        job.serve()                            # until every worker has finished
+        sys.exit(job.serve())                  # until every worker has finished; the job's status
 
 Roles are static (``mpips.layout``): ``servers`` parameter servers, ``data_servers`` data
 servers, and the rest workers. ``job.optimizer`` is collective over the servers and workers:
@@ -52,7 +53,7 @@ from mpips import stderr_filter
 from mpips.checkpoint import Preemption, module_spec
 from mpips.client import DistributedOptimizer, FlatModel, ParameterClient, Preempted
 from mpips.client.loader import Loader, open_data
-from mpips.config import Config, ConfigError
+from mpips.config import Config, ConfigError, from_flat
 from mpips.cuda_aware import decide
 from mpips.errors import INPUT_ERRORS, Reporter, check_launch, speaks, what
 from mpips.layout import Role, RoleComms, RoleLayout
@@ -66,7 +67,6 @@ from mpips.watchdog import Watchdog, abort_job
 __all__ = ["Job", "init"]
 
 log = logging.getLogger("mpips.job")
-
 
 
 def init(
@@ -104,11 +104,9 @@ def init(
         cfg = _config(config, None, None, None, None)
         explicit = (isinstance(config, Config) or (isinstance(config, dict) and "data_servers" in _flat(config))
                     or (isinstance(config, list | tuple) and "--data-servers" in config))
-        cfg.roles.servers = servers if servers is not None else cfg.roles.servers
-        cfg.roles.data_servers = data_servers if data_servers is not None else (
-            cfg.roles.data_servers if explicit else 0)
-        cfg.train.sync = sync if sync is not None else cfg.train.sync
-        cfg.validate()
+        given = {"servers": servers, "data_servers": data_servers if data_servers is not None or explicit else 0,
+                 "sync": sync}
+        cfg = from_flat({k: v for k, v in given.items() if v is not None}, cfg).validate()
         reporter.debug = cfg.train.debug
         check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
         hosts = comm.allgather(MPI.Get_processor_name())

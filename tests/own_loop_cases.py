@@ -23,8 +23,8 @@ class Net(nn.Module):  # defined in __main__ only: the servers never import it
 
 case = sys.argv[1]
 with_data = case.startswith("loader")  # 1 server, 1 data server streaming the built-in digits, 2 workers
-job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0, sync="bsp",
-                 config={"stall_timeout": 30})
+job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0,
+                 sync="bogus" if case == "bad_sync" else "bsp", config={"stall_timeout": 30})
 if case == "optimizer_on_a_server":
     job.optimizer(Net(), torch.optim.SGD, lr=0.1)
 if not job.is_worker:

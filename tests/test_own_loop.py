@@ -90,6 +90,7 @@ def test_job_loader_streams_the_data_servers_batches(tmp_path):
     ("unimportable", r"mpips: bad configuration: cannot import the optimizer class 'no_such_package.optim:Fast'"),
     ("lbfgs", r"mpips: bad configuration: optimizer LBFGS cannot run shard by shard on parameter servers"),
     ("bad_argument", r"mpips: bad configuration: SGD\(...\) refused its arguments: Invalid learning rate: -1.0"),
+    ("bad_sync", r"mpips: bad configuration: config key 'sync' must be one of bsp, asp, ssp, got 'bogus'"),
     ("loader_bad_data", r"mpips: bad dataset: dataset file /no/such/file.h5 does not exist"),
     ("optimizer_on_a_server", r"mpips: bad configuration on rank [23] \(host \S+, server [01]\): job.optimizer is for"
                               r" workers"),

@@ -79,9 +79,9 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
         if job.is_server:
             t.servers = job.comms.role.Dup()
     job.tables.append(t)
-    t.checkpoints = checkpointing(job, t, spec, plan_of(job, spec), table)
+    plan = plan_of(job, spec)
+    t.checkpoints = checkpointing(job, t, spec, plan, table)
     if job.is_server:
-        plan = plan_of(job, spec)
         init = np.empty(plan.shard_numel(job.index), dtype=np.float32)
         wait_all(recv_chunks(t.comm, init, job.worker_ranks[0], Tag.INIT, job.config.train.chunk_bytes),
                  "worker 0's initial values (job.optimizer)", job.config.train.stall_timeout)
@@ -99,10 +99,12 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
 
 
 def plan_of(job: Job, spec: TableSpec) -> ShardPlan:
+    """The shard plan of a registered model over the job's servers."""
     return ShardPlan.build(list(zip(spec.names, spec.shapes, strict=True)), job.num_servers)
 
 
 def context(job: Job, t: Table, spec: TableSpec, plan: ShardPlan) -> PSContext:
+    """What the servers and workers of a registered model share."""
     cfg = job.config
     # an own loop: pushes after backward (gradients may accumulate over several backward
     # calls) and whole pulls (the loop may read parameters outside forward)
@@ -135,8 +137,6 @@ def checkpointing(job: Job, t: Table, spec: TableSpec, plan: ShardPlan, table: i
             raise SystemExit(job.bad_input(exc)) from None
     ckpt.bind(t.comm, "server" if job.is_server else "worker", job.index, _OwnLoop())
     return ckpt
-
-# -- failures ----------------------------------------------------------------------------
 
 
 def _align(directory: Path) -> None:

@@ -61,7 +61,8 @@ elif case == "loader":  # job.loader: the data servers' batches, the loop's own 
           f" held-out accuracy {accuracy:.4f}", flush=True)
 elif case == "loader_bad_data":
     job.loader("/no/such/file.h5")
-elif case == "trains":  # a class from __main__, param groups, a scheduler: the loss falls
+elif case in ("trains", "trains_model_zero_grad"):  # a class from __main__, param groups, a scheduler
+    # trains_model_zero_grad: model.zero_grad() sets every .grad to None, backward makes new ones
     model = Net()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
@@ -73,7 +74,10 @@ elif case == "trains":  # a class from __main__, param groups, a scheduler: the 
     for _ in range(40):
         x = torch.randn(32, 4, generator=g)
         y = (x[:, 0] > x[:, 1]).long()
-        opt.zero_grad()
+        if case == "trains":
+            opt.zero_grad()
+        else:
+            model.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()

@@ -70,6 +70,9 @@ def test_a_model_class_from_the_script_param_groups_and_a_scheduler_train(tmp_pa
         assert float(last) < 0.5 * float(first), out
     # both groups, each with its weight decay, and the StepLR's lr after 40 steps: 0.05 / 2**4
     assert out.count("groups [(2, 0.1, 0.003125), (2, 0.0, 0.003125)]") == 2, out
+    # model.zero_grad() (.grad set to None, new tensors made by backward) trains the same
+    again = run_mpi(4, [str(CASES), "trains_model_zero_grad"], timeout=120, cwd=tmp_path, check=True).stdout
+    assert sorted(re.findall(r"worker \d: loss .*", again)) == sorted(re.findall(r"worker \d: loss .*", out))
 
 
 def test_job_loader_streams_the_data_servers_batches(tmp_path):

@@ -59,6 +59,15 @@ elif case == "loader":  # job.loader: the data servers' batches, the loop's own 
         accuracy = (model(val_x).argmax(1) == val_y).float().mean().item()
     print(f"worker {w}: {opt.steps} steps of {loader.steps} ({loader.steps_per_epoch} per epoch), {seen} samples,"
           f" held-out accuracy {accuracy:.4f}", flush=True)
+elif case == "crash":  # worker 1's loop raises at its 3rd step, while the others wait in bsp
+    model = Net()
+    opt = job.optimizer(model, torch.optim.SGD, lr=0.1)
+    for step in range(20):
+        if w == 1 and step == 3:
+            raise RuntimeError("the user's loop failed")
+        opt.zero_grad()
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
 elif case == "loader_bad_data":
     job.loader("/no/such/file.h5")
 elif case in ("trains", "trains_model_zero_grad"):  # a class from __main__, param groups, a scheduler

@@ -5,6 +5,7 @@ ends where torch does, and bad input is one line before any work."""
 import difflib
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -84,6 +85,18 @@ def test_job_loader_streams_the_data_servers_batches(tmp_path):
     assert len(found) == 2, out
     assert {int(n) for _, n, _ in found} == {4698}  # 1,438 samples: 64 a step, the last of each epoch short
     assert all(float(a) >= 0.9 for _, _, a in found), out
+
+
+def test_an_exception_in_one_workers_loop_ends_the_whole_job_at_once(tmp_path):
+    """Worker 1's loop raises while worker 0 and the servers wait for its push (bsp): the job ends
+    in seconds with the traceback and one FATAL line naming the rank and role, not at a timeout."""
+    t0 = time.monotonic()
+    out = run_mpi(4, [str(CASES), "crash"], timeout=60, cwd=tmp_path)
+    assert out.returncode != 0 and time.monotonic() - t0 < 45, out.stderr[-2000:]
+    fatal = [s for s in out.stderr.splitlines() if s.startswith("mpips: FATAL")]
+    assert fatal == ["mpips: FATAL on rank 1 (host " + fatal[0].split("host ")[1].split(",")[0]
+                     + ", worker 1): RuntimeError: the user's loop failed"], out.stderr
+    assert "Traceback" in out.stderr
 
 
 @pytest.mark.parametrize("case, line", [

@@ -59,6 +59,50 @@ elif case == "loader":  # job.loader: the data servers' batches, the loop's own 
         accuracy = (model(val_x).argmax(1) == val_y).float().mean().item()
     print(f"worker {w}: {opt.steps} steps of {loader.steps} ({loader.steps_per_epoch} per epoch), {seen} samples,"
           f" held-out accuracy {accuracy:.4f}", flush=True)
+elif case == "equals_torch":  # two groups, per-group LambdaLR, a branch used on even steps only
+    def build() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.ModuleDict({"a": nn.Linear(4, 8), "b": nn.Linear(8, 2), "even": nn.Linear(8, 2)})
+
+    def forward(m: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+        h = m["a"](x).tanh()
+        return m["b"](h) + (m["even"](h) if step % 2 == 0 else 0)
+
+    def groups(m: nn.Module) -> list[dict]:
+        return [{"params": [p for n, p in m.named_parameters() if n.endswith("weight")], "weight_decay": 0.1},
+                {"params": [p for n, p in m.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+    lambdas = [lambda s: 0.9 ** s, lambda s: 1.0 / (1 + s)]  # a different schedule per group
+    model = build()
+    opt = job.optimizer(model, torch.optim.AdamW, lr=0.02, param_groups=groups(model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    for step in range(20):
+        x, y = batch(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(forward(model, x[w::2], step), y[w::2]).backward()
+        opt.step()
+        sched.step()
+    job.finish()
+    if w == 0:  # one torch process on the concatenated batch
+        ref = build()
+        ropt = torch.optim.AdamW(groups(ref), lr=0.02)
+        rsched = torch.optim.lr_scheduler.LambdaLR(ropt, lambdas)
+        for step in range(20):
+            x, y = batch(step)
+            ropt.zero_grad()
+            for part in range(2):
+                (nn.functional.cross_entropy(forward(ref, x[part::2], step), y[part::2]) / 2).backward()
+            ropt.step()
+            rsched.step()
+        with torch.no_grad():
+            diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(model.parameters(),
+                                                                                  ref.parameters(), strict=True))
+        print(f"equals torch: max relative difference {diff:.3g}", flush=True)
+    sys.exit(0)
 elif case == "crash":  # worker 1's loop raises at its 3rd step, while the others wait in bsp
     model = Net()
     opt = job.optimizer(model, torch.optim.SGD, lr=0.1)

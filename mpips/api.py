@@ -126,7 +126,7 @@ def _fit(model: ModelLike, loss: LossLike, data: Any, val_data: Any, config: Any
         except SystemExit as exc:  # --help, printed by one rank
             return FitResult("none", 0, exc.code if isinstance(exc.code, int) else 0)
         report.debug = report.debug or cfg.train.debug
-        check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
+        check_launch(MPI.COMM_WORLD.Get_size(), os.environ, MPI.get_vendor())  # the launch, not comm
         preemption = Preemption.install() if handle_signals else None
         given = model if model is not None and not isinstance(model, str) else None
         result = run_job(cfg, comm, who, preemption, model=given, loss=loss if callable(loss) else None)

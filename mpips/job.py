@@ -108,7 +108,7 @@ def init(
                  "sync": sync}
         cfg = from_flat({k: v for k, v in given.items() if v is not None}, cfg).validate()
         reporter.debug = cfg.train.debug
-        check_launch(comm.Get_size(), os.environ, MPI.get_vendor())
+        check_launch(MPI.COMM_WORLD.Get_size(), os.environ, MPI.get_vendor())  # the launch, not comm
         hosts = comm.allgather(MPI.Get_processor_name())
         layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts)
     except INPUT_ERRORS as exc:

@@ -69,6 +69,7 @@ COLUMNS: dict[str, list[Column]] = {
     "train": [("model", _text("model")), ("M params", _num("params", 1e-6)), ("W", _text("workers")),
               ("ranks", _text("ranks")), ("system", _text("system")), ("samples/s", _num("samples_per_s")),
               ("x DDP", _num("ratio_vs_ddp")), ("x allreduce", _num("ratio_vs_allreduce")),
+              ("x fit", _num("ratio_vs_fit")),
               ("efficiency", _num("efficiency")), ("to target (s)", _num("time_to_target_s")),
               ("final loss", _num("final_loss"))],
     "memory": [("role", _text("role")), ("rank", _text("rank")), ("optimizer", _text("optimizer")),

@@ -88,7 +88,14 @@ def test_train_rows_compare_every_system_at_equal_workers(bench_all):
             assert r["ratio_vs_ddp"] == 1.0
         if r["workers"] == 1:
             assert r["efficiency"] == 1.0
-    assert "x DDP" in stdout and "efficiency" in stdout
+    assert "x DDP" in stdout and "efficiency" in stdout and "x fit" in stdout
+    # the own loop (job.optimizer with the baselines' loop) trains what fit's bsp trains, and says how fast
+    by = {(r["model"], r["system"], r["workers"]): r for r in rows}
+    for (model, system, w), r in by.items():
+        if system == "mpips-own":
+            fit = by[(model, "mpips-bsp", w)]
+            assert r["ratio_vs_fit"] == pytest.approx(r["samples_per_s"] / fit["samples_per_s"])
+            assert r["final_loss"] == pytest.approx(fit["final_loss"], rel=1e-3)
     # progress, off a terminal: one line per run, counted against all of them, with the time left
     runs = len(rows)  # --train-reps 1
     lines = [line for line in stdout.splitlines() if line.startswith("train run ")]

@@ -1,0 +1,85 @@
+"""The transport layer: parameter windows, tagged push messages, pull requests, cheap waits.
+
+Roles call these classes and never MPI point-to-point or RMA directly. Buffers are plain,
+contiguous numpy arrays (host memory), so other buffer kinds can replace them later.
+
+One module per concern:
+
+- ``wire``: every wire constant, once (tags, codec ids, status slots), the push header, trailer
+  and layout, and the byte formats of pushes, windows and pulls;
+- ``chunks``: chunked sends, receives and gets (no MPI call moves more than ``chunk_bytes``),
+  and the backoff waits;
+- ``window``: ``ParameterWindow``, a server's shard published through RMA, read by workers;
+- ``push``: ``Pusher`` (worker) and ``PushReceiver`` (server);
+- ``pull``: message pulls (``PullServer``, ``MessagePuller``) where there are no RMA windows;
+- ``notice``: bsp notices (``NoticeSender``, ``NoticeReceiver``);
+- ``batches``: a data server's batch requests and replies.
+
+Every name is importable from ``mpips.transport`` itself.
+"""
+
+from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, chunks
+from mpips.transport.chunks import Backoff, get_chunks, recv_chunks, send_chunks, wait_all, wait_for
+from mpips.transport.notice import NoticeReceiver, NoticeSender
+from mpips.transport.pull import MessagePuller, PullServer
+from mpips.transport.push import Pusher, PushReceiver
+from mpips.transport.window import ParameterWindow
+from mpips.transport.wire import (
+    HEADER_BYTES,
+    MAGIC,
+    NOTICE_WORDS,
+    PROTOCOL,
+    PULL_CODECS,
+    STREAMED,
+    TAIL_MAGIC,
+    TRAILER_BYTES,
+    WHOLE,
+    Codec,
+    MalformedMessage,
+    PushHeader,
+    PushLayout,
+    PushTrailer,
+    Slot,
+    StallError,
+    Tag,
+    narrow,
+    widen,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "HEADER_BYTES",
+    "MAGIC",
+    "MAX_CHUNK_BYTES",
+    "NOTICE_WORDS",
+    "PROTOCOL",
+    "STREAMED",
+    "TAIL_MAGIC",
+    "Backoff",
+    "Codec",
+    "MalformedMessage",
+    "MessagePuller",
+    "NoticeReceiver",
+    "NoticeSender",
+    "ParameterWindow",
+    "PullServer",
+    "PushHeader",
+    "PushLayout",
+    "PushTrailer",
+    "PULL_CODECS",
+    "PushReceiver",
+    "Pusher",
+    "Slot",
+    "StallError",
+    "TRAILER_BYTES",
+    "Tag",
+    "WHOLE",
+    "chunks",
+    "get_chunks",
+    "narrow",
+    "recv_chunks",
+    "send_chunks",
+    "wait_all",
+    "wait_for",
+    "widen",
+]

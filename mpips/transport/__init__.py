@@ -7,7 +7,7 @@ One module per concern:
 
 - ``wire``: every wire constant, once (tags, codec ids, status slots), the push header, trailer
   and layout, and the byte formats of pushes, windows and pulls;
-- ``chunks``: chunked sends, receives and gets (no MPI call moves more than ``chunk_bytes``),
+- ``chunked``: chunked sends, receives and gets (no MPI call moves more than ``chunk_bytes``),
   and the backoff waits;
 - ``window``: ``ParameterWindow``, a server's shard published through RMA, read by workers;
 - ``push``: ``Pusher`` (worker) and ``PushReceiver`` (server);
@@ -15,15 +15,17 @@ One module per concern:
 - ``notice``: bsp notices (``NoticeSender``, ``NoticeReceiver``);
 - ``batches``: a data server's batch requests and replies.
 
-Every name is importable from ``mpips.transport`` itself.
+Every name is importable from ``mpips.transport`` itself. The wire format is imported with the
+package; the modules that make MPI calls only when one of their names is first asked for, so
+``mpips.transport.wire`` (which ``mpips.compression`` takes its codec ids from) stays MPI-free.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, chunks
-from mpips.transport.chunks import Backoff, get_chunks, recv_chunks, send_chunks, wait_all, wait_for
-from mpips.transport.notice import NoticeReceiver, NoticeSender
-from mpips.transport.pull import MessagePuller, PullServer
-from mpips.transport.push import Pusher, PushReceiver
-from mpips.transport.window import ParameterWindow
 from mpips.transport.wire import (
     HEADER_BYTES,
     MAGIC,
@@ -45,6 +47,23 @@ from mpips.transport.wire import (
     narrow,
     widen,
 )
+
+# the names of the modules that make MPI calls, imported when first asked for (``__getattr__``)
+_LAZY = {
+    "Backoff": "chunked",
+    "get_chunks": "chunked",
+    "recv_chunks": "chunked",
+    "send_chunks": "chunked",
+    "wait_all": "chunked",
+    "wait_for": "chunked",
+    "ParameterWindow": "window",
+    "Pusher": "push",
+    "PushReceiver": "push",
+    "MessagePuller": "pull",
+    "PullServer": "pull",
+    "NoticeReceiver": "notice",
+    "NoticeSender": "notice",
+}
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -83,3 +102,16 @@ __all__ = [
     "wait_for",
     "widen",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from mpips.transport.chunks import wait_for
+from mpips.transport.chunked import wait_for
 from mpips.transport.wire import Tag
 
 __all__ = [

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 from mpi4py import MPI
 
-from mpips.transport.chunks import Backoff, wait_all, wait_for
+from mpips.transport.chunked import Backoff, wait_all, wait_for
 from mpips.transport.wire import NOTICE_WORDS, WHOLE, Tag
 
 __all__ = [

@@ -11,7 +11,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpips.chunking import DEFAULT_CHUNK_BYTES
-from mpips.transport.chunks import recv_chunks, send_chunks, wait_all, wait_for
+from mpips.transport.chunked import recv_chunks, send_chunks, wait_all, wait_for
 from mpips.transport.window import ParameterWindow
 from mpips.transport.wire import HEADER_BYTES, PULL_CODECS, Slot, Tag, widen
 

@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, chunks
-from mpips.transport.chunks import _bytes_of, _nbytes, send_chunks, wait_all
+from mpips.transport.chunked import _bytes_of, _nbytes, send_chunks, wait_all
 from mpips.transport.wire import HEADER_BYTES, TRAILER_BYTES, MalformedMessage, PushHeader, PushLayout, PushTrailer, Tag
 
 __all__ = [

@@ -13,7 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpips.chunking import DEFAULT_CHUNK_BYTES
-from mpips.transport.chunks import get_chunks
+from mpips.transport.chunked import get_chunks
 from mpips.transport.wire import HEADER_BYTES, PULL_CODECS, Slot, narrow, widen
 
 __all__ = [

@@ -23,6 +23,7 @@ __all__ = [
     "WARN",
 ]
 
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 SETUP_ADVICE = "run `bash jobs/setup.sh` (or `pip install -e .` in an environment that has it)"
 

@@ -22,6 +22,7 @@ __all__ = [
     "run_bounded",
 ]
 
+
 # Debian and Ubuntu install each MPI's launcher under its own name as well; `mpirun` is whichever
 # update-alternatives picked, not necessarily the MPI that mpi4py was built for.
 _OWN_MPIRUN = {"MPICH": "mpirun.mpich", "Open MPI": "mpirun.openmpi"}

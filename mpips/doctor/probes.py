@@ -24,6 +24,7 @@ __all__ = [
     "rma_passive_progress",
 ]
 
+
 # Shared objects that are "the MPI library" across vendors: Open MPI and Intel MPI (libmpi),
 # MPICH/MVAPICH (libmpich or libmpi), Cray (libmpi_cray), IBM Spectrum (libmpi_ibm). Not the
 # language bindings next to them (libmpi_cxx, libmpi_mpifh, libmpi_usempif08).

@@ -28,6 +28,7 @@ __all__ = [
     "write_tensorboard",
 ]
 
+
 def write_tensorboard(m: Metrics, directory: str | Path) -> None:
     """The metrics as TensorBoard scalars; ImportError when tensorboard is not installed."""
     from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package

@@ -21,6 +21,7 @@ __all__ = [
     "plot_timeline",
 ]
 
+
 def _figure(rows: int, cols: int, width: float = 12.0, height: float = 4.2):
     from matplotlib.figure import Figure
 

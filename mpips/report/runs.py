@@ -21,6 +21,7 @@ __all__ = [
     "throughput",
 ]
 
+
 UNTRACED = "untraced"
 
 

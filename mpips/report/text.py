@@ -15,6 +15,7 @@ __all__ = [
     "summary",
 ]
 
+
 def _shares(times: dict[str, float], top: int = 5) -> str:
     total = sum(times.values())
     parts = sorted(times.items(), key=lambda kv: -kv[1])[:top]

@@ -1,11 +1,12 @@
 """Batch messages between workers and data servers (``mpips.dataserver``).
 
-Wire format (world communicator). A request (tag ``DATA_REQUEST``) is int64
-``[MAGIC, kind, worker, epoch, step, n, id_0 .. id_n-1]``; kind ``DONE`` (n = 0) is the worker's
-last message. A reply (tag ``DATA``) is a 64-byte int64 header ``[MAGIC, worker, epoch, step, n,
-payload bytes, 0, 0]`` followed by the samples' stored fields, each field's rows contiguous
-(``SampleFormat.pack``). A worker's requests to one server are answered in order, so its
-receives, posted ahead, match by order; the header is checked all the same.
+Wire format (world communicator; the constants are in ``mpips.transport.wire``). A request (tag
+``DATA_REQUEST``) is int64 ``[BATCH_MAGIC, kind, worker, epoch, step, n, id_0 .. id_n-1]``; kind
+``BATCH_DONE`` (n = 0) is the worker's last message. A reply (tag ``DATA``) is a 64-byte int64
+header ``[BATCH_MAGIC, worker, epoch, step, n, payload bytes, 0, 0]`` followed by the samples'
+stored fields, each field's rows contiguous (``SampleFormat.pack``). A worker's requests to one
+server are answered in order, so its receives, posted ahead, match by order; the header is
+checked all the same.
 
 ``BatchResponder`` is the data server's side (requests in, replies out), ``BatchRequester`` the
 worker's (requests out, replies in, the done message).
@@ -19,25 +20,21 @@ import numpy as np
 from mpi4py import MPI
 
 from mpips.transport.chunked import wait_for
-from mpips.transport.wire import Tag
+from mpips.transport.wire import (
+    BATCH_DONE,
+    BATCH_MAGIC,
+    BATCH_REPLY_HEADER,
+    BATCH_REQUEST_WORDS,
+    BATCH_SAMPLES,
+    Tag,
+)
 
 __all__ = [
-    "DONE",
-    "MAGIC",
-    "REPLY_HEADER",
-    "REQUEST_HEADER",
-    "SAMPLES",
     "BatchRequest",
     "BatchRequester",
     "BatchResponder",
     "PostedBatch",
 ]
-
-MAGIC = 0x4D505344  # "MPSD"
-REQUEST_HEADER = 6  # int64 words
-REPLY_HEADER = 64  # bytes
-SAMPLES, DONE = 0, 1
-
 
 @dataclass(frozen=True)
 class BatchRequest:
@@ -63,7 +60,7 @@ class BatchResponder:
 
     def __init__(self, comm: MPI.Comm, workers: list[int], max_ids: int, name: str):
         self.comm, self.workers, self.max_ids, self.name = comm, workers, max_ids, name
-        self.buffers = [np.empty(REQUEST_HEADER + max_ids, dtype=np.int64) for _ in workers]
+        self.buffers = [np.empty(BATCH_REQUEST_WORDS + max_ids, dtype=np.int64) for _ in workers]
         self.requests = [self._post(w) for w in range(len(workers))]
         self.sending: list[tuple[MPI.Request, np.ndarray]] = []
 
@@ -85,21 +82,21 @@ class BatchResponder:
         After a done message nothing more is received from ``w``; after a request for samples,
         ``repost(w)`` receives its next.
         """
-        head = self.buffers[w][:REQUEST_HEADER]
+        head = self.buffers[w][:BATCH_REQUEST_WORDS]
         magic, kind, worker, epoch, step, n = (int(v) for v in head)
         if (
-            magic != MAGIC
+            magic != BATCH_MAGIC
             or worker != w
             or not 0 <= n <= self.max_ids
-            or kind not in (SAMPLES, DONE)
+            or kind not in (BATCH_SAMPLES, BATCH_DONE)
         ):
             raise RuntimeError(
                 f"{self.name}: malformed request from worker {w}: {head.tolist()}"
             )
-        if kind == DONE:
+        if kind == BATCH_DONE:
             self.requests[w] = MPI.REQUEST_NULL
             return BatchRequest(w, epoch, step, np.empty(0, dtype=np.int64), True)
-        ids = self.buffers[w][REQUEST_HEADER : REQUEST_HEADER + n].copy()
+        ids = self.buffers[w][BATCH_REQUEST_WORDS : BATCH_REQUEST_WORDS + n].copy()
         return BatchRequest(w, epoch, step, ids, False)
 
     def repost(self, w: int) -> None:
@@ -110,15 +107,16 @@ class BatchResponder:
     def reply_buffer(n: int, record_bytes: int) -> tuple[np.ndarray, np.ndarray]:
         """A reply for ``n`` samples of ``record_bytes`` each: (the whole reply, the bytes its
         samples go in)."""
-        reply = np.empty(REPLY_HEADER + n * record_bytes, dtype=np.uint8)
-        return reply, reply[REPLY_HEADER:]
+        reply = np.empty(BATCH_REPLY_HEADER + n * record_bytes, dtype=np.uint8)
+        return reply, reply[BATCH_REPLY_HEADER:]
 
     def reply(self, request: BatchRequest, reply: np.ndarray) -> None:
         """Send ``reply`` (from ``reply_buffer``, its samples filled in) to the worker that made
         ``request``; it must stay unchanged until sent (``close``)."""
         n = len(request.ids)
-        nbytes = reply.nbytes - REPLY_HEADER
-        reply[:REPLY_HEADER].view(np.int64)[:] = (MAGIC, request.worker, request.epoch, request.step, n, nbytes, 0, 0)
+        nbytes = reply.nbytes - BATCH_REPLY_HEADER
+        head = (BATCH_MAGIC, request.worker, request.epoch, request.step, n, nbytes, 0, 0)
+        reply[:BATCH_REPLY_HEADER].view(np.int64)[:] = head
         self.sending.append((self.comm.Isend(reply, dest=self.workers[request.worker], tag=Tag.DATA), reply))
 
     def close(self, timeout: float) -> None:
@@ -157,9 +155,9 @@ class BatchRequester:
         """Ask rank ``dest`` for the samples ``ids`` of (``epoch``, ``step``); the reply's receive
         is posted first."""
         request = np.concatenate(
-            [[MAGIC, SAMPLES, self.worker, epoch, step, len(ids)], ids]
+            [[BATCH_MAGIC, BATCH_SAMPLES, self.worker, epoch, step, len(ids)], ids]
         ).astype(np.int64)
-        reply = np.empty(REPLY_HEADER + len(ids) * record_bytes, dtype=np.uint8)
+        reply = np.empty(BATCH_REPLY_HEADER + len(ids) * record_bytes, dtype=np.uint8)
         recv = self.comm.Irecv(reply, source=dest, tag=Tag.DATA)
         send = self.comm.Isend(request, dest=dest, tag=Tag.DATA_REQUEST)
         return PostedBatch(reply, recv, send, request)
@@ -173,18 +171,18 @@ class BatchRequester:
     def samples(self, posted: PostedBatch, epoch: int, step: int, n: int, server: int) -> np.ndarray:
         """The sample bytes of a reply that came, its header checked (RuntimeError naming data
         server index ``server`` otherwise)."""
-        head = posted.reply[:REPLY_HEADER].view(np.int64)
-        expect = (MAGIC, self.worker, epoch, step, n)
+        head = posted.reply[:BATCH_REPLY_HEADER].view(np.int64)
+        expect = (BATCH_MAGIC, self.worker, epoch, step, n)
         if tuple(int(v) for v in head[:5]) != expect:
             raise RuntimeError(
                 f"worker {self.worker}: data server {server} sent {head[:5].tolist()},"
                 f" expected {expect}"
             )
-        return posted.reply[REPLY_HEADER:]
+        return posted.reply[BATCH_REPLY_HEADER:]
 
     def done(self, data_servers: tuple[int, ...], timeout: float) -> None:
         """Tell every data server (their ranks) that this worker is done."""
-        done = np.array([MAGIC, DONE, self.worker, 0, 0, 0], dtype=np.int64)
+        done = np.array([BATCH_MAGIC, BATCH_DONE, self.worker, 0, 0, 0], dtype=np.int64)
         sends = [self.comm.Isend(done, dest=d, tag=Tag.DATA_REQUEST) for d in data_servers]
         wait_for(
             lambda: MPI.Request.Testall(sends),

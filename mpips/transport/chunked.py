@@ -28,7 +28,9 @@ from mpips.transport.wire import StallError
 
 __all__ = [
     "Backoff",
+    "bytes_of",
     "get_chunks",
+    "nbytes_of",
     "recv_chunks",
     "send_chunks",
     "wait_all",
@@ -87,7 +89,7 @@ def wait_for(
 
 
 # -- chunked transfers: the only MPI calls that move shards ---------------------------------------
-def _bytes_of(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def bytes_of(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """A uint8 view (no copy) of a C-contiguous array, or of a contiguous torch tensor (device
     memory on the direct path: mpi4py takes it through DLPack / ``__cuda_array_interface__``)."""
     if isinstance(array, torch.Tensor):
@@ -99,7 +101,7 @@ def _bytes_of(array: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     return array.reshape(-1).view(np.uint8)
 
 
-def _nbytes(raw: np.ndarray | torch.Tensor) -> int:
+def nbytes_of(raw: np.ndarray | torch.Tensor) -> int:
     return raw.numel() if isinstance(raw, torch.Tensor) else raw.size
 
 
@@ -116,8 +118,8 @@ def send_chunks(
     in flight by completed requests would not be bounded at all.
     ``data`` must stay unchanged until every request has completed.
     """
-    raw = _bytes_of(data)
-    cuts = chunks(_nbytes(raw), chunk_bytes)
+    raw = bytes_of(data)
+    cuts = chunks(nbytes_of(raw), chunk_bytes)
     requests = []
     for i, (a, b) in enumerate(cuts):
         send = comm.Issend if synchronous_last and i == len(cuts) - 1 else comm.Isend
@@ -128,8 +130,8 @@ def send_chunks(
 
 def recv_chunks(comm: MPI.Comm, out: np.ndarray, source: int, tag: int, chunk_bytes: int) -> list[MPI.Request]:
     """``Irecv`` into the bytes of ``out`` from ``source`` in chunks, as ``send_chunks`` cut them."""
-    raw = _bytes_of(out)
-    return [comm.Irecv([raw[a:b], MPI.BYTE], source=source, tag=tag) for a, b in chunks(_nbytes(raw), chunk_bytes)]
+    raw = bytes_of(out)
+    return [comm.Irecv([raw[a:b], MPI.BYTE], source=source, tag=tag) for a, b in chunks(nbytes_of(raw), chunk_bytes)]
 
 
 def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_bytes: int) -> list[MPI.Request]:
@@ -138,10 +140,10 @@ def get_chunks(win: MPI.Win, out: np.ndarray, target: int, disp: int, chunk_byte
     Call inside a passive-target epoch (a lock on ``target``); the window's disp_unit must be 1.
     Displacements are MPI_Aint, so windows over 2 GiB are fine (measured: Open MPI 4.1).
     """
-    raw = _bytes_of(out)
+    raw = bytes_of(out)
     return [
         win.Rget([raw[a:b], MPI.BYTE], target, (disp + a, b - a, MPI.BYTE))
-        for a, b in chunks(_nbytes(raw), chunk_bytes)
+        for a, b in chunks(nbytes_of(raw), chunk_bytes)
     ]
 
 

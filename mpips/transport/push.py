@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, chunks
-from mpips.transport.chunked import _bytes_of, _nbytes, send_chunks, wait_all
+from mpips.transport.chunked import bytes_of, nbytes_of, send_chunks, wait_all
 from mpips.transport.wire import HEADER_BYTES, TRAILER_BYTES, MalformedMessage, PushHeader, PushLayout, PushTrailer, Tag
 
 __all__ = [
@@ -102,8 +102,8 @@ class Pusher:
     @staticmethod
     def _put(buf: np.ndarray | torch.Tensor, at: int, part: np.ndarray | torch.Tensor) -> int:
         """Copy the bytes of ``part`` into ``buf`` at byte ``at``; returns how many."""
-        raw = _bytes_of(part)
-        n = _nbytes(raw)
+        raw = bytes_of(part)
+        n = nbytes_of(raw)
         if isinstance(buf, torch.Tensor):
             buf[at : at + n].copy_(raw if isinstance(raw, torch.Tensor) else torch.from_numpy(raw))
         else:
@@ -135,7 +135,7 @@ class Pusher:
         layout, offsets = self.layouts[s], self.offsets[s]
         self.begin(s, header)
         if layout.exact:  # raw: the body's bytes cut at the slots
-            parts = [_bytes_of(p) for p in body]
+            parts = [bytes_of(p) for p in body]
             raw = parts[0] if len(parts) == 1 else (
                 torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts))
             records = [raw[a : a + n] for a, n in zip(offsets, layout.slots, strict=True)]

@@ -3,8 +3,9 @@
 Every constant that goes over the wire is defined here, once: the tags of every message
 (``Tag``), the codec id in a push header (``Codec``; ``mpips.compression``'s codecs take their
 ``wire_id`` from it), the int64 slots of a window's status block (``Slot``), the push header and
-trailer and their magic numbers, the element types of a published shard (``PULL_CODECS``) and the
-words of a bsp notice.
+trailer and their magic numbers, the element types of a published shard (``PULL_CODECS``), the
+words of a bsp notice and the header words of a data server's batch messages (their format:
+``mpips.transport.batches``).
 
 Wire format of a push (worker -> server), protocol 2. Its payload is laid out by the server's
 ``PushLayout``: the gradient slice cut into chunks (``mpips.compression.chunk_ranges``,
@@ -50,6 +51,11 @@ import torch
 from mpips.chunking import MAX_CHUNK_BYTES, chunks
 
 __all__ = [
+    "BATCH_DONE",
+    "BATCH_MAGIC",
+    "BATCH_REPLY_HEADER",
+    "BATCH_REQUEST_WORDS",
+    "BATCH_SAMPLES",
     "FP16_MAX",
     "HEADER_BYTES",
     "MAGIC",
@@ -292,5 +298,12 @@ class PushLayout:
         return HEADER_BYTES + self.max_payload <= min(chunk_bytes, MAX_CHUNK_BYTES)
 
 
+# bsp notices (mpips.transport.notice)
 NOTICE_WORDS = 5  # int64: clock, exposed buffer index, version, buckets exposed, checkpoint mark
 WHOLE = 1 << 62  # "buckets exposed" of a published version: all of them, and its status block
+
+# batch requests and replies between workers and data servers (mpips.transport.batches)
+BATCH_MAGIC = 0x4D505344  # "MPSD"
+BATCH_REQUEST_WORDS = 6  # int64 header words of a request
+BATCH_REPLY_HEADER = 64  # bytes of a reply's header
+BATCH_SAMPLES, BATCH_DONE = 0, 1  # kinds of request

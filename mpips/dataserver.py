@@ -6,12 +6,8 @@ read-only open otherwise) and posts one request receive per worker -> ``serve()`
 requests until every worker has said it is done -> ``finish()`` completes the sends and closes
 the file (collective).
 
-Wire format (world communicator). A request (tag DATA_REQUEST) is int64
-``[MAGIC, kind, worker, epoch, step, n, id_0 .. id_n-1]``; kind DONE (n = 0) is the worker's
-last message. A reply (tag DATA) is a 64-byte int64 header ``[MAGIC, worker, epoch, step, n,
-payload bytes, 0, 0]`` followed by the samples' stored fields, each field's rows contiguous
-(``SampleFormat.pack``). A worker's requests to one server are answered in order, so its
-receives, posted ahead, match by order; the header is checked all the same.
+The messages (requests, replies, the done message; their wire format) are
+``mpips.transport.batches``: ``BatchResponder`` on the data server, ``BatchRequester`` on the worker.
 
 Workers (``RemoteSource``) keep ``--prefetch`` steps of requests in flight: when step t is
 handed to the model, the requests of steps up to t + prefetch are already posted. Which data
@@ -34,17 +30,12 @@ from mpips.data.assign import DataAssignment
 from mpips.data.hdf5 import DatasetFile, PartitionReader, Partitions, SampleFormat
 from mpips.data.prepare import has_mpio
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
-from mpips.transport import Backoff, StallError, Tag, wait_for
+from mpips.transport import Backoff, StallError
+from mpips.transport.batches import BatchRequester, BatchResponder, PostedBatch
 
 __all__ = ["DataServer", "DataServerStats", "RemoteSource", "run_data_server"]
 
 log = logging.getLogger("mpips.dataserver")
-
-MAGIC = 0x4D505344  # "MPSD"
-REQUEST_HEADER = 6  # int64 words
-REPLY_HEADER = 64  # bytes
-SAMPLES, DONE = 0, 1
-
 
 @dataclass
 class DataServerStats:
@@ -110,12 +101,8 @@ class DataServer:
         self.reader = PartitionReader(self.file, self.cache_bytes)
         self.format: SampleFormat = self.file.format
         self.partitions: Partitions = self.file.partitions
-        self.buffers = [
-            np.empty(REQUEST_HEADER + self.max_ids, dtype=np.int64) for _ in self.workers
-        ]
-        self.requests = [self._post(w) for w in range(len(self.workers))]
+        self.port = BatchResponder(self.comm, self.workers, self.max_ids, f"data server {self.index}")
         self.done = [False] * len(self.workers)
-        self.sending: list[tuple[MPI.Request, np.ndarray]] = []
 
     def serve(self) -> DataServerStats:
         """Answer requests until every worker is done; StallError if none come for too long."""
@@ -124,13 +111,12 @@ class DataServer:
         tracer = self.tracer
         while not all(self.done):
             began = tracer.now()
-            statuses: list[MPI.Status] = []
-            ready = MPI.Request.Testsome(self.requests, statuses) or []
+            ready = self.port.poll()
             for w in ready:
                 first = first if first is not None else time.perf_counter()
                 with tracer.span("serve"):
                     self._handle(w)
-            self.sending = [(r, b) for r, b in self.sending if not r.Test()]
+            self.port.progress()
             if ready:
                 backoff.reset()
                 last = time.monotonic()
@@ -149,13 +135,7 @@ class DataServer:
 
     def finish(self) -> DataServerStats:
         """Complete the outstanding sends, then close the file (collective with MPI-IO)."""
-        for req, _ in self.sending:
-            wait_for(req.Test, "a worker to receive its batch", self.stall_timeout)
-        self.sending.clear()
-        for req in self.requests:
-            if req != MPI.REQUEST_NULL:
-                req.Cancel()
-                req.Wait()
+        self.port.close(self.stall_timeout)
         self.stats.bytes_read, self.stats.reads = (
             self.reader.stats.bytes_read,
             self.reader.stats.reads,
@@ -164,28 +144,14 @@ class DataServer:
         return self.stats
 
     # -- requests ----------------------------------------------------------------------------
-    def _post(self, w: int) -> MPI.Request:
-        return self.comm.Irecv(self.buffers[w], source=self.workers[w], tag=Tag.DATA_REQUEST)
-
     def _handle(self, w: int) -> None:
-        head = self.buffers[w][:REQUEST_HEADER]
-        magic, kind, worker, epoch, step, n = (int(v) for v in head)
-        if (
-            magic != MAGIC
-            or worker != w
-            or not 0 <= n <= self.max_ids
-            or kind not in (SAMPLES, DONE)
-        ):
-            raise RuntimeError(
-                f"data server {self.index}: malformed request from worker {w}: {head.tolist()}"
-            )
-        if kind == DONE:
+        request = self.port.take(w)
+        if request.done:
             self.done[w] = True
-            self.requests[w] = MPI.REQUEST_NULL
             return
-        faults.at("data", step)  # the step within the epoch
-        ids = self.buffers[w][REQUEST_HEADER : REQUEST_HEADER + n].copy()
-        self.requests[w] = self._post(w)  # the next request may land while we read
+        faults.at("data", request.step)  # the step within the epoch
+        ids, n = request.ids, len(request.ids)
+        self.port.repost(w)  # the next request may land while we read
         wrong = set(np.unique(self.partitions.of(ids)).tolist()) - self.held
         if wrong:
             raise RuntimeError(
@@ -193,15 +159,11 @@ class DataServer:
                 " which it does not hold"
             )
         t0 = time.perf_counter()
-        reply = np.empty(REPLY_HEADER + n * self.format.record_bytes, dtype=np.uint8)
+        reply, body = self.port.reply_buffer(n, self.format.record_bytes)
         with self.tracer.span("read"):
-            self.reader.take(
-                ids, out=self.format.unpack(reply[REPLY_HEADER:], n)
-            )  # read into the reply
+            self.reader.take(ids, out=self.format.unpack(body, n))  # read into the reply
         self.stats.read_seconds += time.perf_counter() - t0
-        nbytes = reply.nbytes - REPLY_HEADER
-        reply[:REPLY_HEADER].view(np.int64)[:] = (MAGIC, w, epoch, step, n, nbytes, 0, 0)
-        self.sending.append((self.comm.Isend(reply, dest=self.workers[w], tag=Tag.DATA), reply))
+        self.port.reply(request, reply)
         st = self.stats
         st.requests += 1
         st.samples += n
@@ -213,10 +175,7 @@ class DataServer:
 class _Piece:
     server: int
     positions: np.ndarray
-    reply: np.ndarray
-    recv: MPI.Request
-    send: MPI.Request
-    request: np.ndarray  # kept alive until the send completes
+    posted: PostedBatch
 
 
 @dataclass
@@ -258,6 +217,7 @@ class RemoteSource:
         context: int = 0,
     ):
         self.comm, self.data_servers, self.worker, self.plan = comm, data_servers, worker, plan
+        self.port = BatchRequester(comm, worker)
         self.route = np.asarray(assignment.route[worker], dtype=np.int64)
         self.format, self.partitions, self.prefetch = fmt, partitions, prefetch
         self.total_steps, self.stall_timeout, self.context = total_steps, stall_timeout, context
@@ -304,13 +264,8 @@ class RemoteSource:
             for s in np.unique(servers):
                 pos = np.nonzero(servers == s)[0]
                 dest = self.data_servers[int(s)]
-                request = np.concatenate(
-                    [[MAGIC, SAMPLES, self.worker, epoch, step, len(pos)], ids[pos]]
-                ).astype(np.int64)
-                reply = np.empty(REPLY_HEADER + len(pos) * self.format.record_bytes, dtype=np.uint8)
-                recv = self.comm.Irecv(reply, source=dest, tag=Tag.DATA)
-                send = self.comm.Isend(request, dest=dest, tag=Tag.DATA_REQUEST)
-                pieces.append(_Piece(int(s), pos, reply, recv, send, request))
+                posted = self.port.post(dest, epoch, step, ids[pos], self.format.record_bytes)
+                pieces.append(_Piece(int(s), pos, posted))
         return _Pending(g, ids, pieces)
 
     def _top_up(self) -> None:
@@ -319,9 +274,8 @@ class RemoteSource:
             self.next_step += 1
 
     def _complete(self, entry: _Pending) -> None:
-        reqs = [r for p in entry.pieces for r in (p.recv, p.send)]
-        wait_for(
-            lambda: MPI.Request.Testall(reqs),
+        self.port.wait(
+            [p.posted for p in entry.pieces],
             f"the data servers to send the batch of step {entry.step}",
             self.stall_timeout,
         )
@@ -344,14 +298,8 @@ class RemoteSource:
         self._top_up()  # keep `prefetch` steps in flight while this one is computed
         out = self.format.empty(len(entry.ids)) if len(entry.pieces) != 1 else {}
         for p in entry.pieces:
-            head = p.reply[:REPLY_HEADER].view(np.int64)
-            expect = (MAGIC, self.worker, epoch, step, len(p.positions))
-            if tuple(int(v) for v in head[:5]) != expect:
-                raise RuntimeError(
-                    f"worker {self.worker}: data server {p.server} sent {head[:5].tolist()},"
-                    f" expected {expect}"
-                )
-            arrays = self.format.unpack(p.reply[REPLY_HEADER:], len(p.positions))
+            body = self.port.samples(p.posted, epoch, step, len(p.positions), p.server)
+            arrays = self.format.unpack(body, len(p.positions))
             if len(entry.pieces) == 1:  # the whole batch from one server, in order: no copy
                 out = arrays
             else:
@@ -368,13 +316,7 @@ class RemoteSource:
         for entry in self.pending:
             self._complete(entry)
         self.pending.clear()
-        done = np.array([MAGIC, DONE, self.worker, 0, 0, 0], dtype=np.int64)
-        sends = [self.comm.Isend(done, dest=d, tag=Tag.DATA_REQUEST) for d in self.data_servers]
-        wait_for(
-            lambda: MPI.Request.Testall(sends),
-            "the data servers to take the done message",
-            self.stall_timeout,
-        )
+        self.port.done(self.data_servers, self.stall_timeout)
 
 
 def run_data_server(

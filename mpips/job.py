@@ -61,7 +61,7 @@ from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer
 from mpips.startup import cuda_support, shard_values
 from mpips.tables import Table, context, plan_of, register
-from mpips.transport import Backoff, StallError, Tag, send_chunks, wait_all
+from mpips.transport import Backoff, StallError, Tag, poll_control, send_chunks, send_control, wait_all
 from mpips.watchdog import Watchdog, abort_job
 
 __all__ = ["Job", "init"]
@@ -271,9 +271,9 @@ class Job:
         for loader in self._loaders:
             loader.close()
         for rank in self.server_ranks:
-            self.ps_comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
+            send_control(self.ps_comm, rank, ("finish", self.index))
         for rank in self.layout.data_servers:
-            self.comm.send(("finish", self.index), dest=rank, tag=Tag.CONTROL)
+            send_control(self.comm, rank, ("finish", self.index))
         self.dog.close()
 
     def _stopped(self, step: int) -> int:
@@ -311,9 +311,9 @@ class Job:
                 t.comm.Free()
                 t.servers.Free()
                 t.finished = moved = True
-            message = self.ps_comm.improbe(source=MPI.ANY_SOURCE, tag=Tag.CONTROL)
+            message = poll_control(self.ps_comm)
             if message is not None:
-                kind, who = message.recv()
+                kind, who = message
                 if kind == "register":
                     register(self, None)
                 else:
@@ -355,7 +355,7 @@ class Job:
                    "batch_size": batch_size, "steps": steps, "epochs": epochs}
         if self.index == 0:
             for rank in self.layout.data_servers:
-                self.comm.send(("loader", request), dest=rank, tag=Tag.CONTROL)
+                send_control(self.comm, rank, ("loader", request))
         source, plan, total, handle = open_data(self, request)
         loader = Loader(source, plan, total, handle,
                         lambda: self.tables[0].client.position if self.tables else 0)
@@ -367,12 +367,12 @@ class Job:
         finished: set[int] = set()
         backoff = Backoff.for_messages()
         while len(finished) < self.num_workers:
-            message = self.comm.improbe(source=MPI.ANY_SOURCE, tag=Tag.CONTROL)
+            message = poll_control(self.comm)
             if message is None:
                 backoff.wait()
                 continue
             backoff.reset()
-            kind, what_ = message.recv()
+            kind, what_ = message
             if kind == "loader":
                 open_data(self, what_)
             else:

@@ -30,7 +30,7 @@ from mpips.registration import TableSpec, resolve_optimizer, spec_mismatch
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
 from mpips.startup import choose_pull
-from mpips.transport import Tag, recv_chunks, wait_all
+from mpips.transport import Tag, recv_chunks, send_control, wait_all
 
 if TYPE_CHECKING:
     from mpips.job import Job
@@ -60,7 +60,7 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
     table = len(job.tables)
     if describe is not None and job.index == 0:
         for rank in job.server_ranks:
-            job.ps_comm.send(("register", table), dest=rank, tag=Tag.CONTROL)
+            send_control(job.ps_comm, rank, ("register", table))
     blocking = job.dog.blocking
     try:
         mine = agree(job.ps_comm, describe if describe is not None else lambda: None, blocking)

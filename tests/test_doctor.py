@@ -14,8 +14,10 @@ from mpips import doctor
 from mpips.doctor import (
     LauncherClaim,
     ProbeResult,
+    checks,
     cuda_aware,
     find_loaded_libmpi,
+    launcher,
     launcher_claim,
     launcher_world_size,
     rma_passive_progress,
@@ -83,8 +85,8 @@ def test_launcher_claim_says_who_started_this_process_and_its_number():
     ({}, "Open MPI", None),
 ])
 def test_matching_launcher_is_of_the_mpi_that_mpi4py_uses(monkeypatch, versions, vendor, expected):
-    monkeypatch.setattr(doctor.shutil, "which", lambda name: f"/bin/{name}" if name in versions else None)
-    monkeypatch.setattr(doctor, "_mpirun_version", lambda path: versions[path.removeprefix("/bin/")])
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: f"/bin/{name}" if name in versions else None)
+    monkeypatch.setattr(launcher, "_mpirun_version", lambda path: versions[path.removeprefix("/bin/")])
     assert doctor.matching_launcher(vendor) == expected
 
 
@@ -117,17 +119,17 @@ def test_probe_result_describes_itself():
 ])
 def test_mpirun_of_another_mpi_is_flagged(monkeypatch, version, vendor, warns):
     monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    finding = doctor._mpirun_finding("/usr/bin/mpirun", version, vendor)
+    finding = checks._mpirun_finding("/usr/bin/mpirun", version, vendor)
     assert (finding.status == doctor.WARN) == warns, finding
     assert ("not of the" in " ".join(finding.advice)) == warns, finding
 
 
 def test_root_without_permission_is_flagged_for_open_mpi_only(monkeypatch):
     monkeypatch.delenv("OMPI_ALLOW_RUN_AS_ROOT", raising=False)
-    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
-    finding = doctor._mpirun_finding("/usr/bin/mpirun", "mpirun (Open MPI) 4.1.4", "Open MPI")
+    monkeypatch.setattr(checks.os, "geteuid", lambda: 0)
+    finding = checks._mpirun_finding("/usr/bin/mpirun", "mpirun (Open MPI) 4.1.4", "Open MPI")
     assert finding.status == doctor.WARN and "OMPI_ALLOW_RUN_AS_ROOT=1" in finding.advice[0]
-    assert doctor._mpirun_finding("/usr/bin/mpirun", "HYDRA", "MPICH").status == doctor.OK
+    assert checks._mpirun_finding("/usr/bin/mpirun", "HYDRA", "MPICH").status == doctor.OK
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2, 4))

@@ -52,6 +52,7 @@ refuses a directory that holds checkpoints, so two runs never prune each other's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,7 +60,10 @@ import math
 import os
 import re
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,19 +75,25 @@ from mpi4py import MPI
 
 from mpips import faults
 from mpips.config import Config, ConfigError
+from mpips.optim import STATE_FACTOR
 from mpips.shard import ShardPlan
 from mpips.trace import NULL_TRACER
 from mpips.transport import DEFAULT_CHUNK_BYTES, Slot, Tag, chunks, recv_chunks, send_chunks, wait_all, wait_for
+from mpips.watchdog import abort_job
 
 __all__ = [
     "REQUEUE_STATUS",
     "STOPPED_STATUS",
+    "WRITE_FAILED_STATUS",
     "CheckpointError",
     "Checkpointing",
     "Preemption",
     "ResumeError",
     "find_latest",
     "list_checkpoints",
+    "preflight",
+    "remove_partial",
+    "set_aside",
     "verify",
 ]
 
@@ -91,6 +101,9 @@ log = logging.getLogger("mpips.checkpoint")
 
 REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
 STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
+WRITE_FAILED_STATUS = 74  # EX_IOERR: a checkpoint could not be written (disk full, quota, read-only, I/O error)
+ABORT_WAIT_S = 10.0  # how long a rank waits for rank 0 to end the job after a failed checkpoint write
+HDF5_OVERHEAD = 1 << 20  # bytes a checkpoint file takes beyond its data: HDF5's headers and the manifest
 FORMAT = "mpips-checkpoint"
 VERSION = 4  # 3: workers/residual (error feedback); 4: workers/momentum; older files are read as before
 READABLE = (2, 3, 4)
@@ -152,14 +165,70 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def find_latest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that verifies; a warning names each one skipped."""
+def find_latest(directory: str | Path, aside: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that verifies; a warning names each one skipped.
+
+    Args:
+        aside: rename each one skipped out of the way (``set_aside``), so that it no longer
+            counts as a checkpoint of the directory (a requeued job then resumes every time).
+    """
     for _, path in list_checkpoints(directory):
         try:
             return path, verify(path)
         except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s", exc)
+            moved = f"; moved aside to {set_aside(path).name}" if aside else ""
+            log.warning("skipping checkpoint: %s%s", exc, moved)
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not verify to ``<name>.corrupt`` (``.corrupt.1``, ... when
+    taken), next to it: kept for inspection, no longer listed, never pruned. Returns the new path."""
+    target, n = path.with_name(path.name + ".corrupt"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+    os.replace(path, target)
+    return target
+
+
+def remove_partial(directory: str | Path) -> list[str]:
+    """Delete the temporary files (``.ckpt-*.h5.tmp``) of writes that never completed; their names."""
+    d = Path(directory)
+    gone = sorted(p.name for p in d.glob(".ckpt-*.tmp")) if d.is_dir() else []
+    for name in gone:
+        (d / name).unlink(missing_ok=True)
+    return gone
+
+
+def preflight(directory: Path, needed: int) -> str | None:
+    """Can ``directory`` take a file of ``needed`` bytes now? None, or what stops it.
+
+    Reserves the bytes for real (``posix_fallocate`` of a probe file, removed at once), so a full
+    disk, a quota, a read-only or failing file system is found before any rank writes, where the
+    whole job can stop cleanly, rather than in the middle of a collective write.
+    """
+    probe = directory / f".ckpt-probe-{os.getpid()}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, max(1, needed))
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"{os.strerror(exc.errno) if exc.errno else exc}"
+    return None
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes an unprivileged writer may still use in ``directory``'s file system (-1: unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -341,6 +410,7 @@ class Checkpointing:
     _rung: bool = False
     _next_async: int = 0
     _position: int = -1
+    complete: bool = False  # the checkpoint resumed from is this run's last step: nothing to train
     tracer: Any = NULL_TRACER  # mpips.trace: the job sets its Tracer here when --trace is on
 
     @property
@@ -377,6 +447,11 @@ class Checkpointing:
         c = cfg.checkpoint
         chosen: Any = None
         if comm.Get_rank() == 0:
+            if ck.enabled and c.resume:
+                gone = remove_partial(c.checkpoint_dir)
+                if gone:
+                    log.warning("removed %d partial file(s) of an interrupted checkpoint write from %s: %s",
+                                len(gone), c.checkpoint_dir, ", ".join(gone))
             chosen = _choose(c.resume, c.checkpoint_dir) if c.resume else None
             if isinstance(chosen, tuple):
                 chosen = ck._misfit(*chosen) or chosen
@@ -384,16 +459,44 @@ class Checkpointing:
                 chosen = _clash(chosen, c.checkpoint_dir, bool(c.resume)) or chosen
             if chosen is None and c.resume:
                 log.warning("--resume: no checkpoint in %s yet; starting at step 0", c.checkpoint_dir)
+            elif isinstance(chosen, tuple) and chosen[1]["step"] == total_steps:
+                print(f"mpips: the run is complete: {chosen[0]} is its checkpoint of step {total_steps} of"
+                      f" {total_steps}; nothing to train, exiting with status 0", flush=True)
             elif isinstance(chosen, tuple):
                 log.warning("resuming from %s at step %d", chosen[0], chosen[1]["step"])
+            if ck.enabled and not isinstance(chosen, str):
+                ck._warn_if_small(Path(chosen[0]) if isinstance(chosen, tuple) else None)
         chosen = comm.bcast(chosen, root=0)
         if isinstance(chosen, str):
             raise ResumeError(chosen)
         if chosen is not None:
             ck.resume_path, ck.manifest = Path(chosen[0]), chosen[1]
+            ck.complete = chosen[1]["step"] == total_steps
         if ck.enabled:
             Path(c.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         return ck
+
+    def estimate_bytes(self) -> int:
+        """About how large one checkpoint of this job is: parameters, optimizer state, each worker's
+        error-feedback residual and momentum, RNG state and module state."""
+        cfg, numel, workers = self.cfg, self.plan.numel if self.plan is not None else 0, self.layout_counts["workers"]
+        floats = numel * (1 + STATE_FACTOR.get(cfg.server_optim().optimizer, 2.0))
+        if cfg.compression.compress != "none" and cfg.compression.feedback():
+            floats += workers * numel * (2 if cfg.compression.worker_momentum(cfg.optim)[0] is not None else 1)
+        module = sum(math.prod(shape) * getattr(torch, dtype.removeprefix("torch.")).itemsize
+                     for _, shape, dtype, _ in self.module)
+        return int(4 * floats + workers * (module + 8192)) + HDF5_OVERHEAD
+
+    def _warn_if_small(self, resumed: Path | None) -> None:
+        """Rank 0 at start-up: warn when the directory cannot hold two more checkpoints (a write
+        needs room for the new one before the oldest is pruned)."""
+        directory = Path(self.cfg.checkpoint.checkpoint_dir)
+        one = resumed.stat().st_size if resumed is not None else self.estimate_bytes()
+        free = free_bytes(directory if directory.is_dir() else directory.parent)
+        if 0 <= free < 2 * one:
+            log.warning("--checkpoint-dir %s has %s free, less than two checkpoints of this job (%s each): a"
+                        " checkpoint write that does not fit ends the job with status %d, keeping the last good"
+                        " one", directory, _mib(free), _mib(one), WRITE_FAILED_STATUS)
 
     def _misfit(self, path: str, m: dict[str, Any]) -> str | None:
         """Why this job cannot resume from manifest ``m``, or None."""
@@ -416,7 +519,7 @@ class Checkpointing:
                 problems.append(f"it used --{key.replace('_', '-')} {m[key]}, this job {now}")
         if cfg.train.sync == "bsp" and len(set(m["positions"])) > 1:
             problems.append(f"its workers stopped at different steps ({m['sync']}), which --sync bsp cannot continue")
-        if m["step"] >= self.total_steps:
+        if m["step"] > self.total_steps:  # == : the run is complete (``setup`` says so and trains nothing)
             problems.append(f"it is at step {m['step']}, this job trains {self.total_steps} steps")
         if not problems:
             return None
@@ -458,6 +561,21 @@ class Checkpointing:
         optimizer = dict(template["optimizer"], state=state)
         return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
                 "clocks": list(self.manifest["positions"])}
+
+    def restore_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A complete run's model (``complete``): ``model`` given the checkpoint's parameters and
+        worker 0's buffers and frozen parameters (what the lead worker ends with), in place."""
+        with h5py.File(self.resume_path, "r") as f, torch.no_grad():
+            flat = torch.from_numpy(f["params"][:])
+            params = dict(model.named_parameters())
+            for t in self.plan.tensors:
+                params[t.name].copy_(flat[t.offset : t.offset + t.numel].view(t.shape))
+            state = {**dict(model.named_buffers()), **params}
+            for name, _, _, _ in self.module:
+                t = state[name]
+                raw = f[_module_dataset(name, t)][0]
+                t.copy_(torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape))
+        return model
 
     def _runs(self, pieces: list) -> tuple[list, list[int]]:
         """The server's optimizer pieces (``ParameterServer.state_dict()["pieces"]``: tensor runs,
@@ -627,13 +745,25 @@ class Checkpointing:
         directory = Path(self.cfg.checkpoint.checkpoint_dir)
         final = directory / checkpoint_name(step)
         tmp = directory / f".{final.name}.tmp"
-        ranks = comm.allgather((self.role, self.index, self._position))
-        positions = [p for _, _, p in sorted(r for r in ranks if r[0] == "worker")]
-        write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions),
-                         chunk_bytes=self.cfg.train.chunk_bytes)
-        comm.Barrier()
-        if comm.Get_rank() == 0:
-            publish(tmp, final, self.cfg.checkpoint.keep)
+        ranks = comm.allgather((self.role, self.index, self._position, sum(p.data.nbytes for p in pieces)))
+        positions = [r[2] for r in sorted(r for r in ranks if r[0] == "worker")]
+        needed = sum(r[3] for r in ranks) + HDF5_OVERHEAD
+        lead = comm.Get_rank() == 0
+        problem = comm.bcast(preflight(directory, needed) if lead else None, root=0)
+        if problem is not None:  # every rank knows: one line from rank 0, the others wait for its abort
+            self._write_failed(step, needed, problem, speaker=lead)
+        try:
+            with _deadline(self.cfg.train.stall_timeout, lambda: self._write_failed(
+                    step, needed, f"the write did not finish in {self.cfg.train.stall_timeout:g} s"
+                    " (--stall-timeout)", speaker=True)):
+                write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions),
+                                 chunk_bytes=self.cfg.train.chunk_bytes)
+                comm.Barrier()
+                if lead:
+                    publish(tmp, final, self.cfg.checkpoint.keep)
+        except Exception as exc:  # noqa: BLE001 - an I/O error on this rank: end the job, keep the last good one
+            self._write_failed(step, needed, f"{type(exc).__name__}: {exc}", speaker=True)
+        if lead:
             log.warning(
                 "checkpoint at step %d written to %s (%.1f MiB, %.2f s)%s",
                 step,
@@ -647,6 +777,22 @@ class Checkpointing:
             )
         tracer.record("checkpoint write", began, step=step)
         self.last_path, self._last_time = final, time.monotonic()
+
+    def _write_failed(self, step: int, needed: int, why: str, speaker: bool) -> None:
+        """Checkpoint ``step`` cannot be written: say so in one line (``speaker``) and end the whole
+        job with ``WRITE_FAILED_STATUS``; the checkpoints already written stay as they are."""
+        if speaker:
+            directory = Path(self.cfg.checkpoint.checkpoint_dir)
+            (directory / f".{checkpoint_name(step)}.tmp").unlink(missing_ok=True)
+            good = list_checkpoints(directory)
+            last = f"the last good checkpoint is {good[0][1]} (intact)" if good else "no earlier checkpoint"
+            print(f"mpips: checkpoint of step {step} not written to {directory}: {why}; it needs"
+                  f" {_mib(needed)}, {_mib(max(0, free_bytes(directory)))} free; {last}; exiting with status"
+                  f" {WRITE_FAILED_STATUS}", file=sys.stderr, flush=True)
+            abort_job(self.comm, WRITE_FAILED_STATUS)
+        else:
+            time.sleep(ABORT_WAIT_S)  # rank 0 aborts the job meanwhile; if it could not, this rank does
+            abort_job(self.comm, WRITE_FAILED_STATUS)
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -669,6 +815,24 @@ class Checkpointing:
         }
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float, expired: Callable[[], None]) -> Iterator[None]:
+    """Call ``expired`` (from a timer thread) if the block lasts more than ``seconds`` (0: never)."""
+    timer = threading.Timer(seconds, expired) if seconds > 0 else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
 def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
     """[name, shape, dtype, "buffer" | "frozen"] of each tensor of a worker's module state, for the manifest."""
     return [[n, list(t.shape), str(t.dtype), "buffer" if _per_worker(t) else "frozen"] for n, t in state.items()]
@@ -686,19 +850,26 @@ def _module_dataset(name: str, t: torch.Tensor) -> str:
 def _clash(chosen: tuple[str, dict[str, Any]] | None, directory: str, resuming: bool) -> str | None:
     """Why this run must not write into ``directory`` (another run's checkpoints are there), or None."""
     found = list_checkpoints(directory)
-    if chosen is None and found:
-        if resuming:
-            return (f"--resume: no checkpoint in {directory} verifies ({len(found)} skipped, see the"
-                    " warnings); move them away to start afresh there")
+    if chosen is None and found and not resuming:  # (resuming: those that did not verify were set aside)
         return (f"--checkpoint-dir {directory} already holds checkpoints (newest: step {found[0][0]})"
                 " of an earlier run; add --resume to continue it, or choose an empty --checkpoint-dir")
     if chosen is not None:
-        newer = [step for step, _ in found if step > chosen[1]["step"]]
+        newer = [step for step, path in found if step > chosen[1]["step"] and _verifies_or_aside(path)]
         if newer:
             return (f"--resume {chosen[0]}: --checkpoint-dir {directory} holds newer checkpoints (steps"
                     f" {', '.join(map(str, sorted(newer)))}); resuming here would interleave two runs'"
                     " checkpoints: move those away, or resume from the newest (--resume alone)")
     return None
+
+
+def _verifies_or_aside(path: Path) -> bool:
+    """Whether ``path`` verifies; when not, it is moved aside with a warning naming it."""
+    try:
+        verify(path)
+        return True
+    except CheckpointError as exc:
+        log.warning("skipping checkpoint: %s; moved aside to %s", exc, set_aside(path).name)
+        return False
 
 
 def _choose(resume: str, directory: str | None) -> tuple[str, dict[str, Any]] | str | None:
@@ -710,7 +881,7 @@ def _choose(resume: str, directory: str | None) -> tuple[str, dict[str, Any]] | 
     if resume == "latest":
         if directory is None:
             return "--resume without a path needs --checkpoint-dir"
-        found = find_latest(directory)
+        found = find_latest(directory, aside=True)
         if found is None:
             return None
         return str(found[0]), found[1]

@@ -88,6 +88,16 @@ def test_kill_and_resume_is_bitwise_identical(killed_run, tmp_path):
     # the run's last step is checkpointed too (14), and --keep 3 pruned the oldest
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [14, 12, 8]
     assert verify(tmp_path / "ck" / "ckpt-00000014.h5")["reason"] == "final"
+    # run again, as a requeued job would after a rank died past its final checkpoint: the run is
+    # complete, exit 0, the final model written again, nothing in the directory touched
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    again = run_train(3, *FLAGS, "--checkpoint-dir", str(tmp_path / "ck"), "--resume", "--save",
+                      str(tmp_path / "again.pt"), timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("mpips: the run is complete: ") == 1 and "step 1/" not in again.stdout
+    assert f"{tmp_path / 'ck'}/ckpt-00000014.h5 is its checkpoint of step 14 of 14" in again.stdout
+    assert _equal(d / "reference.pt", tmp_path / "again.pt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
 
 
 def test_kill_and_resume_in_chunks_of_1000_bytes_is_bitwise_the_default_run(killed_run, tmp_path):
@@ -122,6 +132,47 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(killed_run, tmp_path, ca
         "data_servers": 0,
         "workers": 2,
     }
+
+
+def _flip_16_bytes_of_params(path: Path) -> None:
+    with h5py.File(path, "r") as f:
+        at = f["params"].id.get_offset() + 64  # inside the data of ``params``, not HDF5's headers
+    with open(path, "r+b") as f:
+        f.seek(at)
+        data = f.read(16)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize("damage", ["truncated to half", "16 bytes flipped"])
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        killed_run, tmp_path, damage):
+    """What a requeued job meets after a writer died or a disk lied: --resume alone skips the newest
+    checkpoint in one line, moves it aside (so the next restart does not meet it again, and the
+    one-run-per-directory guard does not count it), removes an interrupted write's partial file,
+    resumes from the one before and ends bitwise equal to the uninterrupted run."""
+    d, _ = killed_run
+    ck = tmp_path / "ck"
+    shutil.copytree(d / "ck", ck)
+    newest = ck / "ckpt-00000008.h5"
+    if damage == "truncated to half":
+        with open(newest, "r+b") as f:
+            f.truncate(newest.stat().st_size // 2)
+    else:
+        _flip_16_bytes_of_params(newest)
+    (ck / ".ckpt-00000012.h5.tmp").write_bytes(b"partial")  # a write that never completed
+    out = run_train(3, *FLAGS, "--checkpoint-dir", str(ck), "--checkpoint-every", "4", "--resume",
+                    "--save", str(tmp_path / "resumed.pt"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    skipped = [line for line in out.stderr.splitlines() if "skipping checkpoint" in line]
+    assert len(skipped) == 1 and f"{newest}: " in skipped[0], out.stderr[-2000:]
+    assert "moved aside to ckpt-00000008.h5.corrupt" in skipped[0]
+    assert ("checksum mismatch in params" if "flipped" in damage else "unreadable") in skipped[0]
+    assert "removed 1 partial file(s) of an interrupted checkpoint write" in out.stderr
+    assert f"resuming from {ck}/ckpt-00000004.h5 at step 4" in out.stderr
+    assert _equal(d / "reference.pt", tmp_path / "resumed.pt")
+    assert (ck / "ckpt-00000008.h5.corrupt").exists() and not list(ck.glob(".*.tmp"))
+    assert [s for s, _ in list_checkpoints(ck)] == [14, 12, 8]  # 8 written again by the resumed run
 
 
 def test_resume_reshards_onto_more_servers(killed_run, tmp_path):

@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +21,17 @@ import pytest
 import torch
 from helpers import REPO, mpi_job, run_train, signal_at_line
 
-from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, publish, verify
+from mpips.checkpoint import (
+    HDF5_OVERHEAD,
+    PIECE_OVERHEAD,
+    REQUEUE_STATUS,
+    WRITE_FAILED_STATUS,
+    Checkpointing,
+    find_latest,
+    list_checkpoints,
+    publish,
+    verify,
+)
 from mpips.config import parse_args
 from mpips.shard import ShardPlan
 
@@ -173,6 +185,51 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert _equal(d / "reference.pt", tmp_path / "resumed.pt")
     assert (ck / "ckpt-00000008.h5.corrupt").exists() and not list(ck.glob(".*.tmp"))
     assert [s for s, _ in list_checkpoints(ck)] == [14, 12, 8]  # 8 written again by the resumed run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only: skipped elsewhere), unmounted after the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_ends_the_job_in_one_line_keeping_the_last_good_checkpoint(killed_run, small_disk):
+    """The checkpoint directory fills up after the first checkpoint: the job ends within seconds
+    with one line naming the directory, the bytes needed and free and the last good checkpoint,
+    exit status 74 (EX_IOERR), no partial file left; freed, the same command resumes from it."""
+    d, _ = killed_run
+    manifest = verify(d / "ck" / "ckpt-00000004.h5")
+    data = sum((m["stop"] - m["start"]) * np.dtype(m["dtype"]).itemsize * int(np.prod(m["shape"][1:]))
+               for m in manifest["pieces"])
+    needed = data + PIECE_OVERHEAD * len(manifest["pieces"]) + HDF5_OVERHEAD  # what a write asks for
+    size = (d / "ck" / "ckpt-00000004.h5").stat().st_size
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - needed - size // 2))  # room for one
+    ck = small_disk / "ck"
+    flags = (*FLAGS, "--checkpoint-dir", str(ck), "--checkpoint-every", "4")
+    began = time.monotonic()
+    full = run_train(3, *flags, timeout=120)
+    elapsed = time.monotonic() - began
+    assert full.returncode == WRITE_FAILED_STATUS == 74, full.stderr[-3000:]
+    assert elapsed < 30
+    lines = [line for line in full.stderr.splitlines() if line.startswith("mpips: ")]
+    assert len(lines) == 1, full.stderr[-3000:]
+    assert lines[0].startswith(f"mpips: checkpoint of step 8 not written to {ck}: No space left on device; it needs")
+    assert f"({needed:,} bytes)" in lines[0] and " free; the last good checkpoint is" in lines[0]
+    assert f"{ck}/ckpt-00000004.h5 (intact); exiting with status 74" in lines[0]
+    assert "Traceback" not in full.stderr
+    assert [s for s, _ in list_checkpoints(ck)] == [4] and not list(ck.glob(".*.tmp"))
+    verify(ck / "ckpt-00000004.h5")
+    filler.unlink()  # space freed: the same job resumes and ends as the uninterrupted run
+    run_train(3, *flags, "--resume", "--save", str(small_disk / "resumed.pt"), timeout=120, check=True)
+    assert _equal(d / "reference.pt", small_disk / "resumed.pt")
 
 
 def test_resume_reshards_onto_more_servers(killed_run, tmp_path):

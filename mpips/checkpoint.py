@@ -15,6 +15,8 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
                             the accumulated velocities
     workers/momentum        float32 [workers, numel]  --momentum-correction's momentum buffers (version
                             4 on; absent: resumed as zeros)
+    workers/scaler          float64 [workers, 2]  --precision fp16: each worker's loss scale and growth
+                            tracker (version 5 on; absent: the scaler starts afresh at 2**16)
     frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
     attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
                             config, and the sha256 of every piece each rank wrote
@@ -107,8 +109,9 @@ ABORT_WAIT_S = 10.0  # how long a rank waits for rank 0 to end the job after a f
 # for 13 datasets: a generous 64 KiB, and 4 KiB more per piece written
 HDF5_OVERHEAD, PIECE_OVERHEAD = 64 << 10, 4 << 10
 FORMAT = "mpips-checkpoint"
-VERSION = 4  # 3: workers/residual (error feedback); 4: workers/momentum; older files are read as before
-READABLE = (2, 3, 4)
+VERSION = 5  # 3: workers/residual (error feedback); 4: workers/momentum; 5: workers/scaler; older files load
+READABLE = (2, 3, 4, 5)
+SCALER = ("scale", "growth_tracker")  # the columns of workers/scaler
 _NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
 
 
@@ -601,6 +604,8 @@ class Checkpointing:
             for key in ("residual", "momentum"):  # the encoder's state, or zeros where none was saved
                 if key in template:
                     state[key] = torch.from_numpy(f[f"workers/{key}"][i]) if f"workers/{key}" in f else None
+            if template.get("scaler") and "workers/scaler" in f:  # else (version < 5): the scaler starts afresh
+                state["scaler"] = dict(zip(SCALER, map(float, f["workers/scaler"][i]), strict=True))
         return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
@@ -655,6 +660,8 @@ class Checkpointing:
             if key in st:
                 vec = st[key].numpy()
                 pieces.append(Piece(f"workers/{key}", i, vec[None].copy(), (W, vec.size)))
+        if st.get("scaler"):  # fp16's loss scaler
+            pieces.append(Piece("workers/scaler", i, np.array([[st["scaler"][k] for k in SCALER]]), (W, len(SCALER))))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):

@@ -388,17 +388,20 @@ class Worker:
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
         ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
         ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback;
-        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it.
+        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it;
+        ``scaler``: ``Precision.state_dict()``, fp16's loss scale and growth tracker ({} otherwise).
         """
         state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
         if self.encoder is not None:
             state.update(self.encoder.state_dict())
+        state["scaler"] = self.precision.state_dict()  # [restart] fp16's loss scale; {} otherwise
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         torch.set_rng_state(state["rng"])
         self.flat.load_module_state(state["module"])
+        self.precision.load_state_dict(state.get("scaler"))  # [restart]
         if self.encoder is not None:
             self.encoder.load_state_dict(state)
 

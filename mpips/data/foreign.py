@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpips.data.hdf5 import DatasetError, Partitions, SampleFormat
+from mpips.data.hdf5 import DatasetError, Partitions, SampleFormat, describe_nonfinite, first_nonfinite
 
 __all__ = ["PARTITION_BYTES", "ForeignData", "ForeignFile", "ForeignReader", "check_finite", "expand_paths",
            "is_foreign"]
@@ -65,25 +65,18 @@ def is_foreign(spec: str | list | tuple) -> bool:
         return False
 
 
-def check_finite(x: np.ndarray, path: str, key: str, first: int | np.ndarray) -> np.ndarray:
-    """``x`` (rows ``first``... of dataset ``key`` of file ``path``, or the rows ``first`` lists),
-    when every value is finite.
+def check_finite(x: np.ndarray, path: str, key: str, first: int) -> np.ndarray:
+    """``x`` (rows ``first``... of dataset ``key`` of file ``path``), when every value is finite.
 
     Raises:
-        DatasetError: naming the file, the dataset and the first row holding a NaN or an infinity
-            (it would become a NaN gradient, dropped by the servers as a bad gradient, a step later).
+        DatasetError: naming the file, the dataset and the first row holding a NaN or an infinity,
+            as ``prepare`` names a source's (it would become a NaN gradient a step later).
     """
-    if x.dtype.kind not in "fc" or len(x) == 0:
+    bad = first_nonfinite(x)
+    if bad is None:
         return x
-    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if finite.all():
-        return x
-    rows = np.arange(first, first + len(x)) if isinstance(first, int) else np.asarray(first)
-    r = int(np.argmin(finite)) if isinstance(first, int) else int(np.argmin(np.where(finite, np.inf, rows)))
-    value = x[r].reshape(-1)[np.argmin(np.isfinite(x[r].reshape(-1)))]
-    raise DatasetError(f"{path}: dataset '{key}' row {int(rows[r]):,} holds {value} (the first non-finite value of"
-                       f" the {len(x):,} rows read, from row {int(rows.min()):,}): a non-finite input trains"
-                       " nothing but NaN; fix or drop that row")
+    raise DatasetError(f"{path}: dataset '{key}' row {first + bad} has {describe_nonfinite(x[bad])}: mpips refuses"
+                       " non-finite features (every gradient of a batch holding one is NaN); clean or drop that row")
 
 
 @dataclass(frozen=True)

@@ -457,7 +457,8 @@ class ParameterServer:
             self.stats.staleness.append(staleness)
             self.stats.max_staleness = max(self.stats.max_staleness, staleness)
             self.window.status[Slot.MAX_STALENESS] = self.stats.max_staleness
-        # clipping uses the worker's own whole-gradient norm: servers see only their slice
+        # clipping uses the norm in the push's trailer: the worker's whole gradient as decoded here
+        # (servers see only their slice) [restart]
         step = self.stats.applied // len(self.workers)
         # Each gradient is one worker's share of a step: scale the step, not the gradient, since
         # Adam-type updates are invariant to gradient scale (scaling it would be a no-op there).

@@ -37,7 +37,7 @@ from torch import nn
 
 from mpips import faults
 from mpips.backwardpush import BackwardPush
-from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
+from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, parse_chunk
 from mpips.data import BatchSource, EpochPlan
 from mpips.metrics import MetricsLog, Progress
 from mpips.optim import sum_of_squares
@@ -637,15 +637,31 @@ class Worker:
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float,
              servers: list[int] | None = None) -> None:
         """Push the whole gradient (after backward) to ``servers`` (default: all)."""
-        for s in range(len(self.servers)) if servers is None else servers:
+        targets = range(len(self.servers)) if servers is None else servers
+        encoded = {}
+        for s in targets:
             self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
-            payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
-            parts = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
+            payload = self.flat.shard(s, grad=True)
+            encoded[s] = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
+        if self.codec is not None and self.sync != "bsp" and self.ctx.optim.clip_grad_norm and math.isfinite(grad_norm):
+            grad_norm = self._decoded_norm(step, encoded)  # [restart] asp/ssp clip by the norm of what is applied
+        for s in targets:
+            parts, mask = encoded[s], self.flat.mask(s)
             header = PushHeader(
                 step, self.index, self.wire_codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes,
                 grad_norm, loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
             self.pusher.push(s, header, *parts, mask)
+
+    def _decoded_norm(self, step: int, encoded: dict[int, list[np.ndarray]]) -> float:
+        """[restart] The L2 norm of the whole gradient as the servers decode it from ``encoded``
+        (every server's records), which asp/ssp servers clip by (``--clip-grad-norm``)."""
+        total = 0.0
+        for s, records in encoded.items():
+            for c, ((a, b), record) in enumerate(zip(self.ranges[s], records, strict=True)):
+                seed = chunk_seed(self.seed, step, self.index, s, c)
+                total += sum_of_squares(parse_chunk(self.codec, record, b - a, seed)[0].values.numpy())
+        return math.sqrt(total)
 
     def _encode(self, s: int, step: int, grad: np.ndarray, finite: bool) -> list[np.ndarray]:
         """One codec record per chunk of server ``s``'s gradient slice (``mpips.compression``).

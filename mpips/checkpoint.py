@@ -417,6 +417,7 @@ class Checkpointing:
     _position: int = -1
     complete: bool = False  # the checkpoint resumed from is this run's last step: nothing to train
     tracer: Any = NULL_TRACER  # mpips.trace: the job sets its Tracer here when --trace is on
+    world: Any = None  # the job's world (``setup``'s ``comm``): a failed write aborts all of it
 
     @property
     def enabled(self) -> bool:
@@ -448,7 +449,7 @@ class Checkpointing:
         Raises:
             ResumeError: the same on every rank, when the checkpoint cannot be resumed here.
         """
-        ck = cls(cfg, comm, counts, plan, module or [], total_steps, preemption=preemption)
+        ck = cls(cfg, comm, counts, plan, module or [], total_steps, preemption=preemption, world=comm)
         c = cfg.checkpoint
         chosen: Any = None
         if comm.Get_rank() == 0:
@@ -800,10 +801,10 @@ class Checkpointing:
             print(f"mpips: checkpoint of step {step} not written to {directory}: {why}; it needs"
                   f" {_mib(needed)}, {_mib(max(0, free_bytes(directory)))} free; {last}; exiting with status"
                   f" {WRITE_FAILED_STATUS}", file=sys.stderr, flush=True)
-            abort_job(self.comm, WRITE_FAILED_STATUS)
+            abort_job(self.world or self.comm, WRITE_FAILED_STATUS)
         else:
             time.sleep(ABORT_WAIT_S)  # rank 0 aborts the job meanwhile; if it could not, this rank does
-            abort_job(self.comm, WRITE_FAILED_STATUS)
+            abort_job(self.world or self.comm, WRITE_FAILED_STATUS)
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:
         cfg = self.cfg

@@ -225,6 +225,7 @@ def test_a_full_disk_ends_the_job_in_one_line_keeping_the_last_good_checkpoint(k
     assert f"({needed:,} bytes)" in lines[0] and " free; the last good checkpoint is" in lines[0]
     assert f"{ck}/ckpt-00000004.h5 (intact); exiting with status 74" in lines[0]
     assert "Traceback" not in full.stderr
+    assert "less than two checkpoints of this job" in full.stderr  # said at start-up
     assert [s for s, _ in list_checkpoints(ck)] == [4] and not list(ck.glob(".*.tmp"))
     verify(ck / "ckpt-00000004.h5")
     filler.unlink()  # space freed: the same job resumes and ends as the uninterrupted run

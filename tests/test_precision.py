@@ -165,7 +165,7 @@ def test_fp16_kill_and_resume_through_overflowing_steps_is_bitwise(tmp_path):
     from mpips.checkpoint import list_checkpoints
 
     flags = ("--model", "toymodels:fp16_overflow", "--precision", "fp16", "--steps", "10", "--data-servers", "0",
-             "--warmup-steps", "4", "--lr-schedule", "cosine", "--stall-timeout", "10", "--log-every", "100")
+             "--warmup-steps", "4", "--lr-schedule", "cosine", "--stall-timeout", "60", "--log-every", "100")
     run_train(3, *flags, "--save", str(tmp_path / "reference.pt"), timeout=240, check=True)
     ck = ("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "3")
     killed = run_train(3, *flags, *ck, env={"MPIPS_FAULT": "rank=0,phase=pull,step=5,kind=kill"}, timeout=240)

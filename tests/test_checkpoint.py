@@ -29,9 +29,12 @@ from mpips.checkpoint import (
     Checkpointing,
     find_latest,
     list_checkpoints,
+    preflight,
     publish,
+    remove_partial,
     verify,
 )
+from mpips.checkpoint.resume import clash
 from mpips.config import parse_args
 from mpips.shard import ShardPlan
 
@@ -185,6 +188,28 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert _equal(d / "reference.pt", tmp_path / "resumed.pt")
     assert (ck / "ckpt-00000008.h5.corrupt").exists() and not list(ck.glob(".*.tmp"))
     assert [s for s, _ in list_checkpoints(ck)] == [14, 12, 8]  # 8 written again by the resumed run
+
+
+def test_resume_from_a_path_sets_aside_newer_checkpoints_that_do_not_verify(killed_run, tmp_path):
+    """--resume PATH: a newer checkpoint that does not verify is no run's state (moved aside); one
+    that verifies still belongs to a run and is refused, as before."""
+    d, _ = killed_run
+    ck = tmp_path / "ck"
+    shutil.copytree(d / "ck", ck)
+    (ck / "ckpt-00000012.h5").write_bytes(b"not HDF5")
+    (ck / ".ckpt-00000016.h5.tmp").write_bytes(b"partial")
+    oldest = ck / "ckpt-00000004.h5"
+    why = clash((str(oldest), verify(oldest)), str(ck), True)
+    assert "holds newer checkpoints (steps 8)" in why
+    assert (ck / "ckpt-00000012.h5.corrupt").read_bytes() == b"not HDF5"
+    assert [s for s, _ in list_checkpoints(ck)] == [8, 4]
+    assert remove_partial(ck) == [".ckpt-00000016.h5.tmp"] and not list(ck.glob(".*.tmp"))
+
+
+def test_preflight_says_why_a_directory_cannot_take_a_checkpoint(tmp_path):
+    assert preflight(tmp_path, 1 << 20) is None and not list(tmp_path.iterdir())  # the probe is gone
+    assert preflight(tmp_path / "missing", 10) == "No such file or directory"
+    assert preflight(tmp_path, 1 << 62) in ("No space left on device", "File too large")
 
 
 @pytest.fixture

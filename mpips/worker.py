@@ -638,20 +638,23 @@ class Worker:
              servers: list[int] | None = None) -> None:
         """Push the whole gradient (after backward) to ``servers`` (default: all)."""
         targets = range(len(self.servers)) if servers is None else servers
-        encoded = {}
-        for s in targets:
-            self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
-            payload = self.flat.shard(s, grad=True)
-            encoded[s] = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
+        encoded: dict[int, list[np.ndarray]] = {}
         if self.codec is not None and self.sync != "bsp" and self.ctx.optim.clip_grad_norm and math.isfinite(grad_norm):
-            grad_norm = self._decoded_norm(step, encoded)  # [restart] asp/ssp clip by the norm of what is applied
+            encoded = {s: self._parts(s, step, True) for s in targets}  # [restart] asp/ssp clip by the norm
+            grad_norm = self._decoded_norm(step, encoded)  # of what the servers decode and apply
         for s in targets:
-            parts, mask = encoded[s], self.flat.mask(s)
+            parts, mask = encoded.get(s) or self._parts(s, step, np.isfinite(grad_norm)), self.flat.mask(s)
             header = PushHeader(
                 step, self.index, self.wire_codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes,
                 grad_norm, loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
             self.pusher.push(s, header, *parts, mask)
+
+    def _parts(self, s: int, step: int, finite: bool) -> list[np.ndarray]:
+        """Server ``s``'s slice of the gradient as it is sent: raw, or one codec record per chunk."""
+        self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
+        payload = self.flat.shard(s, grad=True)
+        return [payload] if self.codec is None else self._encode(s, step, payload, finite)
 
     def _decoded_norm(self, step: int, encoded: dict[int, list[np.ndarray]]) -> float:
         """[restart] The L2 norm of the whole gradient as the servers decode it from ``encoded``

@@ -41,6 +41,13 @@ def test_a_file_read_in_place_with_a_nan_input_names_file_and_row(tmp_path):
         f.read_train(0, data.partitions.sizes[0])
 
 
+def test_a_held_out_file_with_an_infinite_input_names_file_and_row(tmp_path):
+    val = _file(tmp_path / "val.h5", bad_row=3, value=np.inf, rows=20)
+    with pytest.raises(DatasetError, match=r"val\.h5: dataset 'img' row 3 has inf at x\[0, 2, 1\]"):
+        data = open_dataset("digits", _file(tmp_path / "ok.h5"), x_key="img", y_key="label", val_data=val)
+        data.val_x  # noqa: B018 - read on first use
+
+
 def test_a_batch_larger_than_the_training_split_is_refused(tmp_path):
     data = open_dataset("digits", _file(tmp_path / "ok.h5", rows=100), x_key="img", y_key="label")
     assert data.plan(2, 50, 0).steps_per_epoch == 1  # exactly the split: fine

@@ -115,7 +115,10 @@ class OptimConfig:
     warmup_steps: int = _opt(0, "linear warm-up steps")
     step_size: int = _opt(100, "step schedule: multiply lr by --gamma every this many steps")
     gamma: float = _opt(0.1, "step schedule factor")
-    clip_grad_norm: float = _opt(0.0, "clip the global gradient norm (across all servers) to this; 0 = off")
+    clip_grad_norm: float = _opt(
+        0.0, "clip the gradient the servers apply as torch.nn.utils.clip_grad_norm_(params, C) before"
+        " optimizer.step(), by the norm over the whole model (all servers) of what they decode: bsp the step's mean,"
+        " asp/ssp each push (with a codec, the decoded gradient); 0 = off")
     asp_scale: float | None = _opt(None, "asp/ssp: learning-rate scale of each applied gradient (default 1/workers)")
     staleness_lr: bool = _opt(
         True, "asp/ssp: divide a gradient's learning rate by its staleness, the updates applied since"

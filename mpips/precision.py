@@ -105,6 +105,23 @@ class Precision:
             self.scaler.unscale_(self._proxy)
             self.scaler.update()
 
+    def state_dict(self) -> dict[str, float]:
+        """fp16: the loss scaler's state that changes as it runs, ``scale`` and ``growth_tracker``
+        (clean steps since the scale last changed); empty without a scaler. A resumed run that lost
+        them would restart at 2**16 and skip again the steps that overflow there."""
+        if self.scaler is None:
+            return {}
+        state = self.scaler.state_dict()
+        return {"scale": float(state["scale"]), "growth_tracker": float(state["_growth_tracker"])}
+
+    def load_state_dict(self, state: dict[str, float] | None) -> None:
+        """Restore what ``state_dict`` returned; None or empty (no scaler, an older checkpoint):
+        the scaler starts afresh."""
+        if self.scaler is not None and state:
+            full = self.scaler.state_dict()
+            full.update(scale=float(state["scale"]), _growth_tracker=int(state["growth_tracker"]))
+            self.scaler.load_state_dict(full)
+
     @property
     def scale(self) -> float:
         """The current loss scale (1.0 without one)."""

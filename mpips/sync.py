@@ -224,7 +224,8 @@ class Async(SyncMode):
             stats.staleness.append(staleness)
             stats.max_staleness = max(stats.max_staleness, staleness)
             server.window.status[Slot.MAX_STALENESS] = stats.max_staleness
-        # clipping uses the worker's own whole-gradient norm: servers see only their slice
+        # clipping uses the norm in the push's header: the worker's whole gradient as decoded here
+        # (servers see only their slice)
         step = stats.applied // workers
         # Each gradient is one worker's share of a step: scale the step, not the gradient, since
         # Adam-type updates are invariant to gradient scale (scaling it would be a no-op there).

@@ -22,6 +22,7 @@ if __name__ == "__main__":  # first: signals held, and a launch MPI_Init cannot 
 import dataclasses
 import logging
 import sys
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,11 @@ def run_job(
                   "workers": len(layout.workers)}
         module = module_spec(FlatModel.module_state_of(model)) if model is not None else None
         ckpt = Checkpointing.setup(cfg, comm, counts, plan, module, steps, preemption)
+        if ckpt.complete:  # a finished run resumed (requeued): its final model, nothing to train
+            if rank == layout.lead_worker:
+                result.model = ckpt.restore_model(model)
+                _save_model(cfg, types.SimpleNamespace(model=model))
+            return result
         comms = RoleComms.split(comm, layout)
         ps_comm = comm.Split(0 if role != Role.DATA else 1, rank)
     with dog.blocking("start-up: measuring clock offsets for --trace (ping-pongs with rank 0)"):

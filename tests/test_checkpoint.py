@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -19,7 +21,20 @@ import pytest
 import torch
 from helpers import REPO, mpi_job, run_train, signal_at_line
 
-from mpips.checkpoint import REQUEUE_STATUS, Checkpointing, find_latest, list_checkpoints, publish, verify
+from mpips.checkpoint import (
+    HDF5_OVERHEAD,
+    PIECE_OVERHEAD,
+    REQUEUE_STATUS,
+    WRITE_FAILED_STATUS,
+    Checkpointing,
+    find_latest,
+    list_checkpoints,
+    preflight,
+    publish,
+    remove_partial,
+    verify,
+)
+from mpips.checkpoint.resume import clash
 from mpips.config import parse_args
 from mpips.shard import ShardPlan
 
@@ -88,6 +103,16 @@ def test_kill_and_resume_is_bitwise_identical(killed_run, tmp_path):
     # the run's last step is checkpointed too (14), and --keep 3 pruned the oldest
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [14, 12, 8]
     assert verify(tmp_path / "ck" / "ckpt-00000014.h5")["reason"] == "final"
+    # run again, as a requeued job would after a rank died past its final checkpoint: the run is
+    # complete, exit 0, the final model written again, nothing in the directory touched
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+    again = run_train(3, *FLAGS, "--checkpoint-dir", str(tmp_path / "ck"), "--resume", "--save",
+                      str(tmp_path / "again.pt"), timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("mpips: the run is complete: ") == 1 and "step 1/" not in again.stdout
+    assert f"{tmp_path / 'ck'}/ckpt-00000014.h5 is its checkpoint of step 14 of 14" in again.stdout
+    assert _equal(d / "reference.pt", tmp_path / "again.pt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
 
 
 def test_kill_and_resume_in_chunks_of_1000_bytes_is_bitwise_the_default_run(killed_run, tmp_path):
@@ -122,6 +147,115 @@ def test_corrupt_and_incomplete_checkpoints_are_skipped(killed_run, tmp_path, ca
         "data_servers": 0,
         "workers": 2,
     }
+
+
+def _flip_16_bytes_of_params(path: Path) -> None:
+    with h5py.File(path, "r") as f:
+        at = f["params"].id.get_offset() + 64  # inside the data of ``params``, not HDF5's headers
+    with open(path, "r+b") as f:
+        f.seek(at)
+        data = f.read(16)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.parametrize("damage", ["truncated to half", "16 bytes flipped"])
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        killed_run, tmp_path, damage):
+    """What a requeued job meets after a writer died or a disk lied: --resume alone skips the newest
+    checkpoint in one line, moves it aside (so the next restart does not meet it again, and the
+    one-run-per-directory guard does not count it), removes an interrupted write's partial file,
+    resumes from the one before and ends bitwise equal to the uninterrupted run."""
+    d, _ = killed_run
+    ck = tmp_path / "ck"
+    shutil.copytree(d / "ck", ck)
+    newest = ck / "ckpt-00000008.h5"
+    if damage == "truncated to half":
+        with open(newest, "r+b") as f:
+            f.truncate(newest.stat().st_size // 2)
+    else:
+        _flip_16_bytes_of_params(newest)
+    (ck / ".ckpt-00000012.h5.tmp").write_bytes(b"partial")  # a write that never completed
+    out = run_train(3, *FLAGS, "--checkpoint-dir", str(ck), "--checkpoint-every", "4", "--resume",
+                    "--save", str(tmp_path / "resumed.pt"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    skipped = [line for line in out.stderr.splitlines() if "skipping checkpoint" in line]
+    assert len(skipped) == 1 and f"{newest}: " in skipped[0], out.stderr[-2000:]
+    assert "moved aside to ckpt-00000008.h5.corrupt" in skipped[0]
+    assert ("checksum mismatch in params" if "flipped" in damage else "unreadable") in skipped[0]
+    assert "removed 1 partial file(s) of an interrupted checkpoint write" in out.stderr
+    assert f"resuming from {ck}/ckpt-00000004.h5 at step 4" in out.stderr
+    assert _equal(d / "reference.pt", tmp_path / "resumed.pt")
+    assert (ck / "ckpt-00000008.h5.corrupt").exists() and not list(ck.glob(".*.tmp"))
+    assert [s for s, _ in list_checkpoints(ck)] == [14, 12, 8]  # 8 written again by the resumed run
+
+
+def test_resume_from_a_path_sets_aside_newer_checkpoints_that_do_not_verify(killed_run, tmp_path):
+    """--resume PATH: a newer checkpoint that does not verify is no run's state (moved aside); one
+    that verifies still belongs to a run and is refused, as before."""
+    d, _ = killed_run
+    ck = tmp_path / "ck"
+    shutil.copytree(d / "ck", ck)
+    (ck / "ckpt-00000012.h5").write_bytes(b"not HDF5")
+    (ck / ".ckpt-00000016.h5.tmp").write_bytes(b"partial")
+    oldest = ck / "ckpt-00000004.h5"
+    why = clash((str(oldest), verify(oldest)), str(ck), True)
+    assert "holds newer checkpoints (steps 8)" in why
+    assert (ck / "ckpt-00000012.h5.corrupt").read_bytes() == b"not HDF5"
+    assert [s for s, _ in list_checkpoints(ck)] == [8, 4]
+    assert remove_partial(ck) == [".ckpt-00000016.h5.tmp"] and not list(ck.glob(".*.tmp"))
+
+
+def test_preflight_says_why_a_directory_cannot_take_a_checkpoint(tmp_path):
+    assert preflight(tmp_path, 1 << 20) is None and not list(tmp_path.iterdir())  # the probe is gone
+    assert preflight(tmp_path / "missing", 10) == "No such file or directory"
+    assert preflight(tmp_path, 1 << 62) in ("No space left on device", "File too large")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only: skipped elsewhere), unmounted after the test."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_ends_the_job_in_one_line_keeping_the_last_good_checkpoint(killed_run, small_disk):
+    """The checkpoint directory fills up after the first checkpoint: the job ends within seconds
+    with one line naming the directory, the bytes needed and free and the last good checkpoint,
+    exit status 74 (EX_IOERR), no partial file left; freed, the same command resumes from it."""
+    d, _ = killed_run
+    manifest = verify(d / "ck" / "ckpt-00000004.h5")
+    data = sum((m["stop"] - m["start"]) * np.dtype(m["dtype"]).itemsize * int(np.prod(m["shape"][1:]))
+               for m in manifest["pieces"])
+    needed = data + PIECE_OVERHEAD * len(manifest["pieces"]) + HDF5_OVERHEAD  # what a write asks for
+    size = (d / "ck" / "ckpt-00000004.h5").stat().st_size
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - needed - size // 2))  # room for one
+    ck = small_disk / "ck"
+    flags = (*FLAGS, "--checkpoint-dir", str(ck), "--checkpoint-every", "4")
+    began = time.monotonic()
+    full = run_train(3, *flags, timeout=120)
+    elapsed = time.monotonic() - began
+    assert full.returncode == WRITE_FAILED_STATUS == 74, full.stderr[-3000:]
+    assert elapsed < 30
+    lines = [line for line in full.stderr.splitlines() if line.startswith("mpips: ")]
+    assert len(lines) == 1, full.stderr[-3000:]
+    assert lines[0].startswith(f"mpips: checkpoint of step 8 not written to {ck}: No space left on device; it needs")
+    assert f"({needed:,} bytes)" in lines[0] and " free; the last good checkpoint is" in lines[0]
+    assert f"{ck}/ckpt-00000004.h5 (intact); exiting with status 74" in lines[0]
+    assert "Traceback" not in full.stderr
+    assert "less than two checkpoints of this job" in full.stderr  # said at start-up
+    assert [s for s, _ in list_checkpoints(ck)] == [4] and not list(ck.glob(".*.tmp"))
+    verify(ck / "ckpt-00000004.h5")
+    filler.unlink()  # space freed: the same job resumes and ends as the uninterrupted run
+    run_train(3, *flags, "--resume", "--save", str(small_disk / "resumed.pt"), timeout=120, check=True)
+    assert _equal(d / "reference.pt", small_disk / "resumed.pt")
 
 
 def test_resume_reshards_onto_more_servers(killed_run, tmp_path):
@@ -289,7 +423,7 @@ def test_write_collective_writes_every_piece_in_slabs(mpio, monkeypatch):
     comm = MPI.COMM_WORLD
     if mpio and not checkpoint.has_mpio():
         pytest.skip("this h5py has no MPI-IO")
-    monkeypatch.setattr(checkpoint, "has_mpio", lambda: mpio)
+    monkeypatch.setattr(checkpoint.files, "has_mpio", lambda: mpio)  # what write_collective asks
     path = Path(comm.bcast(tempfile.mkdtemp(prefix="mpips-test-") if comm.rank == 0 else None)) / "c.h5"
     rng = np.random.default_rng(comm.rank)
     params = np.random.default_rng(9).standard_normal(1501).astype(np.float32)

@@ -135,3 +135,45 @@ def test_fp16_steps_that_overflow_are_skipped_not_pushed_as_nan(tmp_path):
     assert 1 <= skipped < 10 and applied <= 10 - 1, out
     assert re.search(r"gradients dropped +0\n", out), out
     assert math.isfinite(float(re.search(r"held-out loss +([0-9.einfa+-]+)", out).group(1))), out
+
+
+def test_the_loss_scalers_state_round_trips_through_state_dict():
+    """What a checkpoint keeps of fp16's scaler: after overflows the scale and the count of clean
+    steps; loaded into a fresh Precision, the next steps scale and skip exactly as the first's."""
+    model = _net()
+    first = Precision("fp16", CPU, torch.float32, list(model.parameters()))
+    x, y = _batch(scale=1e4)  # overflows at 2**16: halved
+    for _ in range(3):
+        first.backward(nn.functional.cross_entropy(first.forward(model, x), y))
+        first.unscale()
+        model.zero_grad()
+    state = first.state_dict()
+    assert state == {"scale": 2.0**13, "growth_tracker": 0.0} or state["scale"] < 2.0**16
+    second = Precision("fp16", CPU, torch.float32, list(model.parameters()))
+    second.load_state_dict(state)
+    assert second.state_dict() == state and second.scale == first.scale
+    assert Precision("fp32", CPU, torch.float32).state_dict() == {}
+
+
+def test_fp16_kill_and_resume_through_overflowing_steps_is_bitwise(tmp_path):
+    """The issue's run: fp16 whose first steps overflow, warm-up 4 + cosine, checkpoints every 3,
+    killed at step 5 and resumed. The checkpoint holds each worker's loss scale (below 2**16: it
+    has halved), so the resumed run skips the steps the uninterrupted one skips and ends bitwise."""
+    import h5py
+    from helpers import run_train
+
+    from mpips.checkpoint import list_checkpoints
+
+    flags = ("--model", "toymodels:fp16_overflow", "--precision", "fp16", "--steps", "10", "--data-servers", "0",
+             "--warmup-steps", "4", "--lr-schedule", "cosine", "--stall-timeout", "60", "--log-every", "100")
+    run_train(3, *flags, "--save", str(tmp_path / "reference.pt"), timeout=240, check=True)
+    ck = ("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "3")
+    killed = run_train(3, *flags, *ck, env={"MPIPS_FAULT": "rank=0,phase=pull,step=5,kind=kill"}, timeout=240)
+    assert killed.returncode != 0
+    [(step, path)] = list_checkpoints(tmp_path / "ck")
+    with h5py.File(path, "r") as f:
+        scales = f["workers/scaler"][:, 0]
+    assert step == 3 and (scales < 2.0**16).all(), scales  # the steps before it overflowed
+    run_train(3, *flags, *ck, "--resume", "--save", str(tmp_path / "resumed.pt"), timeout=240, check=True)
+    ref, resumed = torch.load(tmp_path / "reference.pt"), torch.load(tmp_path / "resumed.pt")
+    assert all(torch.equal(ref[k], resumed[k]) for k in ref)

@@ -292,3 +292,53 @@ def test_srun_without_the_pmi_plugin_is_named_in_one_line(slurm: Slurm, tmp_path
     assert done.returncode == 2, output
     assert len(mpips_lines) == 1 and "--mpi=pmix" in mpips_lines[0], output
     assert "OMPI was not built with SLURM's PMI support" not in output, output
+
+
+def test_requeued_jobs_make_progress_after_a_late_kill_and_a_corrupt_checkpoint(slurm: Slurm, tmp_path: Path):
+    """Two jobs a requeue used to fail, both ending COMPLETED with the same final model (bsp, bitwise).
+
+    Job A is preempted (SIGUSR1, checkpoint, requeued) and its newest checkpoint is truncated while
+    it waits: the restart falls back to the one before, in one line, and trains to the end. Job B
+    loses its lead rank after its final checkpoint (SIGKILL in the shutdown): it fails, is requeued
+    (as Slurm does after a node failure), and the restart says the run is complete, writes the
+    final model from the checkpoint and exits 0."""
+    import torch
+
+    steps, geometry = 200, ("--nodes=1", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=10")
+    flags = ("--steps", str(steps), "--checkpoint-every", "40")
+    a = slurm.sbatch("train.sbatch", *flags, "--save", "a.pt", options=geometry, cwd=tmp_path,
+                     env={"MPIPS_CKPT_DIR": str(tmp_path / "ck-a")})
+    b = slurm.sbatch("train.sbatch", *flags, "--save", "b.pt", options=geometry, cwd=tmp_path,
+                     env={"MPIPS_CKPT_DIR": str(tmp_path / "ck-b"), "MPIPS_FAULT": "rank=0,phase=shutdown,kind=kill"})
+    log_a, log_b = tmp_path / f"mpips-{a}.out", tmp_path / f"mpips-{b}.out"
+
+    wait_for(log_a, rf"^step (9\d|1\d\d)/{steps}")  # past the checkpoints of steps 40 and 80
+    assert slurm.run("scancel", "--signal=USR1", str(a)).returncode == 0
+    stop = int(wait_for(log_a, rf"^stopped on SIGUSR1 at step (\d+) of {steps}").group(1))
+    wait_for(log_a, rf"^mpips: checkpointed \(exit status 75\); requeueing job {a}$")
+    newest = tmp_path / "ck-a" / f"ckpt-{stop:08d}.h5"
+    with open(newest, "r+b") as f:  # the restart waits ~11 s (cred_expire): time enough
+        f.truncate(newest.stat().st_size // 2)
+    previous = max(s for s in (40, 80, 120, 160) if s < stop)
+
+    info_b = slurm.wait(b, log_b)
+    assert info_b["JobState"] == "FAILED" and info_b["Restarts"] == "0", read(log_b)
+    assert (tmp_path / "ck-b" / f"ckpt-{steps:08d}.h5").exists() and not (tmp_path / "b.pt").exists()
+    assert slurm.run("scontrol", "requeue", str(b)).returncode == 0
+
+    info_a = slurm.wait(a, log_a, restarts=1)
+    text_a = read(log_a)
+    assert (info_a["JobState"], info_a["ExitCode"], info_a["Restarts"]) == ("COMPLETED", "0:0", "1"), text_a
+    assert text_a.count("skipping checkpoint:") == 1 and f"{newest}: unreadable checkpoint" in text_a, text_a
+    assert f"resuming from {tmp_path / 'ck-a'}/ckpt-{previous:08d}.h5 at step {previous}" in text_a, text_a
+
+    info_b = slurm.wait(b, log_b, restarts=1)
+    text_b = read(log_b)
+    assert (info_b["JobState"], info_b["ExitCode"], info_b["Restarts"]) == ("COMPLETED", "0:0", "1"), text_b
+    assert f"mpips: the run is complete: {tmp_path / 'ck-b'}/ckpt-{steps:08d}.h5" in text_b, text_b
+    assert "requeueing" not in text_b, text_b
+
+    final_a, final_b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert final_a.keys() == final_b.keys()
+    for name, value in final_a.items():
+        assert torch.equal(value, final_b[name]), name

@@ -25,6 +25,7 @@ the window (collective).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,8 @@ from mpips import faults
 from mpips.client.backwardpush import BackwardPush
 from mpips.client.flat import FlatModel
 from mpips.client.pullahead import PullAhead
-from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder
+from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, parse_chunk
+from mpips.optim import sum_of_squares
 from mpips.precision import Precision
 from mpips.sync import sync_mode
 from mpips.trace import NULL_TRACER, NullTracer, Tracer
@@ -177,17 +179,20 @@ class ParameterClient:
         ``position``: the next step (int); ``rng``: torch's CPU RNG state (uint8 tensor);
         ``module``: buffers and frozen parameters by name (``FlatModel.module_state``);
         ``residual``: the error-feedback residual, float32 [numel] (a view), only with error feedback;
-        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it.
+        ``momentum``: --momentum-correction's momentum, float32 [numel] (a view), only with it;
+        ``scaler``: ``Precision.state_dict()``, fp16's loss scale and growth tracker ({} otherwise).
         """
         state = {"position": self.position, "rng": torch.get_rng_state(), "module": self.flat.module_state()}
         if self.encoder is not None:
             state.update(self.encoder.state_dict())
+        state["scaler"] = self.precision.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
         torch.set_rng_state(state["rng"])
         self.flat.load_module_state(state["module"])
+        self.precision.load_state_dict(state.get("scaler"))
         if self.encoder is not None:
             self.encoder.load_state_dict(state)
 
@@ -334,18 +339,41 @@ class ParameterClient:
 
     def push(self, step: int, samples: int, clock: int, grad_norm: float, loss: float,
              servers: list[int] | None = None) -> None:
-        """Push the whole gradient (after backward) to ``servers`` (default: all)."""
-        for s in range(len(self.servers)) if servers is None else servers:
-            self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
-            payload, mask = self.flat.shard(s, grad=True), self.flat.mask(s)
+        """Push the whole gradient (after backward) to ``servers`` (default: all).
+
+        asp/ssp servers clip each push by the norm in its header (``--clip-grad-norm``): with a
+        codec, that of the gradient as they decode it, so every slice is encoded first.
+        """
+        targets = range(len(self.servers)) if servers is None else servers
+        encoded: dict[int, list[np.ndarray]] = {}
+        if self.codec is not None and not self.mode.sums and self.ctx.optim.clip_grad_norm and math.isfinite(grad_norm):
+            encoded = {s: self._parts(s, step, True) for s in targets}
+            grad_norm = self._decoded_norm(step, encoded)
+        for s in targets:
+            parts, mask = encoded.get(s) or self._parts(s, step, np.isfinite(grad_norm)), self.flat.mask(s)
             if self.hyper_bytes:
                 mask = np.concatenate([mask, self.extras])
-            parts = [payload] if self.codec is None else self._encode(s, step, payload, np.isfinite(grad_norm))
             header = PushHeader(
                 step, self.index, self.wire_codec, samples, clock, sum(p.nbytes for p in parts) + mask.nbytes,
                 grad_norm, loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
             self.pusher.push(s, header, *parts, mask)
+
+    def _parts(self, s: int, step: int, finite: bool) -> list[np.ndarray]:
+        """Server ``s``'s slice of the gradient as it is sent: raw, or one codec record per chunk."""
+        self.flat.grads_ready(s)  # staged: this shard's chunks are copied; direct: computed
+        payload = self.flat.shard(s, grad=True)
+        return [payload] if self.codec is None else self._encode(s, step, payload, finite)
+
+    def _decoded_norm(self, step: int, encoded: dict[int, list[np.ndarray]]) -> float:
+        """The L2 norm of the whole gradient as the servers decode it from ``encoded`` (every
+        server's records), which asp/ssp servers clip by (``--clip-grad-norm``)."""
+        total = 0.0
+        for s, records in encoded.items():
+            for c, ((a, b), record) in enumerate(zip(self.ranges[s], records, strict=True)):
+                seed = chunk_seed(self.seed, step, self.index, s, c)
+                total += sum_of_squares(parse_chunk(self.codec, record, b - a, seed)[0].values.numpy())
+        return math.sqrt(total)
 
     def _encode(self, s: int, step: int, grad: np.ndarray, finite: bool) -> list[np.ndarray]:
         """One codec record per chunk of server ``s``'s gradient slice (``mpips.compression``).

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mpips.config import ConfigError
 from mpips.data.builtin import load_builtin
 from mpips.data.foreign import ForeignData, is_foreign
 from mpips.data.hdf5 import DatasetError, DatasetFile, HDF5Store, HeldOut, Partitions, SampleFormat
@@ -82,6 +83,17 @@ class DatasetHandle:
             return self.format.to_xy(f.read_train(0, n), self.spec.input_shape[0] if self.spec.kind == "text" else 0)
 
     def plan(self, workers: int, batch_size: int, seed: int) -> EpochPlan:
+        """The EpochPlan of this dataset for ``workers`` x ``batch_size``.
+
+        Raises:
+            ConfigError: a step's samples (``workers * batch_size``) are more than the training
+                split holds: each step would be the whole split, not the batch asked for.
+        """
+        n = len(self.train)
+        if workers * batch_size > n:
+            raise ConfigError(f"--batch-size {batch_size:,} x {workers} worker{'s' if workers > 1 else ''} is"
+                              f" {workers * batch_size:,} samples a step, more than the {n:,} training samples"
+                              f" of {self.name}: use --batch-size {max(1, n // workers):,} or less")
         sizes = self.partitions.sizes if self.partitions is not None else None
         return EpochPlan(len(self.train), workers, batch_size, seed, sizes)
 

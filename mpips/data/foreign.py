@@ -11,9 +11,10 @@ h5py's default driver otherwise. ``--val-data`` names the held-out file(s), read
 
 ``ForeignData.scan`` checks every file up front (one line per problem: missing file, not HDF5,
 missing dataset, row counts, shapes, dtypes, labels outside the classes, non-finite or non-0/1
-targets), with the target scans spread over the ranks. Inputs are not scanned for NaN (that
-would read the whole dataset before the first step): a NaN gradient is dropped and counted by the
-servers, and ``--max-bad-grads`` ends the job.
+targets), with the target scans spread over the ranks. Inputs are not scanned up front (that
+would read the whole dataset before the first step): each read checks its rows instead, and a NaN
+or infinity ends the job as bad data (``check_finite``: the file, the dataset and the row), before
+it becomes a gradient.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mpips.data.hdf5 import DatasetError, Partitions, SampleFormat
+from mpips.data.hdf5 import DatasetError, Partitions, SampleFormat, describe_nonfinite, first_nonfinite
 
-__all__ = ["PARTITION_BYTES", "ForeignData", "ForeignFile", "ForeignReader", "expand_paths", "is_foreign"]
+__all__ = ["PARTITION_BYTES", "ForeignData", "ForeignFile", "ForeignReader", "check_finite", "expand_paths",
+           "is_foreign"]
 
 PARTITION_BYTES = 64 << 20  # a file bigger than this is cut into chunk-aligned ranges of about this size
 
@@ -61,6 +63,20 @@ def is_foreign(spec: str | list | tuple) -> bool:
             return "schema" not in f.attrs
     except OSError:  # missing or not HDF5: the mpips reader says so, as it always has
         return False
+
+
+def check_finite(x: np.ndarray, path: str, key: str, first: int) -> np.ndarray:
+    """``x`` (rows ``first``... of dataset ``key`` of file ``path``), when every value is finite.
+
+    Raises:
+        DatasetError: naming the file, the dataset and the first row holding a NaN or an infinity,
+            as ``prepare`` names a source's (it would become a NaN gradient a step later).
+    """
+    bad = first_nonfinite(x)
+    if bad is None:
+        return x
+    raise DatasetError(f"{path}: dataset '{key}' row {first + bad} has {describe_nonfinite(x[bad])}: mpips refuses"
+                       " non-finite features (every gradient of a batch holding one is NaN); clean or drop that row")
 
 
 @dataclass(frozen=True)
@@ -243,7 +259,7 @@ class ForeignData:
         xs, ys = [], []
         for f in self.val_files:
             with h5py.File(f.path, "r") as h5:
-                xs.append(h5[self.x_key][()])
+                xs.append(check_finite(h5[self.x_key][()], f.path, self.x_key, 0))
                 ys.append(h5[self.y_key][()])
         return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
 
@@ -339,7 +355,9 @@ class ForeignReader:
             raise ValueError(f"rows {lo}..{hi} straddle partition {p} ({start}..{end})")
         i, first, _ = self.data.pieces[p]
         h5, a = self._file(i), first + lo - start
-        return {"x": h5[self.data.x_key][a : a + hi - lo], "y": h5[self.data.y_key][a : a + hi - lo]}
+        x = h5[self.data.x_key][a : a + hi - lo]
+        check_finite(x, self.data.files[i].path, self.data.x_key, a)
+        return {"x": x, "y": h5[self.data.y_key][a : a + hi - lo]}
 
     def close(self) -> None:
         for h5 in self.open_files.values():

@@ -1,65 +1,15 @@
-"""Checkpoint and resume: one HDF5 file per checkpoint, at a consistent cut of the whole job.
-
-File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pickled):
-
-    params                  float32 [numel]     the flat trainable-parameter vector (every shard)
-    optim/<key>             float32 [numel]     per-element optimizer state (exp_avg, ...)
-    optim_tensor/<key>      float64 [tensors]   per-tensor scalar optimizer state (Adam's step)
-    optim_has_state         uint8 [tensors]     1 where torch.optim holds state for the tensor
-    servers/applied         int64 [servers]     gradients applied (asp/ssp learning-rate scaling)
-    workers/position        int64 [workers, 3]  (next global step, epoch, step in epoch)
-    workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
-    workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)
-    workers/residual        float32 [workers, numel]  error-feedback residuals (with error feedback only;
-                            version 3 on; absent: resumed as zeros); with --momentum-correction
-                            the accumulated velocities
-    workers/momentum        float32 [workers, numel]  --momentum-correction's momentum buffers (version
-                            4 on; absent: resumed as zeros)
-    frozen/<name>           uint8 [1, n]        frozen parameters (raw bytes; the same everywhere)
-    attrs["manifest"]       JSON: step, worker positions, model tensors, module buffers, optimizer,
-                            config, and the sha256 of every piece each rank wrote
-
-It is written collectively through MPI-IO (h5py ``driver="mpio"``) by servers and workers when
-h5py has it, else sent to one writer piece by piece; either way in slabs of at most
-``--chunk-bytes`` (HDF5 1.10's MPI-IO driver fails a single write over 2 GiB, and a message that
-large fails on MPI-3.1); under a temporary name, renamed when complete; the
-newest ``--keep`` are kept and the one just written is never deleted. A run writes one at its
-last step too. Data servers save nothing: a worker's samples are a function of its step (the
-EpochPlan is a pure, seeded plan), so they serve whatever step a worker asks for next.
-
-Buffers (BatchNorm's running statistics, ...) are each worker's own, updated by its own
-batches; worker 0's are the model's (``--save``, evaluation), as with DDP, which broadcasts rank
-0's buffers. Each worker's are checkpointed, so a resumed run ends bitwise equal, buffers too.
-
-The cut. bsp: before a server publishes clock ``k`` it agrees with the other servers (one
-allreduce) whether boundary ``k`` is a checkpoint (every N steps, every T seconds, or a stop
-signal seen by any server or rung by any worker) and publishes the mark with the clock; a
-worker that pulls for step ``k`` sees it and joins instead of computing step ``k``. asp/ssp:
-server 0 decides (when the slowest worker's clock passes a multiple of N, every T seconds, or
-on a signal) and publishes a mark; each worker sees it in its next pull (waiting ssp workers
-too), sends a JOIN message after its last push and joins with its position; a server saves once
-every worker joined, so it holds exactly the updates of steps ``< position[w]`` of every worker
-``w``, and resuming restarts each worker at its own position with the servers' clocks, applied
-counts and staleness bound as they were. Exact in bsp: a resumed run is bitwise the
-uninterrupted one. In asp/ssp the state at the cut is exact, but the order in which later
-pushes arrive is not repeatable (as in any asynchronous run).
-
-Resume: the flat vector is the same whatever the number of servers, so a checkpoint loads into
-any ``--servers`` (re-shard on load). The number of workers and the batch size fix the sample
-order of every step, so resuming with different ones is refused. A run that does not resume
-refuses a directory that holds checkpoints, so two runs never prune each other's.
-"""
+"""The job's side of checkpoints: ``Checkpointing`` decides when to save or stop, writes what the
+roles' ``state_dict()`` return and hands back ``load_state_dict()`` input on resume."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
 import math
-import os
-import re
-import signal
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,248 +20,37 @@ import torch
 from mpi4py import MPI
 
 from mpips import faults
-from mpips.config import Config, ConfigError
+from mpips.checkpoint.files import (
+    FORMAT,
+    HDF5_OVERHEAD,
+    PIECE_OVERHEAD,
+    SCALER,
+    VERSION,
+    Piece,
+    checkpoint_name,
+    free_bytes,
+    list_checkpoints,
+    preflight,
+    publish,
+    remove_partial,
+    write_collective,
+)
+from mpips.checkpoint.preemption import REQUEUE_STATUS, STOPPED_STATUS, WRITE_FAILED_STATUS, Preemption
+from mpips.checkpoint.resume import ResumeError, choose, clash
+from mpips.config import Config
+from mpips.optim import STATE_FACTOR
 from mpips.shard import ShardPlan
 from mpips.trace import NULL_TRACER
-from mpips.transport import DEFAULT_CHUNK_BYTES, Slot, Tag, chunks, recv_chunks, send_chunks, wait_all, wait_for
+from mpips.transport import Slot, wait_for
+from mpips.watchdog import abort_job
 
-__all__ = [
-    "REQUEUE_STATUS",
-    "STOPPED_STATUS",
-    "CheckpointError",
-    "Checkpointing",
-    "Preemption",
-    "ResumeError",
-    "find_latest",
-    "list_checkpoints",
-    "verify",
-]
+__all__ = ["Checkpointing", "module_spec"]
 
 log = logging.getLogger("mpips.checkpoint")
 
-REQUEUE_STATUS = 75  # EX_TEMPFAIL: "checkpointed, requeue me" (jobs/slurm scripts requeue on it)
-STOPPED_STATUS = 143  # 128 + SIGTERM: stopped cleanly on a signal, without a checkpoint to resume from
-FORMAT = "mpips-checkpoint"
-VERSION = 4  # 3: workers/residual (error feedback); 4: workers/momentum; older files are read as before
-READABLE = (2, 3, 4)
-_NAME = re.compile(r"^ckpt-(\d{8,})\.h5$")
+ABORT_WAIT_S = 10.0  # how long a rank waits for rank 0 to end the job after a failed checkpoint write
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is incomplete, corrupt or unreadable; the message names it."""
-
-
-class ResumeError(ConfigError):
-    """The run's configuration cannot resume from the chosen checkpoint; says which setting."""
-
-
-# -- files (pure: h5py and hashlib, no MPI) --------------------------------------------------------
-def checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:08d}.h5"
-
-
-def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoints in ``directory`` as (step, path), newest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), d / p.name) for p in d.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array)).hexdigest()  # hashes the buffer: no copy
-
-
-def verify(path: str | Path) -> dict[str, Any]:
-    """Read the manifest and check every piece's checksum; returns the manifest.
-
-    Raises:
-        CheckpointError: naming the file and what is wrong with it.
-    """
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            manifest = json.loads(str(f.attrs["manifest"]))
-            if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE:
-                raise CheckpointError(f"{path}: not an mpips checkpoint of version"
-                                      f" {' or '.join(map(str, READABLE))}")
-            for piece in manifest["pieces"]:
-                data = f[piece["dataset"]][piece["start"] : piece["stop"]]
-                if _sha256(data) != piece["sha256"]:
-                    raise CheckpointError(
-                        f"{path}: checksum mismatch in"
-                        f" {piece['dataset']}[{piece['start']}:{piece['stop']}]"
-                    )
-    except CheckpointError:
-        raise
-    except Exception as exc:  # h5py/OS/JSON/KeyError: all mean "this file is not usable"
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    return manifest
-
-
-def find_latest(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``directory`` that verifies; a warning names each one skipped."""
-    for _, path in list_checkpoints(directory):
-        try:
-            return path, verify(path)
-        except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s", exc)
-    return None
-
-
-@dataclass
-class Piece:
-    """Rows ``start:start+len(data)`` of dataset ``name`` (full shape ``shape``), from one rank."""
-
-    name: str
-    start: int
-    data: np.ndarray
-    shape: tuple[int, ...]
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "dataset": self.name,
-            "start": self.start,
-            "stop": self.start + len(self.data),
-            "dtype": self.data.dtype.str,
-            "shape": list(self.shape),
-            "sha256": _sha256(self.data),
-        }
-
-
-def slabs(shape: tuple[int, ...], itemsize: int, limit: int) -> list[tuple[int | slice, ...]]:
-    """Indices into an array of ``shape`` that cover it in order, each at most ``limit`` bytes.
-
-    Blocks of whole rows where a row fits in ``limit``, else (2-D) column ranges of one row.
-    """
-    if 0 in shape:
-        return []
-    row = itemsize * math.prod(shape[1:])  # bytes of one row (one element for 1-D)
-    if row <= limit:
-        per = limit // row * row
-        return [(slice(a // row, b // row),) for a, b in chunks(shape[0] * row, per)]
-    if len(shape) != 2:
-        raise ValueError(f"cannot cut a {shape} array into slabs of {limit} bytes")
-    per = limit // itemsize * itemsize
-    return [(r, slice(a // itemsize, b // itemsize)) for r in range(shape[0]) for a, b in chunks(row, per)]
-
-
-def _write(handle: h5py.Dataset, start: int, data: np.ndarray, chunk_bytes: int) -> None:
-    """Rows ``start:start+len(data)`` of ``handle`` := ``data``, one slab at a time."""
-    for index in slabs(data.shape, data.dtype.itemsize, chunk_bytes):
-        rows, *rest = index
-        at = slice(start + rows.start, start + rows.stop) if isinstance(rows, slice) else start + rows
-        handle[(at, *rest)] = data[index]
-
-
-def has_mpio() -> bool:
-    """Whether this h5py writes through MPI-IO (parallel HDF5)."""
-    return bool(h5py.get_config().mpi)
-
-
-def write_collective(
-    comm: MPI.Comm, path: Path, pieces: list[Piece], manifest: dict[str, Any],
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout: float = 600.0,
-) -> None:
-    """Collective over ``comm``: write every rank's pieces and the manifest into ``path``.
-
-    Each piece goes in slabs of at most ``chunk_bytes``. Without MPI-IO, rank 0 writes alone: the
-    other ranks send it their pieces in chunks, one rank after another; ``timeout`` bounds a
-    sender's wait for its turn.
-    """
-    by_rank = comm.allgather([p.meta() for p in pieces])
-    metas = [m for rank_metas in by_rank for m in rank_metas]
-    datasets = {m["dataset"]: (tuple(m["shape"]), m["dtype"]) for m in metas}
-    manifest = dict(manifest, pieces=sorted(metas, key=lambda m: (m["dataset"], m["start"])))
-    text = json.dumps(comm.bcast(manifest, root=0), sort_keys=True)
-    if has_mpio():
-        with h5py.File(path, "w", driver="mpio", comm=comm) as f:
-            handles = {
-                n: f.create_dataset(n, shape=s, dtype=np.dtype(d))
-                for n, (s, d) in sorted(datasets.items())
-            }
-            for p in pieces:
-                _write(handles[p.name], p.start, p.data, chunk_bytes)
-            f.attrs["manifest"] = text
-        return
-    # no MPI-IO in this h5py: one writer, receiving one piece at a time
-    if comm.Get_rank() != 0:
-        requests = [r for p in pieces for r in send_chunks(comm, p.data, 0, Tag.CHECKPOINT, chunk_bytes)]
-        wait_all(requests, f"rank 0 to receive this rank's checkpoint pieces for {path.name} (one writer:"
-                 " h5py without MPI-IO)", timeout)
-        return
-    with h5py.File(path, "w") as f:
-        handles = {
-            n: f.create_dataset(n, shape=s, dtype=np.dtype(d))
-            for n, (s, d) in sorted(datasets.items())
-        }
-        for p in pieces:
-            _write(handles[p.name], p.start, p.data, chunk_bytes)
-        for rank, theirs in enumerate(by_rank[1:], start=1):
-            for m in theirs:
-                data = np.empty((m["stop"] - m["start"], *m["shape"][1:]), dtype=np.dtype(m["dtype"]))
-                wait_all(recv_chunks(comm, data, rank, Tag.CHECKPOINT, chunk_bytes),
-                         f"rank {rank}'s checkpoint piece {m['dataset']}[{m['start']}:] for {path.name}", timeout)
-                _write(handles[m["dataset"]], m["start"], data, chunk_bytes)
-        f.attrs["manifest"] = text
-
-
-def publish(tmp: Path, final: Path, keep: int) -> None:
-    """Make ``tmp`` visible as ``final`` atomically, then keep only the newest ``keep``."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    others = [path for _, path in list_checkpoints(final.parent) if path != final]
-    for old in others[max(1, keep) - 1 :]:  # never the one just written, whatever its step
-        old.unlink(missing_ok=True)
-    for stale in final.parent.glob(".ckpt-*.tmp"):  # left by a job that died while writing
-        stale.unlink(missing_ok=True)
-
-
-# -- preemption ---------------------------------------------------------------------------------
-class Preemption:
-    """SIGTERM / SIGUSR1 / SIGINT set a flag; the job stops at the next step boundary.
-
-    With checkpoints on it writes one there and exits ``REQUEUE_STATUS``; without, it stops
-    cleanly (every rank, the model saved where ``--save`` asks) and exits ``STOPPED_STATUS``.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-
-    @classmethod
-    def install(cls) -> Preemption:
-        """Handle the stop signals from now on; one held since start-up (``mpips.launch``) counts."""
-        from mpips.launch import take_held_signal
-
-        p = cls()
-        for sig in cls.SIGNALS:
-            signal.signal(sig, p._handle)
-        held = take_held_signal()
-        if held:
-            p.requested, p.signal_name = True, held
-        return p
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
-# -- the job's side ----------------------------------------------------------------------------
 @dataclass
 class Checkpointing:
     """One rank's checkpoint state: what to resume from, when to save or stop, whether it stopped.
@@ -341,7 +80,9 @@ class Checkpointing:
     _rung: bool = False
     _next_async: int = 0
     _position: int = -1
+    complete: bool = False  # the checkpoint resumed from is this run's last step: nothing to train
     tracer: Any = NULL_TRACER  # mpips.trace: the job sets its Tracer here when --trace is on
+    world: Any = None  # the job's world (``setup``'s ``comm``): a failed write aborts all of it
 
     @property
     def enabled(self) -> bool:
@@ -373,27 +114,61 @@ class Checkpointing:
         Raises:
             ResumeError: the same on every rank, when the checkpoint cannot be resumed here.
         """
-        ck = cls(cfg, comm, counts, plan, module or [], total_steps, preemption=preemption)
+        ck = cls(cfg, comm, counts, plan, module or [], total_steps, preemption=preemption, world=comm)
         c = cfg.checkpoint
         chosen: Any = None
         if comm.Get_rank() == 0:
-            chosen = _choose(c.resume, c.checkpoint_dir) if c.resume else None
+            if ck.enabled and c.resume:
+                gone = remove_partial(c.checkpoint_dir)
+                if gone:
+                    log.warning("removed %d partial file(s) of an interrupted checkpoint write from %s: %s",
+                                len(gone), c.checkpoint_dir, ", ".join(gone))
+            chosen = choose(c.resume, c.checkpoint_dir) if c.resume else None
             if isinstance(chosen, tuple):
                 chosen = ck._misfit(*chosen) or chosen
             if not isinstance(chosen, str) and ck.enabled:
-                chosen = _clash(chosen, c.checkpoint_dir, bool(c.resume)) or chosen
+                chosen = clash(chosen, c.checkpoint_dir, bool(c.resume)) or chosen
             if chosen is None and c.resume:
                 log.warning("--resume: no checkpoint in %s yet; starting at step 0", c.checkpoint_dir)
+            elif isinstance(chosen, tuple) and chosen[1]["step"] == total_steps:
+                print(f"mpips: the run is complete: {chosen[0]} is its checkpoint of step {total_steps} of"
+                      f" {total_steps}; nothing to train, exiting with status 0", flush=True)
             elif isinstance(chosen, tuple):
                 log.warning("resuming from %s at step %d", chosen[0], chosen[1]["step"])
+            if ck.enabled and not isinstance(chosen, str):
+                ck._warn_if_small(Path(chosen[0]) if isinstance(chosen, tuple) else None)
         chosen = comm.bcast(chosen, root=0)
         if isinstance(chosen, str):
             raise ResumeError(chosen)
         if chosen is not None:
             ck.resume_path, ck.manifest = Path(chosen[0]), chosen[1]
+            ck.complete = chosen[1]["step"] == total_steps
         if ck.enabled:
             Path(c.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         return ck
+
+    def estimate_bytes(self) -> int:
+        """About how large one checkpoint of this job is: parameters, optimizer state, each worker's
+        error-feedback residual and momentum, RNG state and module state."""
+        cfg, numel, workers = self.cfg, self.plan.numel if self.plan is not None else 0, self.layout_counts["workers"]
+        floats = numel * (1 + STATE_FACTOR.get(cfg.server_optim().optimizer, 2.0))
+        if cfg.compression.compress != "none" and cfg.compression.feedback():
+            floats += workers * numel * (2 if cfg.compression.worker_momentum(cfg.optim)[0] is not None else 1)
+        module = sum(math.prod(shape) * getattr(torch, dtype.removeprefix("torch.")).itemsize
+                     for _, shape, dtype, _ in self.module)
+        pieces = 3 + 2 * workers * (2 + len(self.module))
+        return int(4 * floats + workers * (module + 5056)) + PIECE_OVERHEAD * pieces + HDF5_OVERHEAD
+
+    def _warn_if_small(self, resumed: Path | None) -> None:
+        """Rank 0 at start-up: warn when the directory cannot hold two more checkpoints (a write
+        needs room for the new one before the oldest is pruned)."""
+        directory = Path(self.cfg.checkpoint.checkpoint_dir)
+        one = resumed.stat().st_size if resumed is not None else self.estimate_bytes()
+        free = free_bytes(directory if directory.is_dir() else directory.parent)
+        if 0 <= free < 2 * one:
+            log.warning("--checkpoint-dir %s has %s free, less than two checkpoints of this job (%s each): a"
+                        " checkpoint write that does not fit ends the job with status %d, keeping the last good"
+                        " one", directory, _mib(free), _mib(one), WRITE_FAILED_STATUS)
 
     def _misfit(self, path: str, m: dict[str, Any]) -> str | None:
         """Why this job cannot resume from manifest ``m``, or None."""
@@ -416,7 +191,7 @@ class Checkpointing:
                 problems.append(f"it used --{key.replace('_', '-')} {m[key]}, this job {now}")
         if cfg.train.sync == "bsp" and len(set(m["positions"])) > 1:
             problems.append(f"its workers stopped at different steps ({m['sync']}), which --sync bsp cannot continue")
-        if m["step"] >= self.total_steps:
+        if m["step"] > self.total_steps:  # == : the run is complete (``setup`` says so and trains nothing)
             problems.append(f"it is at step {m['step']}, this job trains {self.total_steps} steps")
         if not problems:
             return None
@@ -459,6 +234,21 @@ class Checkpointing:
         return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
                 "clocks": list(self.manifest["positions"])}
 
+    def restore_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A complete run's model (``complete``): ``model`` given the checkpoint's parameters and
+        worker 0's buffers and frozen parameters (what the lead worker ends with), in place."""
+        with h5py.File(self.resume_path, "r") as f, torch.no_grad():
+            flat = torch.from_numpy(f["params"][:])
+            params = dict(model.named_parameters())
+            for t in self.plan.tensors:
+                params[t.name].copy_(flat[t.offset : t.offset + t.numel].view(t.shape))
+            state = {**dict(model.named_buffers()), **params}
+            for name, _, _, _ in self.module:
+                t = state[name]
+                raw = f[_module_dataset(name, t)][0]
+                t.copy_(torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape))
+        return model
+
     def _runs(self, pieces: list) -> tuple[list, list[int]]:
         """The server's optimizer pieces (``ParameterServer.state_dict()["pieces"]``: tensor runs,
         some cut where a bucket ends) and each one's tensor index in the plan."""
@@ -480,6 +270,8 @@ class Checkpointing:
             for key in ("residual", "momentum"):  # the encoder's state, or zeros where none was saved
                 if key in template:
                     state[key] = torch.from_numpy(f[f"workers/{key}"][i]) if f"workers/{key}" in f else None
+            if template.get("scaler") and "workers/scaler" in f:  # else (version < 5): the scaler starts afresh
+                state["scaler"] = dict(zip(SCALER, map(float, f["workers/scaler"][i]), strict=True))
         return state
 
     def _pieces(self, state: dict[str, Any]) -> list[Piece]:
@@ -534,6 +326,8 @@ class Checkpointing:
             if key in st:
                 vec = st[key].numpy()
                 pieces.append(Piece(f"workers/{key}", i, vec[None].copy(), (W, vec.size)))
+        if st.get("scaler"):  # fp16's loss scaler
+            pieces.append(Piece("workers/scaler", i, np.array([[st["scaler"][k] for k in SCALER]]), (W, len(SCALER))))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             if _per_worker(t):
@@ -627,13 +421,26 @@ class Checkpointing:
         directory = Path(self.cfg.checkpoint.checkpoint_dir)
         final = directory / checkpoint_name(step)
         tmp = directory / f".{final.name}.tmp"
-        ranks = comm.allgather((self.role, self.index, self._position))
-        positions = [p for _, _, p in sorted(r for r in ranks if r[0] == "worker")]
-        write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions),
-                         chunk_bytes=self.cfg.train.chunk_bytes)
-        comm.Barrier()
-        if comm.Get_rank() == 0:
-            publish(tmp, final, self.cfg.checkpoint.keep)
+        ranks = comm.allgather((self.role, self.index, self._position,
+                                sum(p.data.nbytes for p in pieces) + PIECE_OVERHEAD * len(pieces)))
+        positions = [r[2] for r in sorted(r for r in ranks if r[0] == "worker")]
+        needed = sum(r[3] for r in ranks) + HDF5_OVERHEAD
+        lead = comm.Get_rank() == 0
+        problem = comm.bcast(preflight(directory, needed) if lead else None, root=0)
+        if problem is not None:  # every rank knows: one line from rank 0, the others wait for its abort
+            self._write_failed(step, needed, problem, speaker=lead)
+        try:
+            with _deadline(self.cfg.train.stall_timeout, lambda: self._write_failed(
+                    step, needed, f"the write did not finish in {self.cfg.train.stall_timeout:g} s"
+                    " (--stall-timeout)", speaker=True)):
+                write_collective(comm, tmp, pieces, dict(self._manifest(step, stop), positions=positions),
+                                 chunk_bytes=self.cfg.train.chunk_bytes)
+                comm.Barrier()
+                if lead:
+                    publish(tmp, final, self.cfg.checkpoint.keep)
+        except Exception as exc:  # noqa: BLE001 - an I/O error on this rank: end the job, keep the last good one
+            self._write_failed(step, needed, f"{type(exc).__name__}: {exc}", speaker=True)
+        if lead:
             log.warning(
                 "checkpoint at step %d written to %s (%.1f MiB, %.2f s)%s",
                 step,
@@ -647,6 +454,22 @@ class Checkpointing:
             )
         tracer.record("checkpoint write", began, step=step)
         self.last_path, self._last_time = final, time.monotonic()
+
+    def _write_failed(self, step: int, needed: int, why: str, speaker: bool) -> None:
+        """Checkpoint ``step`` cannot be written: say so in one line (``speaker``) and end the whole
+        job with ``WRITE_FAILED_STATUS``; the checkpoints already written stay as they are."""
+        if speaker:
+            directory = Path(self.cfg.checkpoint.checkpoint_dir)
+            (directory / f".{checkpoint_name(step)}.tmp").unlink(missing_ok=True)
+            good = list_checkpoints(directory)
+            last = f"the last good checkpoint is {good[0][1]} (intact)" if good else "no earlier checkpoint"
+            print(f"mpips: checkpoint of step {step} not written to {directory}: {why}; it needs"
+                  f" {_mib(needed)}, {_mib(max(0, free_bytes(directory)))} free; {last}; exiting with status"
+                  f" {WRITE_FAILED_STATUS}", file=sys.stderr, flush=True)
+            abort_job(self.world or self.comm, WRITE_FAILED_STATUS)
+        else:
+            time.sleep(ABORT_WAIT_S)  # rank 0 aborts the job meanwhile; if it could not, this rank does
+            abort_job(self.world or self.comm, WRITE_FAILED_STATUS)
 
     def _manifest(self, step: int, stop: bool) -> dict[str, Any]:
         cfg = self.cfg
@@ -669,6 +492,24 @@ class Checkpointing:
         }
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float, expired: Callable[[], None]) -> Iterator[None]:
+    """Call ``expired`` (from a timer thread) if the block lasts more than ``seconds`` (0: never)."""
+    timer = threading.Timer(seconds, expired) if seconds > 0 else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
+
+
 def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
     """[name, shape, dtype, "buffer" | "frozen"] of each tensor of a worker's module state, for the manifest."""
     return [[n, list(t.shape), str(t.dtype), "buffer" if _per_worker(t) else "frozen"] for n, t in state.items()]
@@ -683,38 +524,3 @@ def _module_dataset(name: str, t: torch.Tensor) -> str:
     return f"workers/buffers/{name}" if _per_worker(t) else f"frozen/{name}"
 
 
-def _clash(chosen: tuple[str, dict[str, Any]] | None, directory: str, resuming: bool) -> str | None:
-    """Why this run must not write into ``directory`` (another run's checkpoints are there), or None."""
-    found = list_checkpoints(directory)
-    if chosen is None and found:
-        if resuming:
-            return (f"--resume: no checkpoint in {directory} verifies ({len(found)} skipped, see the"
-                    " warnings); move them away to start afresh there")
-        return (f"--checkpoint-dir {directory} already holds checkpoints (newest: step {found[0][0]})"
-                " of an earlier run; add --resume to continue it, or choose an empty --checkpoint-dir")
-    if chosen is not None:
-        newer = [step for step, _ in found if step > chosen[1]["step"]]
-        if newer:
-            return (f"--resume {chosen[0]}: --checkpoint-dir {directory} holds newer checkpoints (steps"
-                    f" {', '.join(map(str, sorted(newer)))}); resuming here would interleave two runs'"
-                    " checkpoints: move those away, or resume from the newest (--resume alone)")
-    return None
-
-
-def _choose(resume: str, directory: str | None) -> tuple[str, dict[str, Any]] | str | None:
-    """(path, manifest) to resume from, None to start afresh, or an error message (one rank).
-
-    ``--resume`` alone finds nothing in a new ``--checkpoint-dir`` on a job's first run: that
-    starts from step 0, so one requeueable job script serves the first run and every restart.
-    """
-    if resume == "latest":
-        if directory is None:
-            return "--resume without a path needs --checkpoint-dir"
-        found = find_latest(directory)
-        if found is None:
-            return None
-        return str(found[0]), found[1]
-    try:
-        return resume, verify(resume)
-    except CheckpointError as exc:
-        return f"--resume {resume}: {exc}"

@@ -39,6 +39,7 @@ waiting.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -117,6 +118,7 @@ def init(
         stderr_filter.install()  # a dead peer must not flood the terminal
     job = Job(cfg, comm, layout, reporter, Preemption.install() if handle_signals else Preemption())
     sys.excepthook = job._excepthook
+    atexit.register(job._at_exit)
     if comm.Get_rank() == 0:
         print(layout.describe(), flush=True)
     return job
@@ -156,7 +158,8 @@ class Job:
         self.worker_ranks = [members.index(r) for r in layout.workers]
         self.tables: list[Table] = []
         self._loaders: list[Loader] = []
-        self._finished = False
+        self._finished = False  # worker: job.finish() returned; server: job.serve() returned
+        self._failed = False  # bad input was said: every rank exits 2
 
     # -- who am I ----------------------------------------------------------------------------
     @property
@@ -328,6 +331,7 @@ class Job:
                 raise StallError(open_step.stall_message())
             backoff.wait()
         self.dog.close()
+        self._finished = True
         return max((t.server.checkpoints.exit_status() for t in self.tables), default=0)
 
     def loader(self, data: str | Sequence[str] | None = None, *, batch_size: int | None = None,
@@ -378,11 +382,13 @@ class Job:
             else:
                 finished.add(what_)
         self.dog.close()
+        self._finished = True
         return 0
 
     # -- registration (collective over servers and workers) ----------------------------------
     def bad_input(self, exc: BaseException) -> int:
         """Collective bad input among servers and workers: said once; every one of them exits 2."""
+        self._failed = True
         if self.layout.data_servers:  # they wait elsewhere: end the whole job
             if self.ps_comm.Get_rank() == 0:
                 print(f"mpips: bad {what(exc)}: {exc}", file=sys.stderr, flush=True)
@@ -390,6 +396,17 @@ class Job:
             abort_job(self.comm, 2)
         self.dog.close()
         return self.reporter.bad_input(exc)
+
+    def _at_exit(self) -> None:
+        """At interpreter exit: a worker that never called ``job.finish()`` (a loop left early), or
+        a server that never served, would leave the others waiting: say so and end the job."""
+        if self._finished or self._failed:
+            return
+        needs = "job.finish()" if self.is_worker else "job.serve()"
+        print(f"mpips: FATAL on rank {self.comm.Get_rank()} (host {MPI.Get_processor_name()}, {self.who['role']}):"
+              f" the script ended without {needs}; the other ranks would wait for it (every worker calls"
+              " job.finish() after its last step, every other rank job.serve())", file=sys.stderr, flush=True)
+        abort_job(self.comm, 1)
 
     def _excepthook(self, kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         """An exception nobody caught, on this rank: one line, then the whole job ends.

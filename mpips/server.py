@@ -242,6 +242,7 @@ class ParameterServer:
                 self.active.discard(w)
                 if self.notices is not None:
                     self.notices.close(w)
+                self.mode.stopped(self, w, header)
                 continue
             if header.codec == Codec.JOIN:
                 self.mode.join_received(self, w, header)

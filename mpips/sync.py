@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mpips.compression import PushGradient
+from mpips.config import ConfigError
 from mpips.optim import sum_of_squares
 from mpips.transport import Codec, MalformedMessage, PushHeader, Slot
 
@@ -34,7 +35,12 @@ if TYPE_CHECKING:
     from mpips.client import ParameterClient
     from mpips.server import ParameterServer
 
-__all__ = ["Async", "Bsp", "SyncMode", "sync_mode"]
+__all__ = ["Async", "Bsp", "SyncMode", "UnevenSteps", "sync_mode"]
+
+
+class UnevenSteps(ConfigError):
+    """A bsp worker finished while another still pushes: every later step would wait for it (said
+    as bad input: one line, no traceback)."""
 
 
 class SyncMode:
@@ -73,6 +79,9 @@ class SyncMode:
 
     def join_received(self, server: ParameterServer, w: int, header: PushHeader) -> None:
         raise MalformedMessage(f"server {server.index}: unexpected checkpoint join from worker {w} in {self.name}")
+
+    def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
+        """Worker ``w`` sent its stop message (it finished)."""
 
     def checkpoint(self, server: ParameterServer) -> bool:
         """Once per poll: open or complete a checkpoint; True if anything moved."""
@@ -136,6 +145,23 @@ class Bsp(SyncMode):
         """Workers whose push for the step has not come."""
         return [w for w in range(self.next, self.workers) if w not in self.held]
 
+    def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
+        """A worker that finished while the others go on would hold every later step: said at once."""
+        if self.step_open:
+            others = sorted(set(self.held) | set(range(self.next)) - {w})
+            raise UnevenSteps(
+                f"server {server.index}: worker {w} finished after {server.clocks[w]} steps while worker"
+                f" {others[0] if others else '?'} pushed step {int(server.window.status[Slot.CLOCK])}: in bsp every"
+                " worker takes the same number of steps (give every worker as many batches, or use asp/ssp)")
+
+    def accept_check(self, server: ParameterServer, w: int, header: PushHeader) -> None:
+        if len(server.active) < self.workers:
+            done = sorted(set(range(self.workers)) - server.active)
+            raise UnevenSteps(
+                f"server {server.index}: worker {w} pushed step {header.step}, but worker {done[0]} finished"
+                f" after {server.clocks[done[0]]} steps: in bsp every worker takes the same number of steps (give"
+                " every worker as many batches, or use asp/ssp)")
+
     def accept(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:
         """Add worker ``w``'s push to the step's sum in worker order; apply once all are in.
 
@@ -144,6 +170,7 @@ class Bsp(SyncMode):
         receiver gives the body, for a push longer than one chunk, only to the worker whose turn
         it is), so the server holds one push of a shard's size at a time, whatever W.
         """
+        self.accept_check(server, w, header)
         step = int(server.window.status[Slot.CLOCK])
         twice = w in self.held or w < self.next
         if header.step != step or twice:
@@ -236,7 +263,7 @@ class Async(SyncMode):
             behind = (stats.applied - header.applied_seen) / workers
             scale /= max(1.0, behind)
         server.apply(grad if use else None, mask.astype(bool), step, norm=header.grad_norm,
-                     clock=min(server.clocks), lr_scale=scale)
+                     clock=self.slowest(server), lr_scale=scale)
 
     def checkpoint(self, server: ParameterServer) -> bool:
         """Server 0 opens a checkpoint when one is due; every server saves once all workers joined.
@@ -264,6 +291,21 @@ class Async(SyncMode):
         server.checkpoints.save(abs(mark), mark < 0, server.state_dict(), server.serve_pulls)
         self.joined.clear()
         return True
+
+    @staticmethod
+    def slowest(server: ParameterServer) -> int:
+        """The published clock: steps completed by the slowest worker still training."""
+        return min((server.clocks[v] for v in server.active), default=min(server.clocks))
+
+    def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
+        """The slowest worker's clock counts the workers still training: one that finished early
+        must not hold an ssp worker back."""
+        if not server.active:
+            return
+        clock = self.slowest(server)
+        if clock > int(server.window.status[Slot.CLOCK]):
+            server.window.status[Slot.CLOCK] = clock
+            server.publish()
 
     def join_received(self, server: ParameterServer, w: int, header: PushHeader) -> None:
         mark = header.clock_seen  # the mark the worker saw

@@ -23,8 +23,9 @@ class Net(nn.Module):  # defined in __main__ only: the servers never import it
 
 case = sys.argv[1]
 with_data = case.startswith("loader")  # 1 server, 1 data server streaming the built-in digits, 2 workers
-job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0,
-                 sync="bogus" if case == "bad_sync" else "bsp", config={"stall_timeout": 30})
+sync = {"bad_sync": "bogus", "uneven_ssp": "ssp"}.get(case, "bsp")
+job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0, sync=sync,
+                 config={"stall_timeout": 30})
 if case == "optimizer_on_a_server":
     job.optimizer(Net(), torch.optim.SGD, lr=0.1)
 if not job.is_worker:
@@ -112,6 +113,16 @@ elif case == "crash":  # worker 1's loop raises at its 3rd step, while the other
         opt.zero_grad()
         model(torch.ones(1, 4)).sum().backward()
         opt.step()
+elif case in ("uneven_bsp", "uneven_ssp", "no_finish"):  # worker 1 leaves its loop after 5 steps of 10
+    model = Net()
+    opt = job.optimizer(model, torch.optim.SGD, lr=0.1)
+    for _ in range(5 if w == 1 else 10):
+        opt.zero_grad()
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+    if case == "no_finish" and w == 1:
+        sys.exit(0)  # returns without job.finish()
+    print(f"worker {w}: {opt.steps} steps", flush=True)
 elif case == "loader_bad_data":
     job.loader("/no/such/file.h5")
 elif case in ("trains", "trains_model_zero_grad"):  # a class from __main__, param groups, a scheduler

@@ -108,6 +108,26 @@ def test_an_exception_in_one_workers_loop_ends_the_whole_job_at_once(tmp_path):
     assert "Traceback" in out.stderr
 
 
+def test_uneven_loops_end_at_once_in_bsp_and_train_in_ssp(tmp_path):
+    """Worker 1 leaves its loop after 5 steps of worker 0's 10: in bsp the servers say so in one line
+    each (no 120 s stall); in ssp the others go on without it; a worker whose script ends without
+    job.finish() ends the job with one line."""
+    bsp = run_mpi(4, [str(CASES), "uneven_bsp"], timeout=60, cwd=tmp_path)
+    said = [s for s in bsp.stderr.splitlines() if s.startswith("mpips:")]
+    assert bsp.returncode == 2 and said and all(  # whichever of worker 0's push and worker 1's stop came first
+        "worker 1 finished after 5 steps" in s and "worker 0 pushed step 5" in s
+        and "in bsp every worker takes the same number of steps" in s for s in said), bsp.stderr
+    assert "Traceback" not in bsp.stderr
+    ssp = run_mpi(4, [str(CASES), "uneven_ssp"], timeout=60, cwd=tmp_path, check=True)
+    assert sorted(re.findall(r"worker \d: \d+ steps", ssp.stdout)) == ["worker 0: 10 steps", "worker 1: 5 steps"]
+    gone = run_mpi(4, [str(CASES), "no_finish"], timeout=60, cwd=tmp_path)
+    assert gone.returncode != 0
+    assert [s for s in gone.stderr.splitlines() if s.startswith("mpips:")] == [
+        "mpips: FATAL on rank 1 (host " + gone.stderr.split("(host ")[1].split(",")[0] + ", worker 1): the script ended"
+        " without job.finish(); the other ranks would wait for it (every worker calls job.finish() after its last step,"
+        " every other rank job.serve())"], gone.stderr
+
+
 @pytest.mark.parametrize("case, line", [
     ("different_models", r"mpips: bad model: job.optimizer call #1: worker 1 registered tensor 0 as a.weight \[9, 4\],"
                          r" worker 0 as a.weight \[8, 4\]"),

@@ -1,4 +1,5 @@
-"""Training on synthetic data with Horovod: AdamW, a cosine schedule (docs/own-loop.md)."""
+"""Training on synthetic data, AdamW and a cosine schedule: a Horovod script (horovod_loop.py) and its
+mpips port (horovod_ported.py), docs/own-loop.md."""
 
 import horovod.torch as hvd
 import torch

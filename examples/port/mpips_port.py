@@ -1,10 +1,11 @@
-"""A plain single-process torch script: AdamW, warm-up + cosine schedule, gradient accumulation.
+"""AdamW, warm-up + cosine schedule, gradient accumulation: a single-process torch script and its port.
 
-    python examples/port/plain_torch.py --out plain.pt
+    python examples/port/plain_torch.py --out plain.pt                 # one torch process
+    mpirun -n 4 python examples/port/mpips_port.py --out port.pt      # 2 servers, 2 workers
 
-``mpips_port.py`` beside it is the same script ported to mpips (``diff plain_torch.py
-mpips_port.py``): run under mpirun with 2 servers and 2 workers it ends with the parameters this
-script ends with on the concatenated batch.
+``diff plain_torch.py mpips_port.py`` is the whole port (docs/own-loop.md shows it): the port,
+under mpirun with 2 servers and 2 workers, ends with the parameters the plain script ends with on
+the concatenated batch (tests/test_own_loop.py).
 """
 import argparse
 import sys

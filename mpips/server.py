@@ -237,12 +237,11 @@ class ParameterServer:
             tracer.record("receive", began)
         self.stats.max_queue = max(self.stats.max_queue, len(ready))
         self.window.status[Slot.QUEUE] = len(ready)
+        # a worker's stop message can complete in the same poll as its last streamed push, ahead
+        # of it in ``ready`` (its first message is received ahead): stops are taken after pushes
+        stops = [(w, header) for w, header, _ in ready if header.codec == Codec.STOP]
         for w, header, payload in ready:
             if header.codec == Codec.STOP:
-                self.active.discard(w)
-                if self.notices is not None:
-                    self.notices.close(w)
-                self.mode.stopped(self, w, header)
                 continue
             if header.codec == Codec.JOIN:
                 self.mode.join_received(self, w, header)
@@ -252,6 +251,11 @@ class ParameterServer:
             grad, mask = self._decode(header, payload)  # views of the receive buffer
             with tracer.span("apply", header.step):
                 self.mode.accept(self, w, header, grad, mask)
+        for w, header in stops:
+            self.active.discard(w)
+            if self.notices is not None:
+                self.notices.close(w)
+            self.mode.stopped(self, w, header)
         if self.checkpoints is not None:
             moved |= self.mode.checkpoint(self)
             if not self.final_saved and min(self.clocks) >= self.total_steps and not self.mode.cutting:

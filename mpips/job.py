@@ -103,7 +103,8 @@ def init(
     reporter = Reporter(comm, speaks(comm.Get_rank(), comm.Get_size(), os.environ), MPI.Get_processor_name())
     try:
         cfg = _config(config, None, None, None, None)
-        explicit = (isinstance(config, Config) or (isinstance(config, dict) and "data_servers" in _flat(config))
+        named = isinstance(config, dict) and ("data_servers" in config or "data_servers" in config.get("roles", {}))
+        explicit = (isinstance(config, Config) or named
                     or (isinstance(config, list | tuple) and "--data-servers" in config))
         given = {"servers": servers, "data_servers": data_servers if data_servers is not None or explicit else 0,
                  "sync": sync}
@@ -122,13 +123,6 @@ def init(
     if comm.Get_rank() == 0:
         print(layout.describe(), flush=True)
     return job
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(value if isinstance(value, dict) else {key: value})
-    return flat
 
 
 class Job:

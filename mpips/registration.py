@@ -197,9 +197,6 @@ class HyperCodec:
                               " job.optimizer: keep the same structure")
         return np.array(out, dtype=np.float64)
 
-    def nbytes(self, param_groups: Sequence[dict[str, Any]]) -> int:
-        return self.encode(param_groups).nbytes
-
     def apply(self, optimizer: torch.optim.Optimizer, values: np.ndarray, lr_scale: float = 1.0) -> None:
         """Set ``optimizer``'s groups to ``values`` (as ``encode`` made them); ``lr`` times ``lr_scale``."""
         at = 0

@@ -66,7 +66,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  on_stop: Callable[[int], int]):
         self._client, self._hyper, self._on_stop = client, hyper, on_stop
         super().__init__(local.param_groups, local.defaults)
-        self._params = [p for group in self.param_groups for p in group["params"]]
+        self._registered = True  # the servers' shards are laid out: no more groups
         self._views = [(p, p.grad) for p in client.flat.model.parameters() if p.requires_grad]
 
     @property
@@ -134,7 +134,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_params", None) is not None:
+        if getattr(self, "_registered", False):
             raise ValueError("add_param_group after job.optimizer: the servers' shards are laid out at registration;"
                              " pass every group to job.optimizer(param_groups=...)")
         super().add_param_group(param_group)

@@ -115,6 +115,7 @@ class Bsp(SyncMode):
     samples: int = 0
     used: np.ndarray | None = None  # bool [runs]: tensor runs with a gradient from any worker
     acc: torch.Tensor | None = None  # the step's sum
+    finished: dict[int, int] = field(default_factory=dict)  # worker -> the steps it pushed, once it stopped
 
     def need(self, step: int) -> int:
         return step
@@ -130,6 +131,7 @@ class Bsp(SyncMode):
     def begin(self, server: ParameterServer) -> None:
         self.workers, self.runs = len(server.workers), len(server.runs)
         self.acc = torch.zeros(server.window.params.size)
+        self.finished.clear()
         self.reset()
         server.receiver.prefer = 0
 
@@ -146,21 +148,28 @@ class Bsp(SyncMode):
         return [w for w in range(self.next, self.workers) if w not in self.held]
 
     def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
-        """A worker that finished while the others go on would hold every later step: said at once."""
-        if self.step_open:
-            others = sorted(set(self.held) | set(range(self.next)) - {w})
+        """A worker that finished while the others go on would hold every later step: said at once.
+
+        Its stop may come before the others' pushes of the step it pushed last (it finished
+        first): that is even, and the step completes as they come.
+        """
+        step = int(server.window.status[Slot.CLOCK])
+        pushed = w < self.next or w in self.held
+        self.finished[w] = step + 1 if pushed else step
+        if self.step_open and not pushed:
+            others = sorted(set(self.held) | set(range(self.next)))
             raise UnevenSteps(
-                f"server {server.index}: worker {w} finished after {server.clocks[w]} steps while worker"
-                f" {others[0] if others else '?'} pushed step {int(server.window.status[Slot.CLOCK])}: in bsp every"
-                " worker takes the same number of steps (give every worker as many batches, or use asp/ssp)")
+                f"server {server.index}: worker {w} finished after {step} steps while worker"
+                f" {others[0]} pushed step {step}: in bsp every worker takes the same number of steps"
+                " (give every worker as many batches, or use asp/ssp)")
 
     def accept_check(self, server: ParameterServer, w: int, header: PushHeader) -> None:
-        if len(server.active) < self.workers:
-            done = sorted(set(range(self.workers)) - server.active)
+        done = sorted(d for d, n in self.finished.items() if n <= header.step)
+        if done:
             raise UnevenSteps(
                 f"server {server.index}: worker {w} pushed step {header.step}, but worker {done[0]} finished"
-                f" after {server.clocks[done[0]]} steps: in bsp every worker takes the same number of steps (give"
-                " every worker as many batches, or use asp/ssp)")
+                f" after {self.finished[done[0]]} steps: in bsp every worker takes the same number of steps"
+                " (give every worker as many batches, or use asp/ssp)")
 
     def accept(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:
         """Add worker ``w``'s push to the step's sum in worker order; apply once all are in.

@@ -84,6 +84,7 @@ def _server_times(group: MPI.Comm, kind: str, n: int, reps: int, warmup: int) ->
                     pull="rma", total_steps=2**40)
     server = ParameterServer(ctx, 0, np.ones(n, dtype=np.float32), MPI.COMM_SELF, batch_size=1)
     server.start()
+    server.begin_serving()
     payload = np.concatenate([np.full(n, 1e-3, dtype=np.float32).view(np.uint8), np.ones(1, np.uint8)])
     step = [0]
 

@@ -8,10 +8,10 @@ use, so ``import mpips`` initialises no MPI.
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["DistributedOptimizer", "FitResult", "Job", "Preempted", "__version__", "fit", "init"]
+__all__ = ["DistributedOptimizer", "FitResult", "Job", "Preempted", "SparseEmbedding", "__version__", "fit", "init"]
 
 _HOME = {"fit": "api", "FitResult": "api", "init": "job", "Job": "job", "DistributedOptimizer": "client",
-         "Preempted": "client"}
+         "Preempted": "client", "SparseEmbedding": "client"}
 
 
 def __getattr__(name: str) -> Any:

@@ -40,6 +40,7 @@ waiting.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import sys
@@ -53,6 +54,7 @@ from mpi4py import MPI
 from mpips import stderr_filter
 from mpips.checkpoint import Preemption, module_spec
 from mpips.client import DistributedOptimizer, FlatModel, ParameterClient, Preempted
+from mpips.client.embedding import RowClient, SparseEmbedding
 from mpips.client.loader import Loader, open_data
 from mpips.config import Config, ConfigError, from_flat
 from mpips.cuda_aware import decide
@@ -60,6 +62,7 @@ from mpips.errors import INPUT_ERRORS, Reporter, check_launch, speaks, what
 from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer
+from mpips.sparse import EmbeddingSpec
 from mpips.startup import cuda_support, shard_values
 from mpips.tables import Table, context, plan_of, register
 from mpips.transport import Backoff, StallError, Tag, poll_control, send_chunks, send_control, wait_all
@@ -219,7 +222,13 @@ class Job:
                                    **kwargs)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{cls.__name__}(...) refused its arguments: {exc}") from None
-            return TableSpec.of(trainable, local["opt"], module_spec(FlatModel.module_state_of(model)))
+            embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseEmbedding)]
+            for n, m in embeddings:
+                if m.client is not None:
+                    raise ModelError(f"embedding {n} is registered already (another job.optimizer's model holds it)")
+            local["embeddings"] = [m for _, m in embeddings]
+            spec = TableSpec.of(trainable, local["opt"], module_spec(FlatModel.module_state_of(model)))
+            return dataclasses.replace(spec, sparse=tuple(dataclasses.replace(m.spec, name=n) for n, m in embeddings))
 
         table, spec = register(self, describe)
         t = self.tables[table]
@@ -236,18 +245,63 @@ class Job:
         if self.index == 0:  # the servers' initial values are worker 0's
             sends = [r for s, rank in enumerate(self.server_ranks)
                      for r in send_chunks(t.comm, shard_values(model, plan, s), rank, Tag.INIT, cfg.train.chunk_bytes)]
+            for e, m in zip(spec.sparse, local["embeddings"], strict=True):
+                if e.init == "given":
+                    sends += [r for s, rank in enumerate(self.server_ranks)
+                              for r in send_chunks(t.comm, m.init[s :: self.num_servers].float().contiguous().numpy(),
+                                                   rank, Tag.INIT, cfg.train.chunk_bytes)]
             wait_all(sends, "the servers to take the initial values", cfg.train.stall_timeout)
         client = ParameterClient(context(self, t, spec, plan), self.index, flat)
+        for i, (e, m) in enumerate(zip(spec.sparse, local["embeddings"], strict=True)):
+            m.spec, m.init = e, None
+            m.client = RowClient(t.comm, self.server_ranks, i, e, lambda c=client: c.position, comp.pull_codec,
+                                 comp.compress if comp.compress in ("fp16", "bf16") else "fp32",
+                                 cfg.train.chunk_bytes, cfg.train.stall_timeout)
+        t.embeddings = local["embeddings"]
         with self.dog.blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             client.start()
         resumed = client.checkpoints.worker_state(client.state_dict())
         if resumed is not None:  # position, torch's RNG, buffers: the loop goes on from opt.steps
             client.load_state_dict(resumed)
         t.client = client
-        opt = DistributedOptimizer(client, local["opt"], spec.hyper(), self._stopped)
+        opt = DistributedOptimizer(client, local["opt"], spec.hyper(), self._stopped, t.embeddings)
         if client.await_step(ahead=False) is None:  # every worker now holds the servers' values
             raise Preempted(client.position, self._stopped(client.position))
         return opt
+
+    def embedding(self, num_embeddings: int, embedding_dim: int, *,
+                  optimizer: type[torch.optim.Optimizer] | str, init: torch.Tensor | None = None,
+                  init_std: float = 1.0, **kwargs: Any) -> SparseEmbedding:
+        """A sparse table held by the parameter servers, used in a model as ``nn.Embedding``.
+
+        Not collective: the table is registered with the model that contains it, at that
+        model's ``job.optimizer`` (every worker builds the same tables in the same models). Its
+        optimizer steps at that optimizer's ``step()``, on the rows the step touched only.
+
+        Args:
+            num_embeddings, embedding_dim: the table's rows and row width.
+            optimizer: ``torch.optim.SGD``, ``Adagrad`` or ``SparseAdam`` (any class torch lets
+                step sparse gradients), or ``"package.module:Class"``.
+            init: float32 [rows, dim] initial values (a small table; worker 0's are used); default:
+                ``init_std`` times seeded standard normal values, made by the servers row by row
+                (``mpips.sparse.init_rows``: a function of the seed, table and key alone).
+            init_std: the standard deviation of the seeded values (``nn.Embedding``'s is 1).
+            **kwargs: the optimizer's keyword arguments (``lr=0.05``, ...).
+
+        Returns:
+            A ``SparseEmbedding`` module.
+        """
+        if not self.is_worker:
+            raise ConfigError(f"job.embedding is for workers, and this rank is {self.role} {self.index}: call it"
+                              " under `if job.is_worker:`")
+        spec = EmbeddingSpec.of(num_embeddings, embedding_dim, optimizer, kwargs,
+                                "seed" if init is None else "given", init_std)
+        if init is not None:
+            if not isinstance(init, torch.Tensor) or tuple(init.shape) != (num_embeddings, embedding_dim):
+                raise ConfigError(f"job.embedding: init must be a tensor of shape ({num_embeddings},"
+                                  f" {embedding_dim}), got {getattr(init, 'shape', type(init).__name__)}")
+            init = init.detach().to("cpu", torch.float32)
+        return SparseEmbedding(spec, init)
 
     def finish(self) -> None:
         """This worker is done: its models' servers stop once every worker finished; worker 0's
@@ -259,6 +313,8 @@ class Job:
         self._finished = True
         lead = self.worker_ranks[0]
         for t in self.tables:
+            for emb in t.embeddings:
+                emb.finish()
             with self.dog.blocking("job.finish: the final parameters from every server (collective over servers and"
                                    " workers)"):
                 final = t.client.finish(lead=lead)

@@ -32,7 +32,8 @@ __all__ = ["HyperCodec", "TableSpec", "class_path", "resolve_optimizer", "spec_m
 # Optimizers whose step needs more than one shard's gradient and state: refused at registration.
 WHOLE_MODEL = {"LBFGS": "its step re-evaluates the loss through a closure and keeps a history over the whole"
                         " model's parameters"}
-SPARSE_ONLY = {"SparseAdam": "it takes sparse gradients only, and mpips pushes dense ones"}
+SPARSE_ONLY = {"SparseAdam": "it takes sparse gradients only, and mpips pushes dense ones (a table on the servers,"
+                             " job.embedding, takes it)"}
 
 
 def class_path(cls: type) -> str:
@@ -40,8 +41,10 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def resolve_optimizer(spec: str | type) -> type[torch.optim.Optimizer]:
+def resolve_optimizer(spec: str | type, sparse: bool = False) -> type[torch.optim.Optimizer]:
     """The optimizer class ``spec`` names (a class, or ``"package.module:Class"``).
+
+    ``sparse``: for a sparse table (``job.embedding``), where SparseAdam is at home.
 
     Raises:
         ConfigError: it cannot be imported, is not a ``torch.optim.Optimizer``, or cannot run
@@ -63,7 +66,7 @@ def resolve_optimizer(spec: str | type) -> type[torch.optim.Optimizer]:
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ConfigError(f"optimizer {spec!r} is not a torch.optim.Optimizer class")
     for base in cls.__mro__:
-        why = WHOLE_MODEL.get(base.__name__) or SPARSE_ONLY.get(base.__name__)
+        why = WHOLE_MODEL.get(base.__name__) or (None if sparse else SPARSE_ONLY.get(base.__name__))
         if why and base.__module__.startswith("torch.optim"):
             raise ConfigError(f"optimizer {cls.__name__} cannot run shard by shard on parameter servers: {why};"
                               " use a first-order torch.optim optimizer (SGD, Adam, AdamW, Adagrad, ...)")
@@ -102,6 +105,7 @@ class TableSpec:
     groups: tuple[tuple[tuple[str, Any], ...], ...]
     group_of: tuple[int, ...]
     module: tuple[tuple[Any, ...], ...] = ()
+    sparse: tuple[Any, ...] = ()  # mpips.sparse.EmbeddingSpec of each table in the model (job.embedding)
 
     @classmethod
     def of(cls, named: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
@@ -237,5 +241,9 @@ def spec_mismatch(specs: Sequence[TableSpec], table: int) -> str | None:
             return f"{what} other buffers or frozen parameters than worker 0"
         if spec.optimizer != first.optimizer:
             return f"{what} optimizer {spec.optimizer}, worker 0 {first.optimizer}"
+        if spec.sparse != first.sparse:
+            return (f"{what} other embedding tables (job.embedding: names, shapes, optimizer or init) than worker 0:"
+                    f" {[(e.name, e.rows, e.dim) for e in spec.sparse]} against"
+                    f" {[(e.name, e.rows, e.dim) for e in first.sparse]}")
         return f"{what} other parameter groups or hyperparameters than worker 0: pass the same to every worker"
     return None

@@ -56,6 +56,7 @@ from mpips.transport import (
 
 if TYPE_CHECKING:
     from mpips.layout import PSContext
+    from mpips.rowserver import RowServer
 
 __all__ = ["ParameterServer", "ServerStats"]
 
@@ -99,12 +100,14 @@ class ParameterServer:
         self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
         self.stats = ServerStats()
         self.clocks = [0] * len(self.workers)  # steps each worker has completed, as received here
+        self.active = set(range(len(self.workers)))  # the workers that have not sent their stop message
         # a registered optimizer (mpips.registration; None: the config's, by name): its class and
         # groups, and the hyperparameters each push carries after its mask
         self.table = ctx.table
         self.hyper = self.table.hyper() if self.table is not None else None
         self.hyper_bytes = self.table.hyper_bytes if self.table is not None else 0
         self.hyper_values: np.ndarray | None = None  # of the last push decoded
+        self.sparse: list[RowServer] = []  # the model's sparse tables (job.embedding), at the same step
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,8 +177,11 @@ class ParameterServer:
         ``pieces`` (``mpips.shard.Piece``: the shard's tensor runs, cut where a bucket ends);
         ``applied``: gradients applied; ``clocks``: steps completed per worker.
         """
+        for rows in self.sparse:  # the tables at the same cut
+            rows.catch_up(self.clocks)
         return {"params": self.window.params, "optimizer": self.optimizer.state_dict(), "pieces": self.splits,
-                "applied": self.stats.applied, "clocks": list(self.clocks)}
+                "applied": self.stats.applied, "clocks": list(self.clocks),
+                "sparse": [rows.state_dict() for rows in self.sparse]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` (as ``state_dict`` returns it); call after ``start()``."""
@@ -184,6 +190,8 @@ class ParameterServer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stats.applied = int(state["applied"])
         self.clocks = [int(c) for c in state["clocks"]]
+        for rows, st in zip(self.sparse, state.get("sparse", []), strict=True):
+            rows.load_state_dict(st)
         self.window.status[Slot.APPLIED] = self.stats.applied
         self.window.status[Slot.CLOCK] = min(self.clocks)
         self.publish()
@@ -233,6 +241,8 @@ class ParameterServer:
         began = tracer.now()
         ready = self.receiver.poll()
         moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
+        for rows in self.sparse:  # a worker's rows of a step are sent ahead of its dense push
+            moved |= rows.poll()
         if moved:
             tracer.record("receive", began)
         self.stats.max_queue = max(self.stats.max_queue, len(ready))
@@ -273,6 +283,9 @@ class ParameterServer:
     def finish(self, lead: int) -> None:
         """Collective: send the final shard to ``lead`` (a rank in comm), free the window."""
         faults.at("shutdown")
+        for rows in self.sparse:
+            rows.catch_up(self.clocks)
+            rows.close()
         if self.pull_server is not None:
             self.pull_server.close()
         if self.notices is not None:

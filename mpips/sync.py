@@ -211,6 +211,8 @@ class Bsp(SyncMode):
             acc.div_(samples)
         if server.cfg.clip_grad_norm:  # the global norm: every server's part of the mean gradient
             norm = server.servers.allreduce(sum_of_squares(acc.numpy())) ** 0.5
+        for rows in server.sparse:  # the model's tables reach the step first (checkpoints cut both)
+            rows.complete(step)
         checkpoints = server.checkpoints
         mark = checkpoints.schedule(server.window, server.servers, step + 1) if checkpoints else 0
         server.clocks = [step + 1] * self.workers

@@ -27,8 +27,10 @@ from mpips.errors import INPUT_ERRORS, agree
 from mpips.layout import PSContext
 from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer, spec_mismatch
+from mpips.rowserver import RowServer
 from mpips.server import ParameterServer
 from mpips.shard import ShardPlan
+from mpips.sparse import EmbeddingSpec, available_memory, check_fits, init_rows, local_rows
 from mpips.startup import choose_pull
 from mpips.transport import Tag, recv_chunks, send_control, wait_all
 
@@ -52,6 +54,7 @@ class Table:
     servers: MPI.Comm | None = None  # servers only: a duplicate of their role communicator
     finished: bool = False
     checkpoints: Checkpointing | None = None
+    embeddings: list = dataclasses.field(default_factory=list)  # workers: the model's SparseEmbedding modules
 
 
 def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, TableSpec]:
@@ -70,8 +73,7 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
         if problem:
             raise ModelError(problem)
         spec = specs[0]
-        agree(job.ps_comm, (lambda: resolve_optimizer(spec.optimizer)) if job.is_server else (lambda: None),
-              blocking)
+        agree(job.ps_comm, (lambda: _check_servable(job, spec)) if job.is_server else (lambda: None), blocking)
     except INPUT_ERRORS as exc:
         raise SystemExit(job.bad_input(exc)) from None
     with blocking("job.optimizer: a communicator for the model (collective over servers and workers)"):
@@ -85,9 +87,11 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
         init = np.empty(plan.shard_numel(job.index), dtype=np.float32)
         wait_all(recv_chunks(t.comm, init, job.worker_ranks[0], Tag.INIT, job.config.train.chunk_bytes),
                  "worker 0's initial values (job.optimizer)", job.config.train.stall_timeout)
+        rows = [_rows_of(job, t, e, i, table) for i, e in enumerate(spec.sparse)]  # worker 0 sends them next
         t.server = ParameterServer(context(job, t, spec, plan), job.index, init, t.servers, batch_size=1)
         with blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             t.server.start()
+        t.server.sparse = [RowServer(t.server, i, e, values) for i, (e, values) in enumerate(zip(spec.sparse, rows))]
         resumed = t.checkpoints.server_state(t.server.state_dict())
         if resumed is not None:
             t.server.load_state_dict(resumed)
@@ -96,6 +100,37 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
             log.info("model %d: %d tensors, %s parameters over %d servers, optimizer %s", table, len(spec.names),
                      f"{plan.numel:,}", job.num_servers, spec.optimizer)
     return table, spec
+
+
+def _check_servable(job: Job, spec: TableSpec) -> None:
+    """A server: it can import the optimizers, and the model's sparse tables fit its memory."""
+    resolve_optimizer(spec.optimizer)
+    for e in spec.sparse:
+        resolve_optimizer(e.optimizer, sparse=True)
+    if spec.sparse:
+        available = available_memory()
+        if available >= 0:
+            hosts = job.layout.hosts
+            mine = hosts[job.layout.servers[job.index]] if hosts else None
+            sharing = sum(1 for r in job.layout.servers if hosts and hosts[r] == mine) or 1
+            check_fits(spec.sparse, job.index, job.num_servers, available, sharing)
+
+
+def _rows_of(job: Job, t: Table, e: EmbeddingSpec, i: int, table: int) -> np.ndarray:
+    """This server's initial rows of table ``i``: worker 0's (``init=``) or the seeded ones, made
+    in slabs of rows so that no more than one slab is ever held twice."""
+    rows = local_rows(e.rows, job.index, job.num_servers)
+    if e.init == "given":
+        out = np.empty((rows, e.dim), dtype=np.float32)
+        wait_all(recv_chunks(t.comm, out, job.worker_ranks[0], Tag.INIT, job.config.train.chunk_bytes),
+                 f"worker 0's initial rows of table {e.name}", job.config.train.stall_timeout)
+        return out
+    out = np.empty((rows, e.dim), dtype=np.float32)
+    slab = max(1, (1 << 22) // e.dim)
+    for lo in range(0, rows, slab):
+        keys = np.arange(lo, min(rows, lo + slab), dtype=np.int64) * job.num_servers + job.index
+        out[lo : lo + len(keys)] = init_rows(keys, e.dim, job.config.train.seed, 1000 * table + i, e.std)
+    return out
 
 
 def plan_of(job: Job, spec: TableSpec) -> ShardPlan:

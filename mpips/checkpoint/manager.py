@@ -26,6 +26,7 @@ from mpips.checkpoint.files import (
     PIECE_OVERHEAD,
     SCALER,
     VERSION,
+    CheckpointError,
     Piece,
     checkpoint_name,
     free_bytes,
@@ -230,9 +231,11 @@ class Checkpointing:
                 a, b = r.server_offset, r.server_offset + r.length
                 state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
                 state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
+            sparse = [_table_state(f, f"sparse/{t}", s, rows) for t, rows in enumerate(template.get("sparse", []))]
         optimizer = dict(template["optimizer"], state=state)
         return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
-                "clocks": list(self.manifest["positions"])}
+                "clocks": list(self.manifest["positions"]),
+                "sparse": [dict(t, clocks=list(self.manifest["positions"])) for t in sparse]}
 
     def restore_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """A complete run's model (``complete``): ``model`` given the checkpoint's parameters and
@@ -311,6 +314,8 @@ class Checkpointing:
             tensors = len(plan.tensors)
             pieces.append(Piece("optim_has_state", t_lo, has, (tensors,)))
             pieces += [Piece(f"optim_tensor/{k}", t_lo, v, (tensors,)) for k, v in sorted(scalar.items())]
+        for t, rows in enumerate(st.get("sparse", [])):
+            pieces += _table_pieces(f"sparse/{t}", s, rows)
         return pieces
 
     def _worker_pieces(self, st: dict[str, Any]) -> list[Piece]:
@@ -504,6 +509,44 @@ def _deadline(seconds: float, expired: Callable[[], None]) -> Iterator[None]:
     finally:
         if timer is not None:
             timer.cancel()
+
+
+def _table_pieces(at: str, s: int, st: dict[str, Any]) -> list[Piece]:
+    """Server ``s``'s pieces of a sparse table (``RowServer.state_dict``): its rows and their
+    per-element state at its rows' start in server-major order, its per-shard numbers at ``s``."""
+    start, shape, S = st["start"], (st["rows"], st["weight"].shape[1]), st["servers"]
+    pieces = [Piece(f"{at}/weight", start, st["weight"].copy(), shape),
+              Piece(f"{at}/has_state", s, np.array([bool(st["elem"] or st["scalar"])], np.uint8), (S,))]
+    for key, v in sorted(st["elem"].items()):
+        kind = "optim_sparse" if key in st["sparse"] else "optim"
+        pieces.append(Piece(f"{at}/{kind}/{key}", start, np.ascontiguousarray(v, np.float32), shape))
+    for key, v in sorted(st["scalar"].items()):
+        kind = "scalar_int" if key in st["ints"] else "scalar"
+        pieces.append(Piece(f"{at}/{kind}/{key}", s, np.array([v], np.float64), (S,)))
+    return pieces
+
+
+def _table_state(f: h5py.File, at: str, s: int, template: dict[str, Any]) -> dict[str, Any]:
+    """Server ``s``'s state of a sparse table from checkpoint ``f`` (as ``_table_pieces`` wrote it)."""
+    lo, hi = template["start"], template["start"] + template["weight"].shape[0]
+    group = f[at]
+    if group["weight"].shape[0] != template["rows"] or group["has_state"].shape[0] != template["servers"]:
+        raise CheckpointError(f"{at}: written for a table of {group['weight'].shape[0]} rows over"
+                              f" {group['has_state'].shape[0]} servers, this job has {template['rows']} over"
+                              f" {template['servers']}")
+    state: dict[str, Any] = {"weight": group["weight"][lo:hi], "elem": {}, "scalar": {}, "sparse": [], "ints": []}
+    if group["has_state"][s]:
+        for kind in ("optim", "optim_sparse"):
+            for key, ds in group.get(kind, {}).items():
+                state["elem"][key] = ds[lo:hi]
+                if kind == "optim_sparse":
+                    state["sparse"].append(key)
+        for kind in ("scalar", "scalar_int"):
+            for key, ds in group.get(kind, {}).items():
+                state["scalar"][key] = float(ds[s])
+                if kind == "scalar_int":
+                    state["ints"].append(key)
+    return state
 
 
 def _mib(n: int) -> str:

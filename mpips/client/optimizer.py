@@ -3,7 +3,8 @@
 ``job.optimizer(model, torch.optim.AdamW, lr=3e-4)`` (``mpips.job``) returns a
 ``DistributedOptimizer``. To the training loop it is a torch optimizer: ``param_groups`` (torch's
 LR schedulers, warm-up and ``opt.param_groups[0]["lr"] = ...`` work unchanged), ``zero_grad``,
-``step``, ``state_dict``. Its ``step()`` pushes this worker's gradient to the parameter servers,
+``step``, ``state_dict``. Its ``step()`` pushes the row gradients of the model's sparse tables
+(``job.embedding``), then this worker's gradient to the parameter servers,
 with every group's hyperparameters (``mpips.registration.HyperCodec``), and pulls the parameters
 the next step computes on, as the sync mode says: bsp waits for the version every worker's
 gradient of this step went into (the servers apply their mean, as DDP averages), ssp for one at
@@ -24,7 +25,7 @@ checkpoint where one is configured: catch it, save what the loop needs, and exit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,7 @@ import torch
 from mpips.registration import HyperCodec
 
 if TYPE_CHECKING:
+    from mpips.client.embedding import SparseEmbedding
     from mpips.client.pushpull import ParameterClient
 
 __all__ = ["DistributedOptimizer", "Preempted"]
@@ -63,8 +65,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, client: ParameterClient, local: torch.optim.Optimizer, hyper: HyperCodec,
-                 on_stop: Callable[[int], int]):
-        self._client, self._hyper, self._on_stop = client, hyper, on_stop
+                 on_stop: Callable[[int], int], tables: Sequence[SparseEmbedding] = ()):
+        self._client, self._hyper, self._on_stop, self._tables = client, hyper, on_stop, list(tables)
         super().__init__(local.param_groups, local.defaults)
         self._registered = True  # the servers' shards are laid out: no more groups
         self._views = [(p, p.grad) for p in client.flat.model.parameters() if p.requires_grad]
@@ -79,6 +81,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ``set_to_none`` says; a parameter that then gets no gradient is skipped by the servers,
         exactly as torch.optim skips a ``None`` gradient."""
         self._client.flat.zero_grad()
+        for table in self._tables:
+            table.zero_grad()
         for p, view in self._views:
             p.grad = view
 
@@ -99,6 +103,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._take_back_grads()
+        for table in self._tables:  # the rows go ahead of the dense push (mpips.rowserver)
+            table.push()
         client = self._client
         client.extras[:] = self._hyper.encode(self.param_groups).view("uint8")
         client.step_after_backward()

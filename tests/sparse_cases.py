@@ -1,0 +1,105 @@
+"""Sparse-table jobs for tests/test_sparse.py: ``mpirun -n 4 python sparse_cases.py CASE [OUT] [flags]``.
+
+2 servers, 2 workers. ``equal_<opt>``: a 1,000-row table (Adagrad, SGD or SparseAdam) under a
+linear head (SGD), 20 bsp steps; worker 0 writes the table and head it ends with to OUT (a .pt
+file) and the same model trained by one torch process, ``nn.Embedding(sparse=True)`` on the
+concatenated batch, so the test compares the two. The ``bad_*`` cases make one mistake.
+``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
+"""
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+import mpips
+
+ROWS, DIM, BATCH, STEPS = 1000, 8, 16, 20
+TABLE_OPT = {"adagrad": (torch.optim.Adagrad, {"lr": 0.1}), "sgd": (torch.optim.SGD, {"lr": 0.5}),
+             "sparseadam": (torch.optim.SparseAdam, {"lr": 0.05})}
+
+
+class Recommender(nn.Module):
+    def __init__(self, emb: nn.Module):
+        super().__init__()
+        self.emb, self.head = emb, nn.Linear(DIM, 1)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1)).squeeze(1)
+
+
+def batch(step: int, worker: int):
+    """Worker ``worker``'s batch of ``step``: 3 skewed ids per sample, a label from the ids."""
+    g = torch.Generator().manual_seed(1000 * step + worker)
+    ids = (torch.rand(BATCH, 3, generator=g) ** 3 * ROWS).long()
+    return ids, (ids[:, 0] % 2).float()
+
+
+def reference(kind: str, init: torch.Tensor, head: dict, workers: int, steps: int):
+    """One torch process: nn.Embedding(sparse=True) over the concatenated batches."""
+    emb = nn.Embedding(ROWS, DIM, sparse=True)
+    model = Recommender(emb)
+    model.head.load_state_dict(head)
+    with torch.no_grad():
+        emb.weight.copy_(init)
+    cls, kw = TABLE_OPT[kind]
+    table_opt, head_opt = cls([emb.weight], **kw), torch.optim.SGD(model.head.parameters(), lr=0.1)
+    for step in range(steps):
+        parts = [batch(step, w) for w in range(workers)]
+        ids, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        table_opt.zero_grad(), head_opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(ids), y).backward()
+        table_opt.step(), head_opt.step()
+    return emb.weight.detach().clone(), {k: v.clone() for k, v in model.head.state_dict().items()}
+
+
+case = sys.argv[1]
+out = sys.argv[2] if len(sys.argv) > 2 else None
+config = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+job = mpips.init(servers=2, data_servers=0, sync=config.pop("sync", "bsp"), config={"stall_timeout": 30, **config})
+if not job.is_worker:
+    sys.exit(job.serve())
+torch.manual_seed(0)
+kind = case.removeprefix("equal_") if case.startswith("equal_") else "adagrad"
+cls, kw = TABLE_OPT[kind]
+init = torch.randn(ROWS, DIM) * 0.1
+if case == "bad_optimizer":
+    job.embedding(ROWS, DIM, optimizer=torch.optim.Adam, lr=0.1)
+if case == "seeded":
+    emb = job.embedding(ROWS, DIM, optimizer=cls, init_std=0.5, **kw)
+else:
+    emb = job.embedding(ROWS, DIM, optimizer=cls, init=init, **kw)
+model = Recommender(emb)
+head0 = {k: v.clone() for k, v in model.head.state_dict().items()}
+opt = job.optimizer(model, torch.optim.SGD, lr=0.1)
+steps = int(config.get("steps", STEPS)) if case == "resume" else STEPS
+try:
+    for step in range(opt.steps, steps):
+        ids, y = batch(step, job.worker_index)
+        if case == "bad_range" and step == 3:
+            ids[0, 0] = ROWS if job.worker_index == 1 else 5
+        if case == "bad_negative" and step == 2:
+            ids[1, 1] = -4
+        if case == "bad_float" and step == 1:
+            ids = ids.float()
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(ids), y).backward()
+        if case in ("equal_adagrad", "resume") and step + 1 < steps:
+            emb.prefetch(batch(step + 1, job.worker_index)[0])  # the next step's rows, during the dense pull
+        opt.step()
+        if config.get("kill_at") == step and job.worker_index == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+except mpips.Preempted as exc:
+    job.finish()
+    sys.exit(exc.status)
+table = emb.state_dict()["weight"]
+job.finish()
+if job.worker_index == 0 and out:
+    result = {"table": table, "head": {k: v.clone() for k, v in model.head.state_dict().items()}}
+    if case.startswith("equal_"):
+        result["ref_table"], result["ref_head"] = reference(kind, init, head0, job.num_workers, STEPS)
+    torch.save(result, out)

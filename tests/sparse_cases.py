@@ -4,6 +4,7 @@
 linear head (SGD), 20 bsp steps; worker 0 writes the table and head it ends with to OUT (a .pt
 file) and the same model trained by one torch process, ``nn.Embedding(sparse=True)`` on the
 concatenated batch, so the test compares the two. The ``bad_*`` cases make one mistake.
+``seeded``: the servers' seeded rows (std 0.5) in the sync mode of the flags' ``sync``.
 ``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
 ``too_large``: a table of 4x this host's available memory. ``big``: a 20 M x 16 table (1.2 GiB,
 seeded on the servers) trained 10 steps on Zipf ids; worker 0 writes its resident memory before
@@ -134,4 +135,8 @@ if job.worker_index == 0 and out:
     result = {"table": table, "head": {k: v.clone() for k, v in model.head.state_dict().items()}}
     if case.startswith("equal_"):
         result["ref_table"], result["ref_head"] = reference(kind, init, head0, job.num_workers, STEPS)
+    if case == "seeded":  # the rows each worker's batches touched, and the seed the servers drew the rest from
+        result["touched"] = [torch.cat([batch(s, w)[0].reshape(-1) for s in range(steps)]).unique()
+                             for w in range(job.num_workers)]
+        result["seed"] = job.config.train.seed
     torch.save(result, out)

@@ -3,6 +3,7 @@
 
 import json
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import REPO, run_mpi
 from torch import nn
 
 from mpips.config import ConfigError
+from mpips.data.clicks import auc
 from mpips.sparse import EmbeddingSpec, RowShard, check_fits, init_rows, local_rows, owner_split, shard_bytes
 
 CASES = REPO / "tests" / "sparse_cases.py"
@@ -210,3 +212,20 @@ def test_a_20m_row_table_trains_with_worker_memory_growing_at_most_128_mib(tmp_p
     run_mpi(4, [str(CASES), "big", str(tmp_path / "mem.json")], timeout=240, cwd=tmp_path, check=True)
     mem = json.loads((tmp_path / "mem.json").read_text())
     assert mem["peak_mib"] - mem["rss_before_mib"] <= 128, mem
+
+
+def test_the_click_log_and_the_dlrm_example_reach_a_held_out_auc_of_0_70(tmp_path):
+    """The documented two commands, smaller: ``python -m mpips.data clicks``, then
+    examples/dlrm.py over it (2 servers, 2 workers, one pass)."""
+    data = tmp_path / "clicks.h5"
+    made = subprocess.run([sys.executable, "-m", "mpips.data", "clicks", "-o", str(data), "--samples", "200000",
+                           "--keys", "2000000"], capture_output=True, text=True, timeout=120, check=True)
+    bayes = float(re.search(r"Bayes held-out AUC ([0-9.]+)", made.stdout).group(1))
+    out = run_mpi(4, [str(REPO / "examples" / "dlrm.py"), str(data)], timeout=240, cwd=tmp_path, check=True)
+    held_out = float(re.search(r"held-out AUC ([0-9.]+) \(Bayes ([0-9.]+)\)", out.stdout).group(1))
+    assert 0.70 <= held_out <= bayes + 0.01, out.stdout
+
+
+def test_auc_is_the_probability_a_click_outranks_a_non_click():
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5  # a tie counts half

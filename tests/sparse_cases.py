@@ -3,7 +3,8 @@
 2 servers, 2 workers. ``equal_<opt>``: a 1,000-row table (Adagrad, SGD or SparseAdam) under a
 linear head (SGD), 20 bsp steps; worker 0 writes the table and head it ends with to OUT (a .pt
 file) and the same model trained by one torch process, ``nn.Embedding(sparse=True)`` on the
-concatenated batch, so the test compares the two. The ``bad_*`` cases make one mistake.
+concatenated batch, so the test compares the two (Adagrad with the next step's rows prefetched,
+SGD with an evaluation forward of other ids between backward and step). The ``bad_*`` cases make one mistake.
 ``seeded``: the servers' seeded rows (std 0.5) in the sync mode of the flags' ``sync``.
 ``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
 ``too_large``: a table of 4x this host's available memory. ``big``: a 20 M x 16 table (1.2 GiB,
@@ -118,6 +119,9 @@ try:
             ids = ids.float()
         opt.zero_grad()
         nn.functional.binary_cross_entropy_with_logits(model(ids), y).backward()
+        if case == "equal_sgd":  # an evaluation at the same step between backward and step changes nothing
+            with torch.no_grad():
+                model(batch(step + 100, job.worker_index)[0])
         if case in ("equal_adagrad", "resume") and step + 1 < steps:
             emb.prefetch(batch(step + 1, job.worker_index)[0])  # the next step's rows, during the dense pull
         opt.step()

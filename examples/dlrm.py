@@ -7,8 +7,9 @@ The table (``--keys`` rows of ``--dim``, 1.2 GiB at the defaults, with Adagrad's
 again) is sharded over the servers by key and seeded there row by row: no worker ever holds it.
 Each step a worker pulls only the rows its batch touches (the next batch's are asked for while
 the dense parameters are pulled: ``emb.prefetch``), and ``opt.step()`` pushes their gradients
-with the dense ones. The dense part (a bottom MLP over the dense features, the pairwise dot
-products of the feature vectors as in DLRM, a top MLP) is trained by Adam on the servers.
+with the dense ones. The dense part (``mpips.models.DLRM``: a bottom MLP over the dense
+features, the pairwise dot products of the feature vectors, a top MLP) is trained by Adam on
+the servers.
 Worker 0 then scores the held-out impressions and prints their AUC beside the Bayes AUC the
 file's rule allows.
 """
@@ -25,22 +26,7 @@ from torch import nn
 
 import mpips
 from mpips.data.clicks import ClickLog, auc
-
-
-class DLRM(nn.Module):
-    def __init__(self, emb: nn.Module, fields: int, dense: int, dim: int):
-        super().__init__()
-        self.emb = emb
-        self.bottom = nn.Sequential(nn.Linear(dense, 32), nn.ReLU(), nn.Linear(32, dim))
-        pairs = (fields + 1) * fields // 2
-        self.top = nn.Sequential(nn.Linear(dim + pairs, 64), nn.ReLU(), nn.Linear(64, 1))
-        self.pairs = torch.triu_indices(fields + 1, fields + 1, offset=1)
-
-    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        d = self.bottom(dense)  # [B, dim]
-        vectors = torch.cat([d[:, None], self.emb(ids)], 1)  # [B, fields + 1, dim]
-        dots = vectors @ vectors.transpose(1, 2)
-        return self.top(torch.cat([d, dots[:, self.pairs[0], self.pairs[1]]], 1)).squeeze(1)
+from mpips.models import DLRM
 
 
 def batches(log: ClickLog, steps: int):

@@ -35,7 +35,7 @@ from mpips.config import ConfigError
 from mpips.registration import _plain, class_path, resolve_optimizer
 
 __all__ = ["EmbeddingSpec", "RowShard", "available_memory", "check_fits", "init_rows", "local_rows", "owner_split",
-           "row_state_factor", "shard_bytes"]
+           "quiet_sparse", "row_state_factor", "shard_bytes"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -86,7 +86,7 @@ def row_state_factor(optimizer: str) -> float:
     return _STATE.get(optimizer.rpartition(":")[2], 2.0)
 
 
-def _quiet_sparse() -> None:
+def quiet_sparse() -> None:
     """Opt out of torch's sparse invariant checks explicitly (they are off by default; torch's
     optimizers build sparse tensors of coalesced rows, and say so once per process otherwise)."""
     torch.sparse.check_sparse_tensor_invariants.disable()
@@ -126,7 +126,7 @@ class EmbeddingSpec:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"job.embedding: {what} must be a positive int, got {n!r}")
         cls_ = resolve_optimizer(optimizer, sparse=True)
-        _quiet_sparse()
+        quiet_sparse()
         probe = torch.zeros(2, dim, requires_grad=True)
         try:
             opt = cls_([probe], **kwargs)
@@ -157,7 +157,7 @@ class RowShard:
 
     def __init__(self, spec: EmbeddingSpec, server: int, servers: int, values: np.ndarray):
         self.spec, self.server, self.servers = spec, server, servers
-        _quiet_sparse()
+        quiet_sparse()
         self.weight = torch.from_numpy(values).requires_grad_(True)
         self.optimizer = resolve_optimizer(spec.optimizer, sparse=True)([self.weight], **dict(spec.settings))
         self.lr = self.optimizer.param_groups[0].get("lr")

@@ -4,7 +4,8 @@
 linear head (SGD), 20 bsp steps; worker 0 writes the table and head it ends with to OUT (a .pt
 file) and the same model trained by one torch process, ``nn.Embedding(sparse=True)`` on the
 concatenated batch, so the test compares the two (Adagrad with the next step's rows prefetched,
-SGD with an evaluation forward of other ids between backward and step). The ``bad_*`` cases make one mistake.
+SGD with an evaluation forward of other ids between backward and step). The ``bad_*`` cases and ``dense_adam`` make one
+mistake each.
 ``seeded``: the servers' seeded rows (std 0.5) in the sync mode of the flags' ``sync``.
 ``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
 ``too_large``: a table of 4x this host's available memory. ``big``: a 20 M x 16 table (1.2 GiB,
@@ -77,6 +78,8 @@ torch.manual_seed(0)
 kind = case.removeprefix("equal_") if case.startswith("equal_") else "adagrad"
 cls, kw = TABLE_OPT[kind]
 init = torch.randn(ROWS, DIM) * 0.1
+if case == "dense_adam":  # nn.Embedding(sparse=True) in the dense parameters, with an optimizer torch refuses it to
+    job.optimizer(Recommender(nn.Embedding(ROWS, DIM, sparse=True)), torch.optim.Adam, lr=0.1)
 if case == "bad_optimizer":
     job.embedding(ROWS, DIM, optimizer=torch.optim.Adam, lr=0.1)
 if case == "too_large":

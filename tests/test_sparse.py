@@ -176,6 +176,9 @@ def test_seeded_rows_train_in_every_sync_mode_and_untouched_rows_keep_their_seed
                   r" integer tensor \(torch.long\), got torch.float32"),
     ("bad_optimizer", r"mpips: bad configuration on rank [01] \(host \S+, worker [01]\): job.embedding: Adam cannot"
                       r" step an embedding table's sparse gradients \(torch: Adam does not support sparse gradients"),
+    ("dense_adam", r"mpips: bad configuration: emb is an Embedding\(sparse=True\), and Adam cannot step its sparse"
+                   r" gradients \(torch: Adam does not support sparse gradients, please consider SparseAdam instead\):"
+                   r" hold the table on the servers with job.embedding\(...\), or use sparse=False"),
     ("too_large", r"mpips: bad configuration: the sparse tables need [\d.]+ GiB on server 0 \(rows and optimizer"
                   r" state: [\d.]+ GiB over 2 servers\) and its host has [\d.]+ GiB available for 2 server\(s\): use"
                   r" more servers \(at least \d+\) or a smaller table"),
@@ -229,3 +232,13 @@ def test_the_click_log_and_the_dlrm_example_reach_a_held_out_auc_of_0_70(tmp_pat
 def test_auc_is_the_probability_a_click_outranks_a_non_click():
     assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
     assert auc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5  # a tie counts half
+
+
+def test_rows_travel_as_bf16_pulls_and_fp16_pushes_with_the_codec_flags(tmp_path):
+    """``--pull-codec bf16 --compress fp16`` apply to the table's rows as to dense tensors: the
+    run stays near one torch process (rounding only), and differs from it (the codecs acted)."""
+    run_mpi(4, [str(CASES), "equal_adagrad", str(tmp_path / "out.pt"),
+                json.dumps({"pull_codec": "bf16", "compress": "fp16"})], timeout=120, cwd=tmp_path, check=True)
+    r = torch.load(tmp_path / "out.pt")
+    rel = ((r["table"] - r["ref_table"]).abs().max() / r["ref_table"].abs().max()).item()
+    assert 1e-5 < rel <= 2e-2, rel

@@ -12,11 +12,12 @@ systems, the same samples per step:
   worker pulls and pushes the whole table every step (baseline (b)).
 
 Rows (``"sparse"`` in the JSON): ``system``, ``workers``, ``samples_per_s`` (median of
-``--reps`` runs, with ``spread``), ``ratio_vs_torch``, ``ratio_vs_dense``, and per worker and
-step: ``unique_rows``, ``sparse_bytes`` (table requests, keys and rows, both ways),
-``dense_bytes`` (the dense parameters' pulls and pushes), ``bytes_per_step`` (both), ``bound``
-= 2 x unique rows x (row bytes + 8 key bytes) + dense bytes, ``ratio_to_bound``, and
-``bytes_per_row`` (sparse bytes per unique row; a row is ``4 * dim`` bytes).
+``--reps`` runs; ``min_samples_per_s``, ``max_samples_per_s``), ``ratio_vs_torch``,
+``ratio_vs_dense``, and per worker and step: ``unique_rows``, ``sparse_bytes`` (table
+requests, keys and rows, both ways), ``dense_bytes`` (the dense parameters' pulls and
+pushes), ``bytes_per_step`` (both), ``bound`` = 2 x unique rows x (row bytes + 8 key bytes) +
+dense bytes, ``ratio_to_bound``, and ``bytes_per_row`` (sparse bytes per unique row; a row is
+``4 * dim`` bytes).
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def _row(args, system: str, workers: int, samples: int, times: list[float], move
     rates = [samples / t for t in times]
     row: dict[str, Any] = {"system": system, "workers": workers if system != "torch-sparse" else 1,
                            "keys": args.sparse_keys, "dim": args.sparse_dim, "batch": args.sparse_batch,
-                           "samples_per_s": statistics.median(rates), "spread": [min(rates), max(rates)]}
+                           "samples_per_s": statistics.median(rates), "min_samples_per_s": min(rates),
+                           "max_samples_per_s": max(rates)}
     if moved:
         mean = {k: float(np.mean([m[k] for m in moved])) for k in moved[0]}
         row.update(mean)
@@ -177,7 +179,8 @@ def _row(args, system: str, workers: int, samples: int, times: list[float], move
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = ["system", "W", "samples/s", "spread", "x torch", "x dense", "unique rows", "bytes/step", "x bound",
               "bytes/row"]
-    body = [[r["system"], r["workers"], r["samples_per_s"], f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f}",
+    body = [[r["system"], r["workers"], r["samples_per_s"],
+             f"{r['min_samples_per_s']:.0f}-{r['max_samples_per_s']:.0f}",
              r.get("ratio_vs_torch"), r.get("ratio_vs_dense"), r.get("unique_rows"), r.get("bytes_per_step"),
              r.get("ratio_to_bound"), r.get("bytes_per_row")] for r in rows]
     return format_table(f"sparse table: {rows[0]['keys']:,} x {rows[0]['dim']} rows, batch {rows[0]['batch']} per"

@@ -76,6 +76,7 @@ from mpips.checkpoint.files import (
     find_latest,
     has_mpio,
     list_checkpoints,
+    module_spec,
     preflight,
     publish,
     remove_partial,
@@ -84,7 +85,7 @@ from mpips.checkpoint.files import (
     verify,
     write_collective,
 )
-from mpips.checkpoint.manager import Checkpointing, module_spec
+from mpips.checkpoint.manager import Checkpointing
 from mpips.checkpoint.preemption import REQUEUE_STATUS, STOPPED_STATUS, WRITE_FAILED_STATUS, Preemption
 from mpips.checkpoint.resume import ResumeError
 

@@ -16,11 +16,15 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpips.transport import DEFAULT_CHUNK_BYTES, Tag, chunks, recv_chunks, send_chunks, wait_all
 
 __all__ = [
+    "module_dataset",
+    "module_spec",
+    "per_worker",
     "FORMAT",
     "HDF5_OVERHEAD",
     "PIECE_OVERHEAD",
@@ -288,3 +292,16 @@ def publish(tmp: Path, final: Path, keep: int) -> None:
         stale.unlink(missing_ok=True)
 
 
+def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """[name, shape, dtype, "buffer" | "frozen"] of each tensor of a worker's module state, for the manifest."""
+    return [[n, list(t.shape), str(t.dtype), "buffer" if per_worker(t) else "frozen"] for n, t in state.items()]
+
+
+def per_worker(t: torch.Tensor) -> bool:
+    """Buffers are each worker's own; frozen parameters are the same on every worker."""
+    return not isinstance(t, torch.nn.Parameter)
+
+
+def module_dataset(name: str, t: torch.Tensor) -> str:
+    """Where a worker's buffer (one row per worker) or a frozen parameter (one row) is in the file."""
+    return f"workers/buffers/{name}" if per_worker(t) else f"frozen/{name}"

@@ -30,6 +30,8 @@ from mpips.checkpoint.files import (
     checkpoint_name,
     free_bytes,
     list_checkpoints,
+    module_dataset,
+    per_worker,
     preflight,
     publish,
     remove_partial,
@@ -45,7 +47,7 @@ from mpips.trace import NULL_TRACER
 from mpips.transport import Slot, wait_for
 from mpips.watchdog import abort_job
 
-__all__ = ["Checkpointing", "module_spec"]
+__all__ = ["Checkpointing"]
 
 log = logging.getLogger("mpips.checkpoint")
 
@@ -248,7 +250,7 @@ class Checkpointing:
             state = {**dict(model.named_buffers()), **params}
             for name, _, _, _ in self.module:
                 t = state[name]
-                raw = f[_module_dataset(name, t)][0]
+                raw = f[module_dataset(name, t)][0]
                 t.copy_(torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape))
         return model
 
@@ -267,7 +269,7 @@ class Checkpointing:
             rng = f["workers/rng_torch"][i]
             module = {}
             for name, t in template["module"].items():
-                raw = f[_module_dataset(name, t)][i if _per_worker(t) else 0]
+                raw = f[module_dataset(name, t)][i if per_worker(t) else 0]
                 module[name] = torch.from_numpy(raw.copy()).view(t.dtype).reshape(t.shape)
             state = {"position": self.manifest["positions"][i], "rng": torch.from_numpy(rng.copy()), "module": module}
             for key in ("residual", "momentum"):  # the encoder's state, or zeros where none was saved
@@ -335,10 +337,10 @@ class Checkpointing:
             pieces.append(Piece("workers/scaler", i, np.array([[st["scaler"][k] for k in SCALER]]), (W, len(SCALER))))
         for name, t in st["module"].items():
             raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            if _per_worker(t):
-                pieces.append(Piece(_module_dataset(name, t), i, raw[None].copy(), (W, raw.size)))
+            if per_worker(t):
+                pieces.append(Piece(module_dataset(name, t), i, raw[None].copy(), (W, raw.size)))
             elif i == 0:  # frozen parameters are the same on every worker: worker 0 writes them
-                pieces.append(Piece(_module_dataset(name, t), 0, raw[None].copy(), (1, raw.size)))
+                pieces.append(Piece(module_dataset(name, t), 0, raw[None].copy(), (1, raw.size)))
         return pieces
 
     # -- when to save or stop ----------------------------------------------------------------
@@ -513,19 +515,3 @@ def _deadline(seconds: float, expired: Callable[[], None]) -> Iterator[None]:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB ({n:,} bytes)"
-
-
-def module_spec(state: dict[str, torch.Tensor]) -> list[list[Any]]:
-    """[name, shape, dtype, "buffer" | "frozen"] of each tensor of a worker's module state, for the manifest."""
-    return [[n, list(t.shape), str(t.dtype), "buffer" if _per_worker(t) else "frozen"] for n, t in state.items()]
-
-
-def _per_worker(t: torch.Tensor) -> bool:
-    """Buffers are each worker's own; frozen parameters are the same on every worker."""
-    return not isinstance(t, torch.nn.Parameter)
-
-
-def _module_dataset(name: str, t: torch.Tensor) -> str:
-    return f"workers/buffers/{name}" if _per_worker(t) else f"frozen/{name}"
-
-

@@ -135,6 +135,12 @@ class TrainConfig:
     steps: int | None = _opt(None, "global steps to train; overrides --epochs")
     sync: Literal["bsp", "asp", "ssp"] = _opt("bsp", "bsp = synchronous; asp = fully async; ssp = bounded staleness")
     staleness: int = _opt(2, "ssp: no worker runs more than this many steps ahead of the slowest")
+    backup_workers: int = _opt(
+        0, "bsp: apply a step once all but this many workers' gradients of it are in (the first to arrive,"
+        " so not the same sum on every run); a later gradient of an applied step is dropped and counted, and"
+        " its worker skips to the newest version (backup workers, Chen et al. 2016). 0 = wait for every"
+        " worker, summed in worker order"
+    )
     seed: int = _opt(0, "seeds model initialisation and the sample order")
     loss: str = _opt(
         "auto", "auto (the task's) | cross_entropy | mse | huber | bce | next_token | package.module:function, a"
@@ -285,6 +291,7 @@ class Config:
             (self.train.epochs > 0, "--epochs must be positive"),
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),
+            (self.train.backup_workers >= 0, "--backup-workers must be 0 or more"),
             (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
             (MIN_CHUNK_BYTES <= self.train.chunk_bytes <= MAX_CHUNK_BYTES,
              f"--chunk-bytes must be between {MIN_CHUNK_BYTES} (a push header) and {MAX_CHUNK_BYTES} (1 GiB)"),
@@ -321,6 +328,10 @@ class Config:
              "--momentum-correction keeps what it did not send in its velocity, which is error feedback:"
              " it cannot run with --no-error-feedback"),
         ]
+        combinations.append((
+            not self.train.backup_workers or self.train.sync == "bsp",
+            f"--backup-workers {self.train.backup_workers} needs --sync bsp (got --sync {self.train.sync}): asp and"
+            " ssp never wait for a slow worker"))
         for ok, message in combinations:
             if not ok:
                 raise ConfigError(message)

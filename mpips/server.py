@@ -66,7 +66,8 @@ log = logging.getLogger("mpips.server")
 @dataclass
 class ServerStats:
     applied: int = 0
-    dropped: int = 0
+    dropped: int = 0  # non-finite gradients
+    late: int = 0  # bsp --backup-workers: pushes of a step already applied, dropped
     max_staleness: int = 0
     staleness: list[int] = field(default_factory=list)  # of every applied gradient (asp/ssp)
     bytes_received: int = 0
@@ -94,7 +95,7 @@ class ParameterServer:
         self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
         self.comm, self.workers, self.plan, self.cfg = ctx.comm, ctx.workers, ctx.plan, ctx.optim
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull
-        self.mode = sync_mode(ctx.train.sync, ctx.train.staleness)  # mpips.sync: the server's half
+        self.mode = sync_mode(ctx.train.sync, ctx.train.staleness, ctx.train.backup_workers)  # mpips.sync: server half
         self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
         self.checkpoints = ctx.checkpoints
         self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
@@ -152,7 +153,7 @@ class ParameterServer:
         pieces of each) are ``chunking.bucket_ranges`` in bsp over windows with pull-ahead,
         else the whole shard.
         """
-        ahead = self.notices is not None and self.ctx.train.pull_ahead
+        ahead = self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead
         self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
         self.runs = self.plan.server_pieces(self.index)
         starts = [lo for lo, _ in self.buckets]

@@ -7,6 +7,12 @@ windows), a push may stream during backward, and the checkpoint point is a step 
 servers agree on it before publishing clock ``k`` and publish the mark with it; a worker about
 to compute step ``k`` joins.
 
+With ``--backup-workers b`` a bsp step is applied once ``W - b`` pushes of it are in, summed in
+the order they arrive (the first to come, so not the same sum on every run); a later push of an
+applied step is dropped and counted (``ServerStats.late``), and its worker skips to the clock of
+the newest version it pulls (``position``). Such pushes go after backward and versions are pulled
+whole (a streamed push would hold the server's receive buffer through a slow worker's backward).
+
 ``Async`` (``--sync asp``, ``--sync ssp``): every push is applied as it comes, its learning rate
 scaled by ``1 / W`` (or ``--asp-scale``) and, with ``--staleness-lr``, divided by its staleness;
 an ssp worker computing step ``k`` waits until the slowest worker's clock is ``k - staleness``,
@@ -52,6 +58,7 @@ class SyncMode:
     sums = False  # servers add pushes into a step's sum (compressed chunks stay sparse) before applying
     marks_anytime = False  # a checkpoint mark may come with any version: it ends a wait, and a worker
     # pulls again after joining (the servers applied the others' last pushes meanwhile)
+    ahead = True  # bsp over windows may apply, announce and pull a version bucket by bucket (--pull-ahead)
 
     # -- the client's half -------------------------------------------------------------------
     def need(self, step: int) -> int:
@@ -61,6 +68,10 @@ class SyncMode:
     def inflight(self, max_inflight: int) -> int:
         """Pushes a worker may have in flight per server."""
         return max_inflight
+
+    def position(self, step: int, clock: int) -> int:
+        """The step a worker computes next, about to compute ``step`` with parameters of ``clock``."""
+        return step
 
     def joins(self, marks: set[int], step: int) -> bool:
         """Whether a worker about to compute ``step`` joins the checkpoint ``marks`` published."""
@@ -107,8 +118,8 @@ class Bsp(SyncMode):
     """Bulk-synchronous: every step applies the mean of every worker's gradient of it."""
 
     name: str = "bsp"
+    backup: int = 0  # --backup-workers: a step is applied once all but this many pushes of it are in
     announces = True
-    streams = True
     sums = True
     next: int = 0  # the worker whose push is added next
     held: dict[int, tuple[int, Any, np.ndarray]] = field(default_factory=dict)  # w -> samples, grad, mask
@@ -116,9 +127,22 @@ class Bsp(SyncMode):
     used: np.ndarray | None = None  # bool [runs]: tensor runs with a gradient from any worker
     acc: torch.Tensor | None = None  # the step's sum
     finished: dict[int, int] = field(default_factory=dict)  # worker -> the steps it pushed, once it stopped
+    arrived: set[int] = field(default_factory=set)  # backup workers: whose pushes of the step are in
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        return not self.backup
+
+    @property
+    def ahead(self) -> bool:  # type: ignore[override]
+        return not self.backup
 
     def need(self, step: int) -> int:
         return step
+
+    def position(self, step: int, clock: int) -> int:
+        """Backup workers: a worker whose push came late skips to the servers' clock."""
+        return max(step, clock) if self.backup else step
 
     def inflight(self, max_inflight: int) -> int:
         # a worker's next push comes after the notice that its last one is applied, so one send
@@ -133,18 +157,21 @@ class Bsp(SyncMode):
         self.acc = torch.zeros(server.window.params.size)
         self.finished.clear()
         self.reset()
-        server.receiver.prefer = 0
+        server.receiver.prefer = None if self.backup else 0
 
     def reset(self) -> None:
         self.next, self.samples, self.used = 0, 0, np.zeros(self.runs, dtype=bool)
         self.held.clear()
+        self.arrived.clear()
 
     @property
     def step_open(self) -> bool:
-        return self.next > 0 or bool(self.held)
+        return self.next > 0 or bool(self.held) or bool(self.arrived)
 
     def waiting(self, server: ParameterServer) -> list[int]:
         """Workers whose push for the step has not come."""
+        if self.backup:
+            return [w for w in range(self.workers) if w not in self.arrived and w in server.active]
         return [w for w in range(self.next, self.workers) if w not in self.held]
 
     def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
@@ -153,6 +180,8 @@ class Bsp(SyncMode):
         Its stop may come before the others' pushes of the step it pushed last (it finished
         first): that is even, and the step completes as they come.
         """
+        if self.backup:  # workers stop once the servers' clock is the run's steps: even by construction
+            return
         step = int(server.window.status[Slot.CLOCK])
         pushed = w < self.next or w in self.held
         self.finished[w] = step + 1 if pushed else step
@@ -179,6 +208,9 @@ class Bsp(SyncMode):
         receiver gives the body, for a push longer than one chunk, only to the worker whose turn
         it is), so the server holds one push of a shard's size at a time, whatever W.
         """
+        if self.backup:
+            self.accept_first(server, w, header, grad, mask)
+            return
         self.accept_check(server, w, header)
         step = int(server.window.status[Slot.CLOCK])
         twice = w in self.held or w < self.next
@@ -204,6 +236,39 @@ class Bsp(SyncMode):
             server.receiver.repost(v)
         if self.next < self.workers:
             return
+        self.complete(server, step)
+
+    def accept_first(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:
+        """Backup workers: add worker ``w``'s push as it comes; apply once ``W - backup`` are in.
+
+        A push of a step already applied came late: dropped and counted (``ServerStats.late``).
+        """
+        step = int(server.window.status[Slot.CLOCK])
+        if header.step < step:
+            server.stats.late += 1
+            server.receiver.repost(w)
+            return
+        if header.step != step or w in self.arrived:
+            raise MalformedMessage(
+                f"server {server.index}: bsp step {step} got a push for step {header.step}"
+                f" from worker {w}" + (" twice" if w in self.arrived else "")
+            )
+        self.arrived.add(w)
+        n = 0 if server.is_bad(header, grad) else header.samples
+        if n:
+            if isinstance(grad, PushGradient):
+                grad.add_into(self.acc, alpha=float(n))
+            else:
+                self.acc.add_(grad, alpha=float(n))
+            self.used |= mask.astype(bool)
+            self.samples += n
+        server.receiver.repost(w)
+        if len(self.arrived) >= self.workers - self.backup:
+            self.complete(server, step)
+
+    def complete(self, server: ParameterServer, step: int) -> None:
+        """The step's sum is in ``acc``: apply its mean, publish clock ``step + 1`` (and a checkpoint)."""
+        acc = self.acc
         samples, used = self.samples, self.used
         self.reset()
         norm = None
@@ -331,10 +396,11 @@ class Async(SyncMode):
             server.publish()
 
 
-def sync_mode(name: str, staleness: int) -> SyncMode:
-    """The mode ``--sync`` names (a fresh object: it holds one server's or client's state)."""
+def sync_mode(name: str, staleness: int, backup: int = 0) -> SyncMode:
+    """The mode ``--sync`` names (a fresh object: it holds one server's or client's state);
+    ``backup``: bsp's ``--backup-workers``."""
     if name == "bsp":
-        return Bsp()
+        return Bsp(backup=backup)
     if name in ("asp", "ssp"):
         return Async(name, staleness if name == "ssp" else None)
     raise ValueError(f"unknown sync mode {name!r}")

@@ -1,0 +1,85 @@
+"""bsp with backup workers (``--backup-workers b``): a step is applied once W - b pushes of it are
+in, later ones are dropped and counted, and the late worker skips ahead. b = 0 is bsp, bit for
+bit, whatever the workers' speeds; b = 1 with a 4x straggler ends, drops its pushes and resumes
+after kill -9. Straggling is made with ``MPIPS_SLOW_WORKER`` (``mpips.worker.slow_factor``)."""
+
+import json
+import re
+
+import pytest
+import torch
+from helpers import run_train
+
+from mpips.config import ConfigError, parse_args
+from mpips.layout import LayoutError, RoleLayout
+from mpips.sync import Bsp, sync_mode
+from mpips.worker import slow_factor
+
+FLAGS = ["--data-servers", "0", "--steps", "40", "--batch-size", "16"]
+WIDE = ["--data-servers", "0", "--steps", "40", "--batch-size", "64", "--hidden", "1024"]  # compute > overheads
+
+
+def test_backup_workers_need_bsp_and_fewer_than_the_workers():
+    with pytest.raises(ConfigError, match="--backup-workers 1 needs --sync bsp"):
+        parse_args(["--sync", "asp", "--backup-workers", "1"])
+    with pytest.raises(ConfigError, match="--backup-workers must be 0 or more"):
+        parse_args(["--backup-workers", "-1"])
+    with pytest.raises(LayoutError, match="--backup-workers 2 needs more than 2 workers"):
+        RoleLayout.from_counts(4, 1, 1, backup_workers=2)
+    assert len(RoleLayout.from_counts(4, 1, 0, backup_workers=2).workers) == 3
+
+
+def test_the_modes_halves_with_and_without_backup_workers():
+    plain, backup = sync_mode("bsp", 2), sync_mode("bsp", 2, backup=1)
+    assert isinstance(backup, Bsp) and backup.backup == 1
+    assert plain.streams and plain.ahead and plain.position(3, 7) == 3
+    assert not backup.streams and not backup.ahead
+    assert backup.position(3, 7) == 7 and backup.position(3, 3) == 3
+
+
+def test_slow_factor_names_one_worker():
+    assert slow_factor("", 0) == 1.0
+    assert slow_factor("1:4", 1) == 4.0 and slow_factor("1:4", 0) == 1.0
+    with pytest.raises(ValueError, match="WORKER:FACTOR"):
+        slow_factor("4", 0)
+
+
+def _late(stdout: str) -> int:
+    found = re.search(r"^gradients late, dropped \(backup workers\)\s+(\d+)$", stdout, re.M)
+    assert found, stdout[-2000:]
+    return int(found.group(1))
+
+
+def test_zero_backup_workers_is_bsp_bit_for_bit_even_with_a_straggler(tmp_path):
+    run_train(4, *FLAGS, "--save", str(tmp_path / "bsp.pt"), timeout=120, check=True)
+    out = run_train(4, *FLAGS, "--backup-workers", "0", "--save", str(tmp_path / "b0.pt"),
+                    env={"MPIPS_SLOW_WORKER": "1:3"}, timeout=120, check=True)
+    assert "pipeline: push during backward on" in out.stdout
+    a, b = torch.load(tmp_path / "bsp.pt", weights_only=True), torch.load(tmp_path / "b0.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_backup_worker_drops_a_4x_stragglers_pushes_and_resumes_after_kill_9(tmp_path):
+    slow = {"MPIPS_SLOW_WORKER": "2:4"}
+    out = run_train(4, *WIDE, "--backup-workers", "1", "--metrics", str(tmp_path / "m.jsonl"), env=slow,
+                    timeout=120, check=True)
+    assert re.search(r"^steps\s+40$", out.stdout, re.M)
+    late = _late(out.stdout)
+    assert late > 0
+    steps = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    end = steps[-1]
+    assert end["event"] == "end" and end["late"] == late and end["applied"] == 40
+    # the straggler skipped steps: fewer step events from it than from the others
+    per_worker = [sum(1 for e in steps if e.get("event") == "step" and e["worker"] == w) for w in range(3)]
+    assert per_worker[2] < per_worker[0] == 40, per_worker
+
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "10"]
+    killed = run_train(4, *WIDE, "--backup-workers", "1", *ck, timeout=120,
+                       env={**slow, "MPIPS_FAULT": "rank=0,phase=pull,step=25,kind=kill"})
+    assert killed.returncode != 0
+    resumed = run_train(4, *WIDE, "--backup-workers", "1", *ck, "--resume", env=slow, timeout=120, check=True)
+    assert re.search(r"resuming from \S+ckpt-00000020\.h5 at step 20", resumed.stderr), resumed.stderr[-2000:]
+    assert re.search(r"^steps\s+40$", resumed.stdout, re.M)
+    accuracy = float(re.search(r"^held-out accuracy\s+([0-9.]+)$", resumed.stdout, re.M).group(1))
+    assert accuracy > 0.7
+    assert (tmp_path / "ck" / "ckpt-00000040.h5").exists()

@@ -124,6 +124,12 @@ class OptimConfig:
         True, "asp/ssp: divide a gradient's learning rate by its staleness, the updates applied since"
         " its worker pulled, in steps (staleness-aware async SGD, Zhang et al. 2016)"
     )
+    dc_lambda: float = _opt(
+        0.0, "asp/ssp: delay compensation (DC-ASGD-a, Zheng et al. 2017): a server corrects each gradient"
+        " towards the parameters it is applied to, g + l g*g*(w_now - w_pulled), l this value over the running"
+        " root mean square of the gradients (the paper's 2.0); the server keeps its shard's last 4 W + 1"
+        " versions; 0 = off"
+    )
     max_bad_grads: int = _opt(10, "abort after this many dropped NaN/Inf gradients; 0 = never")
 
 
@@ -288,6 +294,7 @@ class Config:
             (0 <= self.optim.momentum < 1, "--momentum must be in [0, 1)"),
             (self.optim.weight_decay >= 0, "--weight-decay must be 0 or more"),
             (self.optim.clip_grad_norm >= 0, "--clip-grad-norm must be 0 or more"),
+            (self.optim.dc_lambda >= 0, "--dc-lambda must be 0 or more"),
             (self.train.epochs > 0, "--epochs must be positive"),
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),

@@ -15,6 +15,7 @@ whole (a streamed push would hold the server's receive buffer through a slow wor
 
 ``Async`` (``--sync asp``, ``--sync ssp``): every push is applied as it comes, its learning rate
 scaled by ``1 / W`` (or ``--asp-scale``) and, with ``--staleness-lr``, divided by its staleness;
+with ``--dc-lambda``, the gradient is first delay-compensated (``mpips.delay``);
 an ssp worker computing step ``k`` waits until the slowest worker's clock is ``k - staleness``,
 an asp worker never waits. The cut: server 0 publishes a mark when a checkpoint is due; each
 worker sees it in its next pull, sends JOIN after its last push and joins with its position; a
@@ -34,6 +35,7 @@ import torch
 
 from mpips.compression import PushGradient
 from mpips.config import ConfigError
+from mpips.delay import DelayCompensation
 from mpips.optim import sum_of_squares
 from mpips.transport import Codec, MalformedMessage, PushHeader, Slot
 
@@ -295,6 +297,13 @@ class Async(SyncMode):
     staleness: int | None = None
     marks_anytime = True
     joined: dict[int, int] = field(default_factory=dict)  # worker -> its position, in the cut in progress
+    dc: DelayCompensation | None = None  # --dc-lambda: the server's delay compensation
+
+    def begin(self, server: ParameterServer) -> None:
+        lam = server.cfg.dc_lambda
+        if lam:
+            self.dc = DelayCompensation(server.window.params.size, lam, keep=4 * len(server.workers) + 1)
+            self.dc.record(server.stats.applied, server.window.params)
 
     def need(self, step: int) -> int:
         return -1 if self.staleness is None else step - self.staleness
@@ -338,8 +347,12 @@ class Async(SyncMode):
             # staleness in steps: updates applied here since the worker pulled, per worker
             behind = (stats.applied - header.applied_seen) / workers
             scale /= max(1.0, behind)
+        if use and self.dc is not None:  # towards the parameters it is applied to (DC-ASGD)
+            self.dc.compensate(grad, header.applied_seen, stats.applied)
         server.apply(grad if use else None, mask.astype(bool), step, norm=header.grad_norm,
                      clock=self.slowest(server), lr_scale=scale)
+        if use and self.dc is not None:
+            self.dc.record(stats.applied, server.window.params)
 
     def checkpoint(self, server: ParameterServer) -> bool:
         """Server 0 opens a checkpoint when one is due; every server saves once all workers joined.

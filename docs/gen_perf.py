@@ -5,7 +5,7 @@ Run by ``docs/conf.py`` at every build, or by hand::
     python docs/gen_perf.py docs/_generated/perf.md
 
 Each JSON file is what ``python -m mpips.bench ... --json FILE`` writes (``machine``, ``settings``
-and one list of rows per benchmark: ``rma``, ``apply``, ``train``, ``memory``, ``compress``, and
+and one list of rows per benchmark: ``rma``, ``apply``, ``train``, ``memory``, ``compress``, ``straggler``, and
 the ``data`` dict), plus a ``source`` block: the command, the commit, the date, and how the file
 was written (the tool's own output, or transcribed from an older README's table, which says so).
 Every figure on the generated page comes from these files; nothing is typed by hand. Tables are
@@ -83,6 +83,11 @@ COLUMNS: dict[str, list[Column]] = {
                  ("samples/s", _num("samples_per_s")), ("x fp32", _num("speed_ratio")),
                  ("held-out accuracy", _num("accuracy")), ("Δ points", _num("accuracy_delta", 100)),
                  ("held-out loss", _num("loss")), ("Δ loss", _num("loss_delta"))],
+    "straggler": [("W", _text("workers")), ("slow", _num("slow")), ("system", _text("system")),
+                  ("to target (s)", _num("time_to_target_s")), ("reached", _text("reached_target")),
+                  ("x bsp", _num("ratio_vs_bsp")), ("to loss target (s)", _num("time_to_loss_target_s")),
+                  ("x bsp (loss)", _num("loss_ratio_vs_bsp")), ("final accuracy", _num("final_metric")),
+                  ("late", _num("late")), ("max staleness", _text("max_staleness"))],
     "data": [("raw h5py MB/s", _num("raw_mb_per_s")), ("data servers MB/s", _num("server_mb_per_s")),
              ("data servers x raw", _num("server_over_raw")), ("workers MB/s", _num("worker_mb_per_s")),
              ("workers x data servers", _num("workers_over_server")),
@@ -96,6 +101,7 @@ TITLES = {
     "memory": "Peak memory per parameter of each role, against what the engine's buffers add up to",
     "compress": "Gradient codecs and low-precision pulls against float32 in the same job",
     "data": "Data servers against a raw h5py read",
+    "straggler": "Seconds to a held-out accuracy target with the last worker slowed, against bsp in the same job",
 }
 
 

@@ -4,7 +4,7 @@ A push computed at the parameters a worker pulled, ``w_pulled``, is applied to t
 ``w_now``. DC-ASGD corrects the gradient with the first-order Taylor term of the change, the
 Hessian approximated by the gradient's outer product (its diagonal): ``g + λ g ⊙ g ⊙ (w_now -
 w_pulled)``. Its adaptive form (DC-ASGD-a) scales λ by the running root mean square of the
-gradients, ``λ = λ0 / sqrt(ms + eps)`` with ``ms ← m ms + (1 - m) g ⊙ g`` elementwise, so λ0 does
+gradients, ``λ = λ0 / (sqrt(ms) + eps)`` with ``ms ← m ms + (1 - m) g ⊙ g`` elementwise, so λ0 does
 not depend on the gradient's scale (the paper: λ0 = 2, m = 0.95).
 
 The server knows which version a push was computed at: the header's ``applied_seen``, the count of
@@ -31,16 +31,17 @@ class DelayCompensation:
         lam: λ0 (``--dc-lambda``).
         keep: versions kept (the ring's length).
         momentum: ``m`` of the running mean square.
-        eps: added to the mean square before the root.
+        eps: added to the root mean square.
     """
 
-    def __init__(self, numel: int, lam: float, keep: int, momentum: float = 0.95, eps: float = 1e-7):
+    def __init__(self, numel: int, lam: float, keep: int, momentum: float = 0.95, eps: float = 1e-8):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.lam, self.keep, self.momentum, self.eps = lam, keep, momentum, eps
         self.ring = torch.zeros(keep, numel)
         self.version = [-1] * keep  # the update count each slot holds (-1: none)
         self.mean_square = torch.zeros(numel)
+        self._square, self._work = torch.empty(numel), torch.empty(numel)
         self.started = False  # the mean square holds a gradient
         self.compensated = 0  # pushes corrected
         self.beyond = 0  # of those, older than the ring (corrected from its oldest copy)
@@ -63,16 +64,19 @@ class DelayCompensation:
 
     def compensate(self, grad: torch.Tensor, applied_seen: int, applied: int) -> None:
         """In place: ``grad``, computed at the version after ``applied_seen`` updates, corrected to
-        the version after ``applied`` (the newest, ``record``-ed)."""
-        square = grad * grad
+        the version after ``applied`` (the newest, ``record``-ed). In place over preallocated
+        buffers: on a server it runs once per push, next to the optimizer's own step."""
+        square, work = self._square, self._work
+        torch.mul(grad, grad, out=square)
         if self.started:
-            self.mean_square.mul_(self.momentum).add_(square, alpha=1.0 - self.momentum)
+            self.mean_square.lerp_(square, 1.0 - self.momentum)
         else:
             self.mean_square.copy_(square)
             self.started = True
-        pulled, now = self._pulled(applied_seen), self.ring[applied % self.keep]
-        if pulled is None or self.version[applied % self.keep] != applied:
+        pulled, slot = self._pulled(applied_seen), applied % self.keep
+        if pulled is None or self.version[slot] != applied:
             return
-        lam = self.lam / (self.mean_square + self.eps).sqrt()
-        grad.add_(lam * square * (now - pulled))
+        torch.sub(self.ring[slot], pulled, out=work)  # w_now - w_pulled
+        work.mul_(square).div_(self.mean_square.sqrt().add_(self.eps))
+        grad.add_(work, alpha=self.lam)
         self.compensated += 1

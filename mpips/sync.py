@@ -182,7 +182,9 @@ class Bsp(SyncMode):
         Its stop may come before the others' pushes of the step it pushed last (it finished
         first): that is even, and the step completes as they come.
         """
-        if self.backup:  # workers stop once the servers' clock is the run's steps: even by construction
+        if self.backup:  # a step open waits for fewer pushes once fewer workers are left to push it
+            if self.arrived and len(self.arrived) >= self.quorum(server):
+                self.complete(server, int(server.window.status[Slot.CLOCK]))
             return
         step = int(server.window.status[Slot.CLOCK])
         pushed = w < self.next or w in self.held
@@ -265,8 +267,13 @@ class Bsp(SyncMode):
             self.used |= mask.astype(bool)
             self.samples += n
         server.receiver.repost(w)
-        if len(self.arrived) >= self.workers - self.backup:
+        if len(self.arrived) >= self.quorum(server):
             self.complete(server, step)
+
+    def quorum(self, server: ParameterServer) -> int:
+        """Backup workers: the pushes a step waits for: W - b, or fewer when fewer workers are
+        left (``fit``'s workers all run to the last clock; own loops may stop apart)."""
+        return min(self.workers - self.backup, len(server.active | self.arrived))
 
     def complete(self, server: ParameterServer, step: int) -> None:
         """The step's sum is in ``acc``: apply its mean, publish clock ``step + 1`` (and a checkpoint)."""

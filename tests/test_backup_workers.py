@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import run_train
+from helpers import REPO, run_mpi, run_train
 
 from mpips.config import ConfigError, parse_args
 from mpips.layout import LayoutError, RoleLayout
@@ -83,3 +83,20 @@ def test_one_backup_worker_drops_a_4x_stragglers_pushes_and_resumes_after_kill_9
     accuracy = float(re.search(r"^held-out accuracy\s+([0-9.]+)$", resumed.stdout, re.M).group(1))
     assert accuracy > 0.7
     assert (tmp_path / "ck" / "ckpt-00000040.h5").exists()
+
+
+@pytest.mark.parametrize("loop", ["loader", "range"])
+def test_an_own_loop_with_a_backup_worker_ends_whatever_its_workers_do(loop, tmp_path):
+    """job.loader follows a worker that skips ahead; a fixed range keeps the slow worker pushing
+    after the others stopped, and its steps are applied alone (no hang)."""
+    out = run_mpi(4, [str(REPO / "tests" / "backup_own_loop.py"), loop], timeout=120, cwd=tmp_path, check=True)
+    lines = re.findall(r"worker (\d): position (\d+), (\d+) calls", out.stdout)
+    found = {int(w): (int(p), int(c)) for w, p, c in lines}
+    assert sorted(found) == [0, 1, 2], out.stdout
+    assert found[0] == found[1] == (60, 60)
+    position, calls = found[2]
+    if loop == "loader":
+        assert position == 60 and calls < 60  # it skipped the steps applied without it
+    else:
+        assert calls == 60 and position > 60
+    assert float(re.search(r"held-out accuracy ([0-9.]+)", out.stdout).group(1)) > 0.5

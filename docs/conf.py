@@ -61,6 +61,11 @@ API_MODULES = [
     ("mpips.client.loader", "`job.loader`'s `Loader`: a worker's batches in the epoch plan's order"),
     ("mpips.registration", "What a worker registers: `TableSpec`, hyperparameters with every push"),
     ("mpips.sync", "The sync modes as objects: `Bsp`, `Async` (asp, ssp)"),
+    ("mpips.client.embedding", "`job.embedding`'s `SparseEmbedding`: a table on the servers, pulled and pushed by"
+                               " key"),
+    ("mpips.sparse", "Sparse tables, the math: which server holds a row, seeded rows, a shard's optimizer step"),
+    ("mpips.rowserver", "A server's side of a sparse table: pushes, pulls, its step and checkpoint points"),
+    ("mpips.data.clicks", "The synthetic click log of `python -m mpips.data clicks`"),
     ("mpips.api", "`mpips.fit`: the whole training loop in one call"),
     ("mpips.config", "The configuration dataclasses behind every flag"),
     ("mpips.errors", "How bad input is said once, in one line"),

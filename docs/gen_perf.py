@@ -88,6 +88,12 @@ COLUMNS: dict[str, list[Column]] = {
                   ("x bsp", _num("ratio_vs_bsp")), ("to loss target (s)", _num("time_to_loss_target_s")),
                   ("x bsp (loss)", _num("loss_ratio_vs_bsp")), ("final accuracy", _num("final_metric")),
                   ("late", _num("late")), ("max staleness", _text("max_staleness"))],
+    "sparse": [("system", _text("system")), ("W", _text("workers")), ("rows", _num("keys")), ("dim", _text("dim")),
+               ("samples/s", _num("samples_per_s")), ("min", _num("min_samples_per_s")),
+               ("max", _num("max_samples_per_s")), ("x torch", _num("ratio_vs_torch")),
+               ("x dense path", _num("ratio_vs_dense")), ("unique rows/step", _num("unique_rows")),
+               ("table B/step", _num("sparse_bytes")), ("dense B/step", _num("dense_bytes")),
+               ("x bound", _num("ratio_to_bound")), ("table B/row", _num("bytes_per_row"))],
     "data": [("raw h5py MB/s", _num("raw_mb_per_s")), ("data servers MB/s", _num("server_mb_per_s")),
              ("data servers x raw", _num("server_over_raw")), ("workers MB/s", _num("worker_mb_per_s")),
              ("workers x data servers", _num("workers_over_server")),
@@ -100,6 +106,8 @@ TITLES = {
     "train": "End-to-end training against PyTorch DDP (gloo) and an mpi4py `Allreduce` loop",
     "memory": "Peak memory per parameter of each role, against what the engine's buffers add up to",
     "compress": "Gradient codecs and low-precision pulls against float32 in the same job",
+    "sparse": "A sparse table on the servers against one torch process (`nn.Embedding(sparse=True)`) and the"
+              " dense path (bytes per worker and step; bound: 2 x unique rows x (row + key bytes) + dense bytes)",
     "data": "Data servers against a raw h5py read",
     "straggler": "Seconds to a held-out accuracy target with the last worker slowed, against bsp in the same job",
 }

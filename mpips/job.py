@@ -62,7 +62,7 @@ from mpips.errors import INPUT_ERRORS, Reporter, check_launch, speaks, what
 from mpips.layout import Role, RoleComms, RoleLayout
 from mpips.models import ModelError
 from mpips.registration import TableSpec, resolve_optimizer
-from mpips.sparse import EmbeddingSpec
+from mpips.sparse import EmbeddingSpec, sparse_step
 from mpips.startup import cuda_support, shard_values
 from mpips.tables import Table, context, plan_of, register
 from mpips.transport import Backoff, StallError, Tag, poll_control, send_chunks, send_control, wait_all
@@ -71,6 +71,20 @@ from mpips.watchdog import Watchdog, abort_job
 __all__ = ["Job", "init"]
 
 log = logging.getLogger("mpips.job")
+
+
+def _refuse_sparse_gradients(model: torch.nn.Module, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+    """An ``nn.Embedding(sparse=True)`` in the model's dense parameters with an optimizer torch
+    would refuse its sparse gradients to: refused as torch refuses it (mpips would otherwise
+    train on the densified gradient, moving every row each step)."""
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad:
+            _, why = sparse_step(cls, kwargs)
+            if why:
+                raise ConfigError(f"{name} is an {type(m).__name__}(sparse=True), and {cls.__name__} cannot step its"
+                                  f" sparse gradients (torch: {why}): hold the table on the servers with"
+                                  " job.embedding(...), or use sparse=False")
+            return
 
 
 def init(
@@ -223,6 +237,7 @@ class Job:
                                    **kwargs)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{cls.__name__}(...) refused its arguments: {exc}") from None
+            _refuse_sparse_gradients(model, cls, kwargs)
             embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseEmbedding)]
             for n, m in embeddings:
                 if m.client is not None:

@@ -32,7 +32,8 @@ from torch import nn
 from mpips.config import ModelConfig
 from mpips.plugins import load_callable
 
-__all__ = ["ByteGPT", "DataSpec", "ModelError", "build_model", "call_factory", "check_model", "loss_and_correct"]
+__all__ = ["DLRM", "ByteGPT", "DataSpec", "ModelError", "build_model", "call_factory", "check_model",
+           "loss_and_correct"]
 
 
 class ModelError(ValueError):
@@ -125,6 +126,30 @@ class ByteGPT(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln(x))
+
+
+class DLRM(nn.Module):
+    """A DLRM-style click model (Naumov et al. 2019) over one embedding table the categorical
+    fields share: a bottom MLP maps the dense features to a vector, the pairwise dot products of
+    it and the fields' rows are the interactions, a top MLP gives the click logit.
+
+    Args:
+        emb: the table (``job.embedding(...)`` or ``nn.Embedding``), called with ids [B, fields].
+        fields, dense, dim: categorical fields, dense features, the table's row width.
+    """
+
+    def __init__(self, emb: nn.Module, fields: int, dense: int, dim: int):
+        super().__init__()
+        self.emb = emb
+        self.bottom = nn.Sequential(nn.Linear(dense, 32), nn.ReLU(), nn.Linear(32, dim))
+        self.top = nn.Sequential(nn.Linear(dim + (fields + 1) * fields // 2, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.pairs = torch.triu_indices(fields + 1, fields + 1, offset=1)  # a constant, not state
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        d = self.bottom(dense)  # [B, dim]
+        vectors = torch.cat([d[:, None], self.emb(ids)], 1)  # [B, fields + 1, dim]
+        dots = vectors @ vectors.transpose(1, 2)
+        return self.top(torch.cat([d, dots[:, self.pairs[0], self.pairs[1]]], 1)).squeeze(1)
 
 
 def _user_factory(path: str, spec: DataSpec) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 from mpi4py import MPI
 
 from mpips.sparse import EmbeddingSpec, RowShard, local_rows
-from mpips.transport import Backoff, StallError, wait_for
+from mpips.transport import Backoff, MalformedMessage, StallError, wait_for
 from mpips.transport.rows import RowCodec, RowKind, RowRequest, receive_request, send_rows
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class RowServer:
         self.clocks = [0] * len(self.workers)  # pushes applied per worker (bsp: the step)
         self.held: dict[int, RowRequest] = {}  # bsp: the step's pushes in so far
         self.waiting: list[deque[RowRequest]] = [deque() for _ in self.workers]
+        self.pulled: list[dict[int, torch.Tensor]] = [{} for _ in self.workers]  # each worker's last pull per step
         self.sends: list[tuple[list[MPI.Request], np.ndarray]] = []
         self.rows_pushed = 0  # statistics: rows received and rows sent
         self.rows_pulled = 0
@@ -73,11 +74,27 @@ class RowServer:
             w = self.index_of.get(req.source)
             if w is None:
                 raise StallError(f"table {self.spec.name}: a request from rank {req.source}, not a worker")
-            if req.kind == RowKind.PUSH:
-                self._push(w, req)
+            if req.kind in (RowKind.PUSH, RowKind.PUSH_PULLED):
+                self._push(w, self._keys_of(w, req))
             else:
+                if req.kind == RowKind.PULL:
+                    self.pulled[w][req.step] = req.keys
                 self.waiting[w].append(req)
         return self._answer() or moved
+
+    def _keys_of(self, w: int, req: RowRequest) -> RowRequest:
+        """A push with its keys: a PUSH_PULLED's are those of worker ``w``'s last pull of its step."""
+        pulled = self.pulled[w]
+        if req.kind == RowKind.PUSH_PULLED:
+            keys = pulled.get(req.step)
+            if keys is None or len(keys) != len(req.values):
+                raise MalformedMessage(f"table {self.spec.name}: worker {w} pushed {len(req.values)} rows of step"
+                                       f" {req.step} as those it pulled, and it pulled"
+                                       f" {'none' if keys is None else len(keys)}")
+            req.keys = keys
+        for step in [s for s in pulled if s <= req.step]:
+            del pulled[step]
+        return req
 
     def _push(self, w: int, req: RowRequest) -> None:
         self.rows_pushed += len(req.keys)

@@ -35,7 +35,8 @@ from mpips.config import ConfigError
 from mpips.registration import _plain, class_path, resolve_optimizer
 
 __all__ = ["EmbeddingSpec", "RowShard", "available_memory", "check_fits", "init_rows", "local_rows", "owner_split",
-           "row_state_factor", "shard_bytes"]
+           "quiet_sparse", "row_state_factor", "shard_bytes",
+           "sparse_step"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -86,10 +87,32 @@ def row_state_factor(optimizer: str) -> float:
     return _STATE.get(optimizer.rpartition(":")[2], 2.0)
 
 
-def _quiet_sparse() -> None:
+def quiet_sparse() -> None:
     """Opt out of torch's sparse invariant checks explicitly (they are off by default; torch's
     optimizers build sparse tensors of coalesced rows, and say so once per process otherwise)."""
     torch.sparse.check_sparse_tensor_invariants.disable()
+
+
+def sparse_step(cls: type[torch.optim.Optimizer], kwargs: dict[str, Any], dim: int = 1,
+                ) -> tuple[torch.optim.Optimizer, str | None]:
+    """Build ``cls(**kwargs)`` over a probe row pair and step it once on a sparse gradient:
+    (the optimizer, None) if torch lets it, else (it, torch's reason).
+
+    Raises:
+        ConfigError: the class refused its arguments.
+    """
+    quiet_sparse()
+    probe = torch.zeros(2, dim, requires_grad=True)
+    try:
+        opt = cls([probe], **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cls.__name__}(...) refused its arguments: {exc}") from None
+    probe.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1, dim), (2, dim), check_invariants=False)
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        return opt, str(exc)
+    return opt, None
 
 
 @dataclass(frozen=True)
@@ -126,18 +149,10 @@ class EmbeddingSpec:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ConfigError(f"job.embedding: {what} must be a positive int, got {n!r}")
         cls_ = resolve_optimizer(optimizer, sparse=True)
-        _quiet_sparse()
-        probe = torch.zeros(2, dim, requires_grad=True)
-        try:
-            opt = cls_([probe], **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{cls_.__name__}(...) refused its arguments: {exc}") from None
-        probe.grad = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.ones(1, dim), (2, dim), check_invariants=False)
-        try:
-            opt.step()
-        except RuntimeError as exc:
+        opt, why = sparse_step(cls_, kwargs, dim)
+        if why:
             raise ConfigError(f"job.embedding: {cls_.__name__} cannot step an embedding table's sparse gradients"
-                              f" (torch: {exc}); use torch.optim.SGD, Adagrad or SparseAdam") from None
+                              f" (torch: {why}); use torch.optim.SGD, Adagrad or SparseAdam")
         settings = tuple(sorted((k, _plain(v)) for k, v in opt.param_groups[0].items() if k != "params"))
         return cls("", rows, dim, class_path(cls_), settings, init, float(std))
 
@@ -157,7 +172,7 @@ class RowShard:
 
     def __init__(self, spec: EmbeddingSpec, server: int, servers: int, values: np.ndarray):
         self.spec, self.server, self.servers = spec, server, servers
-        _quiet_sparse()
+        quiet_sparse()
         self.weight = torch.from_numpy(values).requires_grad_(True)
         self.optimizer = resolve_optimizer(spec.optimizer, sparse=True)([self.weight], **dict(spec.settings))
         self.lr = self.optimizer.param_groups[0].get("lr")

@@ -91,7 +91,8 @@ def register(job: Job, describe: Callable[[], TableSpec] | None) -> tuple[int, T
         t.server = ParameterServer(context(job, t, spec, plan), job.index, init, t.servers, batch_size=1)
         with blocking("job.optimizer: the parameter windows (collective over servers and workers)"):
             t.server.start()
-        t.server.sparse = [RowServer(t.server, i, e, values) for i, (e, values) in enumerate(zip(spec.sparse, rows))]
+        t.server.sparse = [RowServer(t.server, i, e, values)
+                           for i, (e, values) in enumerate(zip(spec.sparse, rows, strict=True))]
         resumed = t.checkpoints.server_state(t.server.state_dict())
         if resumed is not None:
             t.server.load_state_dict(resumed)

@@ -3,11 +3,18 @@
 2 servers, 2 workers. ``equal_<opt>``: a 1,000-row table (Adagrad, SGD or SparseAdam) under a
 linear head (SGD), 20 bsp steps; worker 0 writes the table and head it ends with to OUT (a .pt
 file) and the same model trained by one torch process, ``nn.Embedding(sparse=True)`` on the
-concatenated batch, so the test compares the two. The ``bad_*`` cases make one mistake.
+concatenated batch, so the test compares the two (Adagrad with the next step's rows prefetched,
+SGD with an evaluation forward of other ids between backward and step). The ``bad_*`` cases and ``dense_adam`` make one
+mistake each.
+``seeded``: the servers' seeded rows (std 0.5) in the sync mode of the flags' ``sync``.
 ``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
+``too_large``: a table of 4x this host's available memory. ``big``: a 20 M x 16 table (1.2 GiB,
+seeded on the servers) trained 10 steps on Zipf ids; worker 0 writes its resident memory before
+the table and its peak after training to OUT (JSON).
 """
 
 import json
+import resource
 import sys
 
 import torch
@@ -21,9 +28,9 @@ TABLE_OPT = {"adagrad": (torch.optim.Adagrad, {"lr": 0.1}), "sgd": (torch.optim.
 
 
 class Recommender(nn.Module):
-    def __init__(self, emb: nn.Module):
+    def __init__(self, emb: nn.Module, dim: int = DIM):
         super().__init__()
-        self.emb, self.head = emb, nn.Linear(DIM, 1)
+        self.emb, self.head = emb, nn.Linear(dim, 1)
 
     def forward(self, ids):
         return self.head(self.emb(ids).mean(1)).squeeze(1)
@@ -54,9 +61,16 @@ def reference(kind: str, init: torch.Tensor, head: dict, workers: int, steps: in
     return emb.weight.detach().clone(), {k: v.clone() for k, v in model.head.state_dict().items()}
 
 
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 case = sys.argv[1]
 out = sys.argv[2] if len(sys.argv) > 2 else None
 config = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+steps, kill_at = int(config.pop("steps", STEPS)), config.pop("kill_at", None)  # the case's, not mpips' keys
 job = mpips.init(servers=2, data_servers=0, sync=config.pop("sync", "bsp"), config={"stall_timeout": 30, **config})
 if not job.is_worker:
     sys.exit(job.serve())
@@ -64,16 +78,39 @@ torch.manual_seed(0)
 kind = case.removeprefix("equal_") if case.startswith("equal_") else "adagrad"
 cls, kw = TABLE_OPT[kind]
 init = torch.randn(ROWS, DIM) * 0.1
+if case == "dense_adam":  # nn.Embedding(sparse=True) in the dense parameters, with an optimizer torch refuses it to
+    job.optimizer(Recommender(nn.Embedding(ROWS, DIM, sparse=True)), torch.optim.Adam, lr=0.1)
 if case == "bad_optimizer":
     job.embedding(ROWS, DIM, optimizer=torch.optim.Adam, lr=0.1)
-if case == "seeded":
-    emb = job.embedding(ROWS, DIM, optimizer=cls, init_std=0.5, **kw)
+if case == "too_large":
+    from mpips.sparse import available_memory
+
+    emb = job.embedding(4 * available_memory() // (DIM * 4), DIM, optimizer=torch.optim.SGD, lr=0.1)
+if case == "big":
+    big_rows, big_dim = 20_000_000, 16
+    rss0 = resident_mib()
+    emb = job.embedding(big_rows, big_dim, optimizer=torch.optim.SGD, lr=0.1, init_std=0.01)
+    model = Recommender(emb, big_dim)
+    opt = job.optimizer(model, torch.optim.SGD, lr=0.1)
+    g = torch.Generator().manual_seed(job.worker_index)
+    for _ in range(10):
+        ids = (torch.rand(256, 4, generator=g) ** 4 * big_rows).long()  # skewed: most ids small
+        opt.zero_grad()
+        nn.functional.binary_cross_entropy_with_logits(model(ids), (ids[:, 0] % 2).float()).backward()
+        opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    job.finish()
+    if job.worker_index == 0:
+        with open(out, "w") as f:
+            json.dump({"rss_before_mib": rss0, "peak_mib": peak}, f)
+    sys.exit(0)
+if case in ("seeded", "too_large"):
+    emb = emb if case == "too_large" else job.embedding(ROWS, DIM, optimizer=cls, init_std=0.5, **kw)
 else:
     emb = job.embedding(ROWS, DIM, optimizer=cls, init=init, **kw)
 model = Recommender(emb)
 head0 = {k: v.clone() for k, v in model.head.state_dict().items()}
 opt = job.optimizer(model, torch.optim.SGD, lr=0.1)
-steps = int(config.get("steps", STEPS)) if case == "resume" else STEPS
 try:
     for step in range(opt.steps, steps):
         ids, y = batch(step, job.worker_index)
@@ -85,10 +122,13 @@ try:
             ids = ids.float()
         opt.zero_grad()
         nn.functional.binary_cross_entropy_with_logits(model(ids), y).backward()
+        if case == "equal_sgd":  # an evaluation at the same step between backward and step changes nothing
+            with torch.no_grad():
+                model(batch(step + 100, job.worker_index)[0])
         if case in ("equal_adagrad", "resume") and step + 1 < steps:
             emb.prefetch(batch(step + 1, job.worker_index)[0])  # the next step's rows, during the dense pull
         opt.step()
-        if config.get("kill_at") == step and job.worker_index == 0:
+        if kill_at == step and job.worker_index == 0:
             import os
             import signal
 
@@ -102,4 +142,8 @@ if job.worker_index == 0 and out:
     result = {"table": table, "head": {k: v.clone() for k, v in model.head.state_dict().items()}}
     if case.startswith("equal_"):
         result["ref_table"], result["ref_head"] = reference(kind, init, head0, job.num_workers, STEPS)
+    if case == "seeded":  # the rows each worker's batches touched, and the seed the servers drew the rest from
+        result["touched"] = [torch.cat([batch(s, w)[0].reshape(-1) for s in range(steps)]).unique()
+                             for w in range(job.num_workers)]
+        result["seed"] = job.config.train.seed
     torch.save(result, out)

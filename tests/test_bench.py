@@ -229,3 +229,19 @@ def test_straggler_rows_time_every_system_to_the_target_and_compare_with_bsp(tmp
             assert positive(r["ratio_vs_bsp"])
         if r["system"].startswith("mpips-asp") or r["system"] == "mpips-ssp":
             assert r["late"] == 0
+
+
+def test_sparse_moves_the_touched_rows_and_the_dense_path_the_whole_table(tmp_path):
+    """``sparse`` at a small size: every system has a rate; mpips-sparse moves at most 2 x the
+    unique rows (keys included) plus the dense parameters per step, the dense path the table."""
+    out = tmp_path / "sparse.json"
+    run_mpi(4, ["-m", "mpips.bench", "sparse", "--reps", "1", "--sparse-steps", "5", "--sparse-keys", "20000",
+                "--json", str(out)], timeout=240, check=True)
+    rows = {r["system"]: r for r in json.loads(out.read_text())["sparse"]}
+    assert set(rows) == {"torch-sparse", "mpips-sparse", "mpips-dense"}
+    assert all(positive(r["samples_per_s"]) and positive(r["ratio_vs_torch"]) for r in rows.values())
+    sparse, dense = rows["mpips-sparse"], rows["mpips-dense"]
+    assert sparse["unique_rows"] == dense["unique_rows"] and positive(sparse["unique_rows"])
+    assert sparse["ratio_to_bound"] <= 1.0, sparse
+    assert sparse["bytes_per_row"] <= 2 * (4 * 16 + 8), sparse
+    assert dense["sparse_bytes"] == 0 and dense["dense_bytes"] >= 2 * 20000 * 16 * 4  # the whole table both ways

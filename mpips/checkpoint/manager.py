@@ -26,7 +26,6 @@ from mpips.checkpoint.files import (
     PIECE_OVERHEAD,
     SCALER,
     VERSION,
-    CheckpointError,
     Piece,
     checkpoint_name,
     free_bytes,
@@ -38,6 +37,7 @@ from mpips.checkpoint.files import (
 )
 from mpips.checkpoint.preemption import REQUEUE_STATUS, STOPPED_STATUS, WRITE_FAILED_STATUS, Preemption
 from mpips.checkpoint.resume import ResumeError, choose, clash
+from mpips.checkpoint.rows import table_pieces, table_state
 from mpips.config import Config
 from mpips.optim import STATE_FACTOR
 from mpips.shard import ShardPlan
@@ -225,13 +225,13 @@ class Checkpointing:
             elem = {k: ds[lo:hi] for k, ds in f.get("optim", {}).items()}
             scalar = {k: ds[:] for k, ds in f.get("optim_tensor", {}).items()}
             applied = int(f["servers/applied"][0])
+            sparse = [table_state(f, f"sparse/{t}", s, rows) for t, rows in enumerate(template.get("sparse", []))]
         state = {}
         for i, r in enumerate(runs):
             if has[tix[i]]:
                 a, b = r.server_offset, r.server_offset + r.length
                 state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
                 state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
-            sparse = [_table_state(f, f"sparse/{t}", s, rows) for t, rows in enumerate(template.get("sparse", []))]
         optimizer = dict(template["optimizer"], state=state)
         return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
                 "clocks": list(self.manifest["positions"]),
@@ -315,7 +315,7 @@ class Checkpointing:
             pieces.append(Piece("optim_has_state", t_lo, has, (tensors,)))
             pieces += [Piece(f"optim_tensor/{k}", t_lo, v, (tensors,)) for k, v in sorted(scalar.items())]
         for t, rows in enumerate(st.get("sparse", [])):
-            pieces += _table_pieces(f"sparse/{t}", s, rows)
+            pieces += table_pieces(f"sparse/{t}", s, rows)
         return pieces
 
     def _worker_pieces(self, st: dict[str, Any]) -> list[Piece]:
@@ -509,44 +509,6 @@ def _deadline(seconds: float, expired: Callable[[], None]) -> Iterator[None]:
     finally:
         if timer is not None:
             timer.cancel()
-
-
-def _table_pieces(at: str, s: int, st: dict[str, Any]) -> list[Piece]:
-    """Server ``s``'s pieces of a sparse table (``RowServer.state_dict``): its rows and their
-    per-element state at its rows' start in server-major order, its per-shard numbers at ``s``."""
-    start, shape, S = st["start"], (st["rows"], st["weight"].shape[1]), st["servers"]
-    pieces = [Piece(f"{at}/weight", start, st["weight"].copy(), shape),
-              Piece(f"{at}/has_state", s, np.array([bool(st["elem"] or st["scalar"])], np.uint8), (S,))]
-    for key, v in sorted(st["elem"].items()):
-        kind = "optim_sparse" if key in st["sparse"] else "optim"
-        pieces.append(Piece(f"{at}/{kind}/{key}", start, np.ascontiguousarray(v, np.float32), shape))
-    for key, v in sorted(st["scalar"].items()):
-        kind = "scalar_int" if key in st["ints"] else "scalar"
-        pieces.append(Piece(f"{at}/{kind}/{key}", s, np.array([v], np.float64), (S,)))
-    return pieces
-
-
-def _table_state(f: h5py.File, at: str, s: int, template: dict[str, Any]) -> dict[str, Any]:
-    """Server ``s``'s state of a sparse table from checkpoint ``f`` (as ``_table_pieces`` wrote it)."""
-    lo, hi = template["start"], template["start"] + template["weight"].shape[0]
-    group = f[at]
-    if group["weight"].shape[0] != template["rows"] or group["has_state"].shape[0] != template["servers"]:
-        raise CheckpointError(f"{at}: written for a table of {group['weight'].shape[0]} rows over"
-                              f" {group['has_state'].shape[0]} servers, this job has {template['rows']} over"
-                              f" {template['servers']}")
-    state: dict[str, Any] = {"weight": group["weight"][lo:hi], "elem": {}, "scalar": {}, "sparse": [], "ints": []}
-    if group["has_state"][s]:
-        for kind in ("optim", "optim_sparse"):
-            for key, ds in group.get(kind, {}).items():
-                state["elem"][key] = ds[lo:hi]
-                if kind == "optim_sparse":
-                    state["sparse"].append(key)
-        for kind in ("scalar", "scalar_int"):
-            for key, ds in group.get(kind, {}).items():
-                state["scalar"][key] = float(ds[s])
-                if kind == "scalar_int":
-                    state["ints"].append(key)
-    return state
 
 
 def _mib(n: int) -> str:

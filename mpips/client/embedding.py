@@ -67,7 +67,8 @@ class RowClient:
         self.position, self.chunk_bytes, self.timeout = position, chunk_bytes, timeout
         self.pull_codec, self.push_codec = RowCodec(pull_codec), RowCodec(push_codec)
         self.sends: list[tuple[list[MPI.Request], list[np.ndarray]]] = []
-        self.bytes_pulled = self.bytes_pushed = 0
+        self.pulled: list[dict[int, torch.Tensor]] = [{} for _ in servers]  # the last pull per step, per server
+        self.bytes_pulled = self.bytes_pushed = 0  # every byte sent and received, keys and headers too
 
     def ask(self, keys: torch.Tensor, step: int) -> _Pending:
         """Send pull requests for the unique global ``keys`` at ``step``; the replies are awaited by ``take``."""
@@ -77,6 +78,8 @@ class RowClient:
                 continue
             reqs, bufs = send_request(self.comm, self.servers[s], self.table, RowKind.PULL, step, local, None,
                                       self.chunk_bytes)
+            self.pulled[s][step] = local
+            self.bytes_pulled += sum(b.nbytes for b in bufs)
             raw = self.pull_codec.buffer(len(local), self.spec.dim)
             requests += reqs + expect_rows(self.comm, self.servers[s], self.table, raw, self.chunk_bytes)
             keep += bufs
@@ -94,14 +97,20 @@ class RowClient:
         return out
 
     def push(self, keys: torch.Tensor, grads: torch.Tensor, step: int) -> None:
-        """Send the row gradients of ``step`` to every server (an empty push where no row is its)."""
+        """Send the row gradients of ``step`` to every server (an empty push where no row is its);
+        to a server whose last pull of ``step`` asked for exactly these rows, without their keys."""
         self.drain()
         for s, (where, local) in enumerate(owner_split(keys, len(self.servers))):
             values = self.push_codec.encode(grads[where]) if len(local) else None
-            reqs, bufs = send_request(self.comm, self.servers[s], self.table, RowKind.PUSH, step, local, values,
+            pulled = self.pulled[s].get(step)
+            kind = RowKind.PUSH_PULLED if pulled is not None and len(local) and torch.equal(pulled, local) \
+                else RowKind.PUSH
+            reqs, bufs = send_request(self.comm, self.servers[s], self.table, kind, step, local, values,
                                       self.chunk_bytes)
-            self.bytes_pushed += 0 if values is None else values.nbytes
+            self.bytes_pushed += sum(b.nbytes for b in bufs) - (bufs[1].nbytes if kind == RowKind.PUSH_PULLED else 0)
             self.sends.append((reqs, bufs))
+            for old in [t for t in self.pulled[s] if t <= step]:
+                del self.pulled[s][old]
 
     def drain(self) -> None:
         """Wait for the pushes in flight (their buffers are reused)."""

@@ -1,4 +1,4 @@
-"""``python -m mpips.data prepare | synth | inspect``: make and check mpips dataset files.
+"""``python -m mpips.data prepare | synth | clicks | inspect``: make and check mpips dataset files.
 
     python -m mpips.data prepare arrays.npz -o data.h5 --partitions 16      # arrays x, y
     python -m mpips.data prepare x.npy --labels y.npy -o data.h5 --compression gzip
@@ -6,6 +6,7 @@
     python -m mpips.data prepare builtin:digits -o digits.h5
     mpirun -n 4 python -m mpips.data prepare x.npy --labels y.npy -o data.h5  # MPI-IO, collective
     python -m mpips.data synth -o big.h5 --size-gb 5 --shape 3,32,32        # streamed in slabs
+    python -m mpips.data clicks -o clicks.h5 --samples 2000000 --keys 20000000   # sparse ids, Zipf
     python -m mpips.data inspect data.h5 --verify
 
 Under mpirun (more than one rank) with MPI-enabled h5py, ``prepare`` and ``synth`` write
@@ -104,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, default=10)
     s.add_argument("--context", type=int, default=64, help="text: window of context + 1 bytes")
     _common(s)
+    c = sub.add_parser("clicks", help="write a synthetic click log (Zipf ids, dense features, 0/1 label)"
+                       " for sparse tables (mpips.data.clicks)")
+    c.add_argument("-o", "--output", required=True, help="the .h5 file to write")
+    c.add_argument("--samples", type=int, default=2_000_000, help="training + held-out impressions")
+    c.add_argument("--keys", type=int, default=20_000_000, help="rows of the one table the fields share")
+    c.add_argument("--fields", type=int, default=4, help="categorical ids per impression")
+    c.add_argument("--dense", type=int, default=4, help="dense features per impression")
+    c.add_argument("--zipf", type=float, default=1.1, help="exponent of the ids' power law")
+    c.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction")
+    c.add_argument("--seed", type=int, default=0)
     i = sub.add_parser("inspect", help="print partitions, sizes, dtypes and checksums")
     i.add_argument("file")
     i.add_argument("--verify", action="store_true", help="re-read every partition and check it")
@@ -230,11 +241,28 @@ def inspect(path: str, verify: bool) -> int:
     return 1 if bad else 0
 
 
+def _clicks(args: argparse.Namespace) -> int:
+    from mpips.data.clicks import write_clicks
+
+    t0 = time.perf_counter()
+    try:
+        attrs = write_clicks(args.output, args.samples, keys=args.keys, fields=args.fields, dense=args.dense,
+                             zipf=args.zipf, val_fraction=args.val_fraction, seed=args.seed)
+    except (ValueError, OSError) as exc:
+        raise DatasetError(str(exc)) from None
+    print(f"wrote {args.output}: {args.samples:,} impressions, {attrs['keys']:,} keys over {args.fields} fields,"
+          f" click rate {attrs['click_rate']:.3f}, Bayes held-out AUC {attrs['bayes_auc']:.3f},"
+          f" in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "inspect":
             return inspect(args.file, args.verify)
+        if args.command == "clicks":
+            return _clicks(args)
         _write(args, _source(args) if args.command == "prepare" else _synth(args))
     except DatasetError as exc:
         comm = _world()

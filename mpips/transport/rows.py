@@ -39,6 +39,7 @@ class RowKind(IntEnum):
     PULL = 0  # rows wanted at a step: answered once the version the step may read is applied
     PUSH = 1  # row gradients of a step
     EXPORT = 2  # every row of the server's shard (emb.state_dict())
+    PUSH_PULLED = 3  # row gradients of a step for the keys of this worker's last pull of that step: no keys sent
 
 
 def row_tags(table: int) -> tuple[int, int, int, int]:
@@ -74,7 +75,7 @@ class RowRequest:
     source: int  # rank in the model's communicator
     kind: RowKind
     step: int
-    keys: torch.Tensor  # int64 local keys
+    keys: torch.Tensor  # int64 local keys (PUSH_PULLED: none; the server knows them from the pull)
     values: torch.Tensor | None  # float32 [n, dim], a push's
 
 
@@ -86,7 +87,8 @@ def send_request(comm: MPI.Comm, dest: int, table: int, kind: RowKind, step: int
     raw_keys = keys.to(torch.int64).contiguous().numpy()
     reqs = [comm.Isend([header, MPI.INT64_T], dest=dest, tag=request)]
     if len(keys):
-        reqs += send_chunks(comm, raw_keys, dest, key_tag, chunk_bytes)
+        if kind != RowKind.PUSH_PULLED:
+            reqs += send_chunks(comm, raw_keys, dest, key_tag, chunk_bytes)
         if values is not None:
             reqs += send_chunks(comm, values, dest, value_tag, chunk_bytes)
     return reqs, [header, raw_keys] + ([values] if values is not None else [])
@@ -119,15 +121,16 @@ def receive_request(comm: MPI.Comm, table: int, dim: int, rows: int, codec: RowC
     header = np.empty(3, dtype=np.int64)
     message.Recv([header, MPI.INT64_T])
     kind, step, n = (int(x) for x in header)
-    if kind not in (0, 1, 2) or n < 0 or (kind == RowKind.EXPORT and n):
+    if kind not in (0, 1, 2, 3) or n < 0 or (kind == RowKind.EXPORT and n):
         raise MalformedMessage(f"table {table}: a request [{kind}, {step}, {n}] from rank {source}")
-    keys = np.empty(n, dtype=np.int64)
-    values = codec.buffer(n, dim) if kind == RowKind.PUSH else None
-    reqs = recv_chunks(comm, keys, source, key_tag, chunk_bytes) if n else []
+    pushes = kind in (RowKind.PUSH, RowKind.PUSH_PULLED)
+    keys = np.empty(n if kind != RowKind.PUSH_PULLED else 0, dtype=np.int64)
+    values = codec.buffer(n, dim) if pushes else None
+    reqs = recv_chunks(comm, keys, source, key_tag, chunk_bytes) if len(keys) else []
     if values is not None and n:
         reqs += recv_chunks(comm, values, source, value_tag, chunk_bytes)
     wait_all(reqs, f"the keys and rows of table {table}'s request from rank {source}", timeout)
-    if n and (keys.min() < 0 or keys.max() >= rows):
+    if len(keys) and (keys.min() < 0 or keys.max() >= rows):
         raise MalformedMessage(f"table {table}: rank {source} named local rows {keys.min()} .. {keys.max()} of"
                                f" a shard of {rows}")
     return RowRequest(source, RowKind(kind), step, torch.from_numpy(keys),

@@ -108,6 +108,8 @@ class ParameterServer:
         self.hyper = self.table.hyper() if self.table is not None else None
         self.hyper_bytes = self.table.hyper_bytes if self.table is not None else 0
         self.hyper_values: np.ndarray | None = None  # of the last push decoded
+        # pushes received while waiting in a checkpoint that are not dropped there (Bsp.while_saving)
+        self.deferred: list[tuple[int, PushHeader, np.ndarray]] = []
         self.sparse: list[RowServer] = []  # the model's sparse tables (job.embedding), at the same step
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -240,7 +242,7 @@ class ParameterServer:
         """Receive, apply and publish what has come; True if anything moved."""
         tracer = self.tracer
         began = tracer.now()
-        ready = self.receiver.poll()
+        ready, self.deferred = self.deferred + self.receiver.poll(), []
         moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
         for rows in self.sparse:  # a worker's rows of a step are sent ahead of its dense push
             moved |= rows.poll()
@@ -271,7 +273,7 @@ class ParameterServer:
             moved |= self.mode.checkpoint(self)
             if not self.final_saved and min(self.clocks) >= self.total_steps and not self.mode.cutting:
                 self.final_saved = True  # every step of every worker is applied: the last checkpoint
-                self.checkpoints.save_final(self.state_dict(), self.serve_pulls)
+                self.checkpoints.save_final(self.state_dict(), lambda: self.mode.while_saving(self))
         if self.pull_server is not None:
             served = tracer.now()
             if self.pull_server.poll():

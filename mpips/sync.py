@@ -100,6 +100,10 @@ class SyncMode:
         """Once per poll: open or complete a checkpoint; True if anything moved."""
         return False
 
+    def while_saving(self, server: ParameterServer) -> None:
+        """What a server serves while it waits for the others in a checkpoint: pulls."""
+        server.serve_pulls()
+
     @property
     def step_open(self) -> bool:
         """Whether a step is partly in (some workers' pushes and not others')."""
@@ -292,8 +296,23 @@ class Bsp(SyncMode):
         server.clocks = [step + 1] * self.workers
         server.apply(acc if samples else None, used, step, norm=norm, clock=step + 1)
         if mark:  # every worker joins once it sees clock step + 1 and this mark
-            checkpoints.save(abs(mark), mark < 0, server.state_dict(), server.serve_pulls)
+            checkpoints.save(abs(mark), mark < 0, server.state_dict(), lambda: self.while_saving(server))
         acc.zero_()
+
+    def while_saving(self, server: ParameterServer) -> None:
+        """Backup workers: pulls, and the late pushes of workers yet to join, dropped. A late
+        worker's next push waits for its last one (one in flight), and it joins only after that
+        push: were its last push left unreceived, the checkpoint would wait for it for ever."""
+        server.serve_pulls()
+        if not self.backup:
+            return
+        clock = int(server.window.status[Slot.CLOCK])
+        for w, header, payload in server.receiver.poll():
+            if header.codec in (Codec.STOP, Codec.JOIN) or header.step >= clock:
+                server.deferred.append((w, header, payload))  # the next poll takes it (its buffer stays)
+                continue
+            server.stats.late += 1
+            server.receiver.repost(w)
 
 
 @dataclass

@@ -100,3 +100,15 @@ def test_an_own_loop_with_a_backup_worker_ends_whatever_its_workers_do(loop, tmp
     else:
         assert calls == 60 and position > 60
     assert float(re.search(r"held-out accuracy ([0-9.]+)", out.stdout).group(1)) > 0.5
+
+
+def test_a_late_worker_skips_the_batches_its_data_server_sent_ahead(tmp_path):
+    """With a data server (prefetching steps ahead), a worker that skips ahead takes in and drops
+    the batches of the steps it skipped."""
+    out = run_train(4, "--steps", "30", "--batch-size", "64", "--hidden", "1024", "--backup-workers", "1",
+                    "--metrics", str(tmp_path / "m.jsonl"), env={"MPIPS_SLOW_WORKER": "1:4"}, timeout=120, check=True)
+    assert "1 parameter server + 1 data server + 2 workers" in out.stdout
+    assert re.search(r"^steps\s+30$", out.stdout, re.M) and _late(out.stdout) > 0
+    steps = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    done = [e["step"] for e in steps if e.get("event") == "step" and e["worker"] == 1]
+    assert len(done) < 30 and done == sorted(done), done  # it skipped, in order

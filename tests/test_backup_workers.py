@@ -5,11 +5,14 @@ after kill -9. Straggling is made with ``MPIPS_SLOW_WORKER`` (``mpips.worker.slo
 
 import json
 import re
+import signal
 
 import pytest
 import torch
-from helpers import REPO, run_mpi, run_train
+from helpers import REPO, mpi_job, run_mpi, run_train, signal_at_line
 
+from mpips.checkpoint.files import list_checkpoints
+from mpips.checkpoint.preemption import REQUEUE_STATUS
 from mpips.config import ConfigError, parse_args
 from mpips.layout import LayoutError, RoleLayout
 from mpips.sync import Bsp, sync_mode
@@ -112,3 +115,16 @@ def test_a_late_worker_skips_the_batches_its_data_server_sent_ahead(tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     done = [e["step"] for e in steps if e.get("event") == "step" and e["worker"] == 1]
     assert len(done) < 30 and done == sorted(done), done  # it skipped, in order
+
+
+def test_a_stop_signal_with_a_late_worker_checkpoints_exits_75_and_resumes(tmp_path):
+    ck = tmp_path / "ck"
+    args = ["-m", "mpips.train", *WIDE[:2], "--batch-size", "64", "--hidden", "1024", "--steps", "400",
+            "--backup-workers", "1", "--stall-timeout", "20", "--log-every", "1", "--checkpoint-dir", str(ck)]
+    with mpi_job(4, args, env={"MPIPS_SLOW_WORKER": "2:4"}, cwd=tmp_path) as proc:
+        out, _ = signal_at_line(proc, "step 5/", signal.SIGUSR1)
+    assert proc.returncode == REQUEUE_STATUS, out[-3000:]
+    ((step, _),) = list_checkpoints(ck)
+    assert 5 <= step < 400
+    resumed = run_train(4, *args[2:], "--resume", env={"MPIPS_SLOW_WORKER": "2:4"}, timeout=240, check=True)
+    assert f"at step {step}" in resumed.stderr and re.search(r"^steps\s+400$", resumed.stdout, re.M)

@@ -171,7 +171,9 @@ class ParameterServer:
             tensor = {name: i for i, name in enumerate(self.table.names)}
             self.optimizer = self.table.build(self.pieces, [tensor[p.tensor] for p in self.splits])
         else:
-            self.optimizer = build_optimizer(self.pieces, self.cfg)
+            workers = len(self.workers)
+            implicit = 1.0 - 1.0 / workers if self.cfg.implicit_momentum and self.mode.name != "bsp" else 0.0
+            self.optimizer = build_optimizer(self.pieces, self.cfg, implicit)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this server (views, not copies: save before changing them).

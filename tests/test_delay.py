@@ -37,3 +37,19 @@ def test_a_push_older_than_the_ring_uses_the_oldest_version_kept():
 def test_keep_must_hold_a_version():
     with pytest.raises(ValueError, match="keep"):
         DelayCompensation(4, lam=1.0, keep=0)
+
+
+def test_implicit_momentum_comes_off_adams_beta1_and_sgds_momentum_only_when_asked():
+    from mpips.config import ConfigError, parse_args
+    from mpips.optim import build_optimizer
+
+    p = [torch.zeros(2, requires_grad=True)]
+    adam = parse_args(["--sync", "asp", "--implicit-momentum"]).optim
+    assert build_optimizer(p, adam).defaults["betas"] == (0.9, 0.999)  # the default path: torch's own
+    beta1 = build_optimizer(p, adam, implicit=1 - 1 / 3).defaults["betas"][0]
+    assert beta1 == pytest.approx(0.9 - 2 / 3)
+    assert build_optimizer(p, adam, implicit=0.95).defaults["betas"][0] == 0.0
+    sgd = parse_args(["--sync", "ssp", "--optimizer", "momentum", "--momentum", "0.9"]).optim
+    assert build_optimizer(p, sgd, implicit=0.5).defaults["momentum"] == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="--implicit-momentum is for --sync asp or ssp"):
+        parse_args(["--implicit-momentum"])

@@ -13,7 +13,9 @@ times slower: it sleeps f - 1 times each step's measured compute (``MPIPS_SLOW_W
 - ``mpips-asp``, ``mpips-ssp``: asynchronous, with the default learning-rate rule (``lr / W``,
   divided by the staleness: ``--staleness-lr``);
 - ``mpips-asp-plain``: asp with ``--no-staleness-lr`` (``lr / W`` whatever the staleness);
-- ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``).
+- ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``);
+- ``mpips-asp-im``, ``mpips-ssp-im``: with ``--implicit-momentum`` (Adam's beta1 less the
+  momentum asynchrony adds, 1 - 1/W).
 
 A row per (system, W, f): ``time_to_target_s``, the median over ``--reps`` runs of the seconds
 from the end of worker 0's first step to the first evaluation at or above ``--target-accuracy``
@@ -51,6 +53,8 @@ SYSTEMS: dict[str, list[str]] = {
     "mpips-ssp": ["--sync", "ssp"],
     "mpips-asp-plain": ["--sync", "asp", "--no-staleness-lr"],
     "mpips-asp-dc": ["--sync", "asp", "--dc-lambda", "2.0"],
+    "mpips-asp-im": ["--sync", "asp", "--implicit-momentum"],
+    "mpips-ssp-im": ["--sync", "ssp", "--implicit-momentum"],
 }
 SMOOTH = 5  # steps in the moving mean of the training loss compared with --target-loss
 SLOW_VARIABLE = "MPIPS_SLOW_WORKER"

@@ -131,9 +131,9 @@ class OptimConfig:
         " versions; 0 = off"
     )
     implicit_momentum: bool = _opt(
-        False, "asp/ssp: take the momentum asynchrony adds, 1 - 1/W (Mitliagkas et al. 2016), off the servers'"
+        True, "asp/ssp: take the momentum asynchrony adds, 1 - 1/W (Mitliagkas et al. 2016), off the servers'"
         " optimizer: SGD's momentum or Adam's beta1 (0.9) becomes max(0, it - (1 - 1/W)); the optimizer of"
-        " --optimizer (an own loop's registered optimizer keeps the betas it pushes)"
+        " --optimizer (an own loop's registered optimizer keeps the betas it pushes); no effect in bsp"
     )
     max_bad_grads: int = _opt(10, "abort after this many dropped NaN/Inf gradients; 0 = never")
 
@@ -340,9 +340,6 @@ class Config:
              "--momentum-correction keeps what it did not send in its velocity, which is error feedback:"
              " it cannot run with --no-error-feedback"),
         ]
-        combinations.append((
-            not self.optim.implicit_momentum or self.train.sync != "bsp",
-            "--implicit-momentum is for --sync asp or ssp: bsp adds no momentum of its own"))
         combinations.append((
             not self.train.backup_workers or self.train.sync == "bsp",
             f"--backup-workers {self.train.backup_workers} needs --sync bsp (got --sync {self.train.sync}): asp and"

@@ -40,7 +40,7 @@ def test_keep_must_hold_a_version():
 
 
 def test_implicit_momentum_comes_off_adams_beta1_and_sgds_momentum_only_when_asked():
-    from mpips.config import ConfigError, parse_args
+    from mpips.config import parse_args
     from mpips.optim import build_optimizer
 
     p = [torch.zeros(2, requires_grad=True)]
@@ -51,5 +51,4 @@ def test_implicit_momentum_comes_off_adams_beta1_and_sgds_momentum_only_when_ask
     assert build_optimizer(p, adam, implicit=0.95).defaults["betas"][0] == 0.0
     sgd = parse_args(["--sync", "ssp", "--optimizer", "momentum", "--momentum", "0.9"]).optim
     assert build_optimizer(p, sgd, implicit=0.5).defaults["momentum"] == pytest.approx(0.4)
-    with pytest.raises(ConfigError, match="--implicit-momentum is for --sync asp or ssp"):
-        parse_args(["--implicit-momentum"])
+    assert parse_args([]).optim.implicit_momentum and not parse_args(["--no-implicit-momentum"]).optim.implicit_momentum

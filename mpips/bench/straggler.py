@@ -10,12 +10,12 @@ times slower: it sleeps f - 1 times each step's measured compute (``MPIPS_SLOW_W
 
 - ``mpips-bsp``: every step waits for every worker;
 - ``mpips-bsp-backup1``: bsp with ``--backup-workers 1``: a step takes the first W - 1 pushes;
-- ``mpips-asp``, ``mpips-ssp``: asynchronous, with the default learning-rate rule (``lr / W``,
-  divided by the staleness: ``--staleness-lr``);
+- ``mpips-asp``, ``mpips-ssp``: asynchronous, with the default rules: ``lr / W`` divided by the
+  staleness (``--staleness-lr``), Adam's beta1 less the momentum asynchrony adds, 1 - 1/W
+  (``--implicit-momentum``);
+- ``mpips-asp-no-im``, ``mpips-ssp-no-im``: with ``--no-implicit-momentum`` (Adam's own 0.9);
 - ``mpips-asp-plain``: asp with ``--no-staleness-lr`` (``lr / W`` whatever the staleness);
-- ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``);
-- ``mpips-asp-im``, ``mpips-ssp-im``: with ``--implicit-momentum`` (Adam's beta1 less the
-  momentum asynchrony adds, 1 - 1/W).
+- ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``).
 
 A row per (system, W, f): ``time_to_target_s``, the median over ``--reps`` runs of the seconds
 from the end of worker 0's first step to the first evaluation at or above ``--target-accuracy``
@@ -51,10 +51,10 @@ SYSTEMS: dict[str, list[str]] = {
     "mpips-bsp-backup1": ["--sync", "bsp", "--backup-workers", "1"],
     "mpips-asp": ["--sync", "asp"],
     "mpips-ssp": ["--sync", "ssp"],
+    "mpips-asp-no-im": ["--sync", "asp", "--no-implicit-momentum"],
+    "mpips-ssp-no-im": ["--sync", "ssp", "--no-implicit-momentum"],
     "mpips-asp-plain": ["--sync", "asp", "--no-staleness-lr"],
     "mpips-asp-dc": ["--sync", "asp", "--dc-lambda", "2.0"],
-    "mpips-asp-im": ["--sync", "asp", "--implicit-momentum"],
-    "mpips-ssp-im": ["--sync", "ssp", "--implicit-momentum"],
 }
 SMOOTH = 5  # steps in the moving mean of the training loss compared with --target-loss
 SLOW_VARIABLE = "MPIPS_SLOW_WORKER"

@@ -5,7 +5,7 @@ Run by ``docs/conf.py`` at every build, or by hand::
     python docs/gen_perf.py docs/_generated/perf.md
 
 Each JSON file is what ``python -m mpips.bench ... --json FILE`` writes (``machine``, ``settings``
-and one list of rows per benchmark: ``rma``, ``apply``, ``train``, ``memory``, ``compress``, and
+and one list of rows per benchmark: ``rma``, ``apply``, ``train``, ``memory``, ``compress``, ``straggler``, and
 the ``data`` dict), plus a ``source`` block: the command, the commit, the date, and how the file
 was written (the tool's own output, or transcribed from an older README's table, which says so).
 Every figure on the generated page comes from these files; nothing is typed by hand. Tables are
@@ -83,6 +83,11 @@ COLUMNS: dict[str, list[Column]] = {
                  ("samples/s", _num("samples_per_s")), ("x fp32", _num("speed_ratio")),
                  ("held-out accuracy", _num("accuracy")), ("Δ points", _num("accuracy_delta", 100)),
                  ("held-out loss", _num("loss")), ("Δ loss", _num("loss_delta"))],
+    "straggler": [("W", _text("workers")), ("slow", _num("slow")), ("system", _text("system")),
+                  ("to target (s)", _num("time_to_target_s")), ("reached", _text("reached_target")),
+                  ("x bsp", _num("ratio_vs_bsp")), ("to loss target (s)", _num("time_to_loss_target_s")),
+                  ("x bsp (loss)", _num("loss_ratio_vs_bsp")), ("final accuracy", _num("final_metric")),
+                  ("late", _num("late")), ("max staleness", _text("max_staleness"))],
     "sparse": [("system", _text("system")), ("W", _text("workers")), ("rows", _num("keys")), ("dim", _text("dim")),
                ("samples/s", _num("samples_per_s")), ("min", _num("min_samples_per_s")),
                ("max", _num("max_samples_per_s")), ("x torch", _num("ratio_vs_torch")),
@@ -104,6 +109,7 @@ TITLES = {
     "sparse": "A sparse table on the servers against one torch process (`nn.Embedding(sparse=True)`) and the"
               " dense path (bytes per worker and step; bound: 2 x unique rows x (row + key bytes) + dense bytes)",
     "data": "Data servers against a raw h5py read",
+    "straggler": "Seconds to a held-out accuracy target with the last worker slowed, against bsp in the same job",
 }
 
 

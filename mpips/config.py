@@ -124,6 +124,17 @@ class OptimConfig:
         True, "asp/ssp: divide a gradient's learning rate by its staleness, the updates applied since"
         " its worker pulled, in steps (staleness-aware async SGD, Zhang et al. 2016)"
     )
+    dc_lambda: float = _opt(
+        0.0, "asp/ssp: delay compensation (DC-ASGD-a, Zheng et al. 2017): a server corrects each gradient"
+        " towards the parameters it is applied to, g + l g*g*(w_now - w_pulled), l this value over the running"
+        " root mean square of the gradients (the paper's 2.0); the server keeps its shard's last 4 W + 1"
+        " versions; 0 = off"
+    )
+    implicit_momentum: bool = _opt(
+        True, "asp/ssp: take the momentum asynchrony adds, 1 - 1/W (Mitliagkas et al. 2016), off the servers'"
+        " optimizer: SGD's momentum or Adam's beta1 (0.9) becomes max(0, it - (1 - 1/W)); the optimizer of"
+        " --optimizer (an own loop's registered optimizer keeps the betas it pushes); no effect in bsp"
+    )
     max_bad_grads: int = _opt(10, "abort after this many dropped NaN/Inf gradients; 0 = never")
 
 
@@ -135,6 +146,12 @@ class TrainConfig:
     steps: int | None = _opt(None, "global steps to train; overrides --epochs")
     sync: Literal["bsp", "asp", "ssp"] = _opt("bsp", "bsp = synchronous; asp = fully async; ssp = bounded staleness")
     staleness: int = _opt(2, "ssp: no worker runs more than this many steps ahead of the slowest")
+    backup_workers: int = _opt(
+        0, "bsp: apply a step once all but this many workers' gradients of it are in (the first to arrive,"
+        " so not the same sum on every run); a later gradient of an applied step is dropped and counted, and"
+        " its worker skips to the newest version (backup workers, Chen et al. 2016). 0 = wait for every"
+        " worker, summed in worker order"
+    )
     seed: int = _opt(0, "seeds model initialisation and the sample order")
     loss: str = _opt(
         "auto", "auto (the task's) | cross_entropy | mse | huber | bce | next_token | package.module:function, a"
@@ -282,9 +299,11 @@ class Config:
             (0 <= self.optim.momentum < 1, "--momentum must be in [0, 1)"),
             (self.optim.weight_decay >= 0, "--weight-decay must be 0 or more"),
             (self.optim.clip_grad_norm >= 0, "--clip-grad-norm must be 0 or more"),
+            (self.optim.dc_lambda >= 0, "--dc-lambda must be 0 or more"),
             (self.train.epochs > 0, "--epochs must be positive"),
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),
+            (self.train.backup_workers >= 0, "--backup-workers must be 0 or more"),
             (self.train.max_inflight >= 1, "--max-inflight must be at least 1"),
             (MIN_CHUNK_BYTES <= self.train.chunk_bytes <= MAX_CHUNK_BYTES,
              f"--chunk-bytes must be between {MIN_CHUNK_BYTES} (a push header) and {MAX_CHUNK_BYTES} (1 GiB)"),
@@ -321,6 +340,10 @@ class Config:
              "--momentum-correction keeps what it did not send in its velocity, which is error feedback:"
              " it cannot run with --no-error-feedback"),
         ]
+        combinations.append((
+            not self.train.backup_workers or self.train.sync == "bsp",
+            f"--backup-workers {self.train.backup_workers} needs --sync bsp (got --sync {self.train.sync}): asp and"
+            " ssp never wait for a slow worker"))
         for ok, message in combinations:
             if not ok:
                 raise ConfigError(message)

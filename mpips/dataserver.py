@@ -281,8 +281,12 @@ class RemoteSource:
         )
 
     def batch(self, epoch: int, step: int) -> Batch:
-        """The worker's samples of (epoch, step); steps must come in increasing order."""
+        """The worker's samples of (epoch, step); steps must come in increasing order. A step
+        further on than the next one (bsp's backup workers: a late worker skips ahead) first takes
+        in, and drops, the batches already asked for the steps in between."""
         g = epoch * self.plan.steps_per_epoch + step
+        while self.pending and self.pending[0].step < g:
+            self._complete(self.pending.pop(0))
         if self.pending and self.pending[0].step != g:
             raise ValueError(
                 f"batches must be asked for in order: expected step {self.pending[0].step}, got {g}"

@@ -129,7 +129,8 @@ def init(
         reporter.debug = cfg.train.debug
         check_launch(MPI.COMM_WORLD.Get_size(), os.environ, MPI.get_vendor())  # the launch, not comm
         hosts = comm.allgather(MPI.Get_processor_name())
-        layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts)
+        layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts,
+                                    cfg.train.backup_workers)
     except INPUT_ERRORS as exc:
         raise SystemExit(reporter.bad_input(exc)) from None
     if MPI.get_vendor()[0] == "Open MPI" and comm.Get_size() > 1:
@@ -241,6 +242,9 @@ class Job:
             for n, m in embeddings:
                 if m.client is not None:
                     raise ModelError(f"embedding {n} is registered already (another job.optimizer's model holds it)")
+            if embeddings and self.config.train.backup_workers:
+                raise ConfigError(f"embedding {embeddings[0][0]}: sparse tables wait for every worker's rows of a step;"
+                                  " they cannot run with --backup-workers")
             local["embeddings"] = [m for _, m in embeddings]
             spec = TableSpec.of(trainable, local["opt"], module_spec(FlatModel.module_state_of(model)))
             return dataclasses.replace(spec, sparse=tuple(dataclasses.replace(m.spec, name=n) for n, m in embeddings))

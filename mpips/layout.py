@@ -49,7 +49,8 @@ class RoleLayout:
 
     @classmethod
     def from_counts(
-        cls, world_size: int, servers: int, data_servers: int, hosts: Sequence[str] | None = None
+        cls, world_size: int, servers: int, data_servers: int, hosts: Sequence[str] | None = None,
+        backup_workers: int = 0,
     ) -> RoleLayout:
         """Build the layout for ``world_size`` ranks.
 
@@ -58,6 +59,7 @@ class RoleLayout:
             servers: parameter-server ranks (at least 1).
             data_servers: data-server ranks (0 or more).
             hosts: host name of every rank, to spread servers across nodes; default one node.
+            backup_workers: bsp's ``--backup-workers``, fewer than the workers.
         """
         hosts = tuple(hosts) if hosts is not None else ("localhost",) * world_size
         if len(hosts) != world_size:
@@ -73,6 +75,11 @@ class RoleLayout:
                 f" + {plural(data_servers, 'data server')} + at least 1 worker: launch with at least"
                 f" {servers + data_servers + 1} ranks (mpirun -n {servers + data_servers + 1})"
                 " or lower --servers / --data-servers"
+            )
+        if backup_workers >= workers:
+            raise LayoutError(
+                f"--backup-workers {backup_workers} needs more than {plural(backup_workers, 'worker')}, and"
+                f" {plural(world_size, 'rank')} leave {plural(workers, 'worker')}: lower --backup-workers"
             )
         free = {h: [r for r in range(world_size) if hosts[r] == h] for h in dict.fromkeys(hosts)}
 

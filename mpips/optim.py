@@ -19,9 +19,18 @@ __all__ = ["STATE_FACTOR", "build_optimizer", "lr_factor", "optimizer_class", "s
 STATE_FACTOR = {"sgd": 0.0, "momentum": 1.0, "nesterov": 1.0, "adam": 2.0, "adamw": 2.0}
 
 
-def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The torch.optim optimizer named by ``cfg.optimizer`` over ``params``."""
+def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig, implicit: float = 0.0) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by ``cfg.optimizer`` over ``params``.
+
+    ``implicit``: momentum that asynchrony adds (asp/ssp with ``--implicit-momentum``: 1 - 1/W,
+    Mitliagkas et al. 2016, "Asynchrony begets momentum"), taken off the optimizer's own: SGD's
+    momentum, Adam's beta1 (torch's 0.9), at least 0. 0: the class's own settings, untouched.
+    """
     cls, kwargs = optimizer_class(cfg)
+    if implicit > 0 and "momentum" in kwargs:
+        kwargs["momentum"] = max(0.0, kwargs["momentum"] - implicit)
+    elif implicit > 0 and cls in (torch.optim.Adam, torch.optim.AdamW):
+        kwargs["betas"] = (max(0.0, 0.9 - implicit), 0.999)
     return cls(params, **kwargs)
 
 

@@ -66,7 +66,8 @@ log = logging.getLogger("mpips.server")
 @dataclass
 class ServerStats:
     applied: int = 0
-    dropped: int = 0
+    dropped: int = 0  # non-finite gradients
+    late: int = 0  # bsp --backup-workers: pushes of a step already applied, dropped
     max_staleness: int = 0
     staleness: list[int] = field(default_factory=list)  # of every applied gradient (asp/ssp)
     bytes_received: int = 0
@@ -94,7 +95,7 @@ class ParameterServer:
         self.ctx, self.index, self.init, self.servers, self.batch_size = ctx, index, init, servers, batch_size
         self.comm, self.workers, self.plan, self.cfg = ctx.comm, ctx.workers, ctx.plan, ctx.optim
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull
-        self.mode = sync_mode(ctx.train.sync, ctx.train.staleness)  # mpips.sync: the server's half
+        self.mode = sync_mode(ctx.train.sync, ctx.train.staleness, ctx.train.backup_workers)  # mpips.sync: server half
         self.stall_timeout, self.chunk_bytes = ctx.train.stall_timeout, ctx.train.chunk_bytes
         self.checkpoints = ctx.checkpoints
         self.compression, self.seed = ctx.compression, ctx.train.seed  # the push codec (None: float32)
@@ -107,6 +108,8 @@ class ParameterServer:
         self.hyper = self.table.hyper() if self.table is not None else None
         self.hyper_bytes = self.table.hyper_bytes if self.table is not None else 0
         self.hyper_values: np.ndarray | None = None  # of the last push decoded
+        # pushes received while waiting in a checkpoint that are not dropped there (Bsp.while_saving)
+        self.deferred: list[tuple[int, PushHeader, np.ndarray]] = []
         self.sparse: list[RowServer] = []  # the model's sparse tables (job.embedding), at the same step
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -152,7 +155,7 @@ class ParameterServer:
         pieces of each) are ``chunking.bucket_ranges`` in bsp over windows with pull-ahead,
         else the whole shard.
         """
-        ahead = self.notices is not None and self.ctx.train.pull_ahead
+        ahead = self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead
         self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
         self.runs = self.plan.server_pieces(self.index)
         starts = [lo for lo, _ in self.buckets]
@@ -168,7 +171,9 @@ class ParameterServer:
             tensor = {name: i for i, name in enumerate(self.table.names)}
             self.optimizer = self.table.build(self.pieces, [tensor[p.tensor] for p in self.splits])
         else:
-            self.optimizer = build_optimizer(self.pieces, self.cfg)
+            workers = len(self.workers)
+            implicit = 1.0 - 1.0 / workers if self.cfg.implicit_momentum and self.mode.name != "bsp" else 0.0
+            self.optimizer = build_optimizer(self.pieces, self.cfg, implicit)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this server (views, not copies: save before changing them).
@@ -239,7 +244,7 @@ class ParameterServer:
         """Receive, apply and publish what has come; True if anything moved."""
         tracer = self.tracer
         began = tracer.now()
-        ready = self.receiver.poll()
+        ready, self.deferred = self.deferred + self.receiver.poll(), []
         moved = bool(ready) or self.receiver.progressed  # chunks arriving: poll again soon
         for rows in self.sparse:  # a worker's rows of a step are sent ahead of its dense push
             moved |= rows.poll()
@@ -270,7 +275,7 @@ class ParameterServer:
             moved |= self.mode.checkpoint(self)
             if not self.final_saved and min(self.clocks) >= self.total_steps and not self.mode.cutting:
                 self.final_saved = True  # every step of every worker is applied: the last checkpoint
-                self.checkpoints.save_final(self.state_dict(), self.serve_pulls)
+                self.checkpoints.save_final(self.state_dict(), lambda: self.mode.while_saving(self))
         if self.pull_server is not None:
             served = tracer.now()
             if self.pull_server.poll():

@@ -150,6 +150,9 @@ def describe_pipeline(t: TrainConfig) -> str:
     if t.sync != "bsp":
         return (f"pipeline: none in {t.sync} (pushes after backward, whole versions; --push-during-backward and"
                 " --pull-ahead are bsp's)")
+    if t.backup_workers:
+        return (f"pipeline: none with --backup-workers {t.backup_workers} (pushes after backward, whole versions:"
+                " a step takes the first pushes to arrive)")
     on = {True: "on", False: "off"}
     return (f"pipeline: push during backward {on[t.push_during_backward]}, per-bucket apply and pull ahead"
             f" {on[t.pull_ahead]} (CPU workers; pull ahead over RMA windows)")

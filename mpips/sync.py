@@ -7,8 +7,15 @@ windows), a push may stream during backward, and the checkpoint point is a step 
 servers agree on it before publishing clock ``k`` and publish the mark with it; a worker about
 to compute step ``k`` joins.
 
+With ``--backup-workers b`` a bsp step is applied once ``W - b`` pushes of it are in, summed in
+the order they arrive (the first to come, so not the same sum on every run); a later push of an
+applied step is dropped and counted (``ServerStats.late``), and its worker skips to the clock of
+the newest version it pulls (``position``). Such pushes go after backward and versions are pulled
+whole (a streamed push would hold the server's receive buffer through a slow worker's backward).
+
 ``Async`` (``--sync asp``, ``--sync ssp``): every push is applied as it comes, its learning rate
 scaled by ``1 / W`` (or ``--asp-scale``) and, with ``--staleness-lr``, divided by its staleness;
+with ``--dc-lambda``, the gradient is first delay-compensated (``mpips.delay``);
 an ssp worker computing step ``k`` waits until the slowest worker's clock is ``k - staleness``,
 an asp worker never waits. The cut: server 0 publishes a mark when a checkpoint is due; each
 worker sees it in its next pull, sends JOIN after its last push and joins with its position; a
@@ -28,6 +35,7 @@ import torch
 
 from mpips.compression import PushGradient
 from mpips.config import ConfigError
+from mpips.delay import DelayCompensation
 from mpips.optim import sum_of_squares
 from mpips.transport import Codec, MalformedMessage, PushHeader, Slot
 
@@ -52,6 +60,7 @@ class SyncMode:
     sums = False  # servers add pushes into a step's sum (compressed chunks stay sparse) before applying
     marks_anytime = False  # a checkpoint mark may come with any version: it ends a wait, and a worker
     # pulls again after joining (the servers applied the others' last pushes meanwhile)
+    ahead = True  # bsp over windows may apply, announce and pull a version bucket by bucket (--pull-ahead)
 
     # -- the client's half -------------------------------------------------------------------
     def need(self, step: int) -> int:
@@ -61,6 +70,10 @@ class SyncMode:
     def inflight(self, max_inflight: int) -> int:
         """Pushes a worker may have in flight per server."""
         return max_inflight
+
+    def position(self, step: int, clock: int) -> int:
+        """The step a worker computes next, about to compute ``step`` with parameters of ``clock``."""
+        return step
 
     def joins(self, marks: set[int], step: int) -> bool:
         """Whether a worker about to compute ``step`` joins the checkpoint ``marks`` published."""
@@ -87,6 +100,10 @@ class SyncMode:
         """Once per poll: open or complete a checkpoint; True if anything moved."""
         return False
 
+    def while_saving(self, server: ParameterServer) -> None:
+        """What a server serves while it waits for the others in a checkpoint: pulls."""
+        server.serve_pulls()
+
     @property
     def step_open(self) -> bool:
         """Whether a step is partly in (some workers' pushes and not others')."""
@@ -107,8 +124,8 @@ class Bsp(SyncMode):
     """Bulk-synchronous: every step applies the mean of every worker's gradient of it."""
 
     name: str = "bsp"
+    backup: int = 0  # --backup-workers: a step is applied once all but this many pushes of it are in
     announces = True
-    streams = True
     sums = True
     next: int = 0  # the worker whose push is added next
     held: dict[int, tuple[int, Any, np.ndarray]] = field(default_factory=dict)  # w -> samples, grad, mask
@@ -116,9 +133,22 @@ class Bsp(SyncMode):
     used: np.ndarray | None = None  # bool [runs]: tensor runs with a gradient from any worker
     acc: torch.Tensor | None = None  # the step's sum
     finished: dict[int, int] = field(default_factory=dict)  # worker -> the steps it pushed, once it stopped
+    arrived: set[int] = field(default_factory=set)  # backup workers: whose pushes of the step are in
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        return not self.backup
+
+    @property
+    def ahead(self) -> bool:  # type: ignore[override]
+        return not self.backup
 
     def need(self, step: int) -> int:
         return step
+
+    def position(self, step: int, clock: int) -> int:
+        """Backup workers: a worker whose push came late skips to the servers' clock."""
+        return max(step, clock) if self.backup else step
 
     def inflight(self, max_inflight: int) -> int:
         # a worker's next push comes after the notice that its last one is applied, so one send
@@ -133,18 +163,21 @@ class Bsp(SyncMode):
         self.acc = torch.zeros(server.window.params.size)
         self.finished.clear()
         self.reset()
-        server.receiver.prefer = 0
+        server.receiver.prefer = None if self.backup else 0
 
     def reset(self) -> None:
         self.next, self.samples, self.used = 0, 0, np.zeros(self.runs, dtype=bool)
         self.held.clear()
+        self.arrived.clear()
 
     @property
     def step_open(self) -> bool:
-        return self.next > 0 or bool(self.held)
+        return self.next > 0 or bool(self.held) or bool(self.arrived)
 
     def waiting(self, server: ParameterServer) -> list[int]:
         """Workers whose push for the step has not come."""
+        if self.backup:
+            return [w for w in range(self.workers) if w not in self.arrived and w in server.active]
         return [w for w in range(self.next, self.workers) if w not in self.held]
 
     def stopped(self, server: ParameterServer, w: int, header: PushHeader) -> None:
@@ -153,6 +186,10 @@ class Bsp(SyncMode):
         Its stop may come before the others' pushes of the step it pushed last (it finished
         first): that is even, and the step completes as they come.
         """
+        if self.backup:  # a step open waits for fewer pushes once fewer workers are left to push it
+            if self.arrived and len(self.arrived) >= self.quorum(server):
+                self.complete(server, int(server.window.status[Slot.CLOCK]))
+            return
         step = int(server.window.status[Slot.CLOCK])
         pushed = w < self.next or w in self.held
         self.finished[w] = step + 1 if pushed else step
@@ -179,6 +216,9 @@ class Bsp(SyncMode):
         receiver gives the body, for a push longer than one chunk, only to the worker whose turn
         it is), so the server holds one push of a shard's size at a time, whatever W.
         """
+        if self.backup:
+            self.accept_first(server, w, header, grad, mask)
+            return
         self.accept_check(server, w, header)
         step = int(server.window.status[Slot.CLOCK])
         twice = w in self.held or w < self.next
@@ -204,6 +244,44 @@ class Bsp(SyncMode):
             server.receiver.repost(v)
         if self.next < self.workers:
             return
+        self.complete(server, step)
+
+    def accept_first(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:
+        """Backup workers: add worker ``w``'s push as it comes; apply once ``W - backup`` are in.
+
+        A push of a step already applied came late: dropped and counted (``ServerStats.late``).
+        """
+        step = int(server.window.status[Slot.CLOCK])
+        if header.step < step:
+            server.stats.late += 1
+            server.receiver.repost(w)
+            return
+        if header.step != step or w in self.arrived:
+            raise MalformedMessage(
+                f"server {server.index}: bsp step {step} got a push for step {header.step}"
+                f" from worker {w}" + (" twice" if w in self.arrived else "")
+            )
+        self.arrived.add(w)
+        n = 0 if server.is_bad(header, grad) else header.samples
+        if n:
+            if isinstance(grad, PushGradient):
+                grad.add_into(self.acc, alpha=float(n))
+            else:
+                self.acc.add_(grad, alpha=float(n))
+            self.used |= mask.astype(bool)
+            self.samples += n
+        server.receiver.repost(w)
+        if len(self.arrived) >= self.quorum(server):
+            self.complete(server, step)
+
+    def quorum(self, server: ParameterServer) -> int:
+        """Backup workers: the pushes a step waits for: W - b, or fewer when fewer workers are
+        left (``fit``'s workers all run to the last clock; own loops may stop apart)."""
+        return min(self.workers - self.backup, len(server.active | self.arrived))
+
+    def complete(self, server: ParameterServer, step: int) -> None:
+        """The step's sum is in ``acc``: apply its mean, publish clock ``step + 1`` (and a checkpoint)."""
+        acc = self.acc
         samples, used = self.samples, self.used
         self.reset()
         norm = None
@@ -218,8 +296,23 @@ class Bsp(SyncMode):
         server.clocks = [step + 1] * self.workers
         server.apply(acc if samples else None, used, step, norm=norm, clock=step + 1)
         if mark:  # every worker joins once it sees clock step + 1 and this mark
-            checkpoints.save(abs(mark), mark < 0, server.state_dict(), server.serve_pulls)
+            checkpoints.save(abs(mark), mark < 0, server.state_dict(), lambda: self.while_saving(server))
         acc.zero_()
+
+    def while_saving(self, server: ParameterServer) -> None:
+        """Backup workers: pulls, and the late pushes of workers yet to join, dropped. A late
+        worker's next push waits for its last one (one in flight), and it joins only after that
+        push: were its last push left unreceived, the checkpoint would wait for it for ever."""
+        server.serve_pulls()
+        if not self.backup:
+            return
+        clock = int(server.window.status[Slot.CLOCK])
+        for w, header, payload in server.receiver.poll():
+            if header.codec in (Codec.STOP, Codec.JOIN) or header.step >= clock:
+                server.deferred.append((w, header, payload))  # the next poll takes it (its buffer stays)
+                continue
+            server.stats.late += 1
+            server.receiver.repost(w)
 
 
 @dataclass
@@ -230,6 +323,13 @@ class Async(SyncMode):
     staleness: int | None = None
     marks_anytime = True
     joined: dict[int, int] = field(default_factory=dict)  # worker -> its position, in the cut in progress
+    dc: DelayCompensation | None = None  # --dc-lambda: the server's delay compensation
+
+    def begin(self, server: ParameterServer) -> None:
+        lam = server.cfg.dc_lambda
+        if lam:
+            self.dc = DelayCompensation(server.window.params.size, lam, keep=4 * len(server.workers) + 1)
+            self.dc.record(server.stats.applied, server.window.params)
 
     def need(self, step: int) -> int:
         return -1 if self.staleness is None else step - self.staleness
@@ -273,8 +373,12 @@ class Async(SyncMode):
             # staleness in steps: updates applied here since the worker pulled, per worker
             behind = (stats.applied - header.applied_seen) / workers
             scale /= max(1.0, behind)
+        if use and self.dc is not None:  # towards the parameters it is applied to (DC-ASGD)
+            self.dc.compensate(grad, header.applied_seen, stats.applied)
         server.apply(grad if use else None, mask.astype(bool), step, norm=header.grad_norm,
                      clock=self.slowest(server), lr_scale=scale)
+        if use and self.dc is not None:
+            self.dc.record(stats.applied, server.window.params)
 
     def checkpoint(self, server: ParameterServer) -> bool:
         """Server 0 opens a checkpoint when one is due; every server saves once all workers joined.
@@ -331,10 +435,11 @@ class Async(SyncMode):
             server.publish()
 
 
-def sync_mode(name: str, staleness: int) -> SyncMode:
-    """The mode ``--sync`` names (a fresh object: it holds one server's or client's state)."""
+def sync_mode(name: str, staleness: int, backup: int = 0) -> SyncMode:
+    """The mode ``--sync`` names (a fresh object: it holds one server's or client's state);
+    ``backup``: bsp's ``--backup-workers``."""
     if name == "bsp":
-        return Bsp()
+        return Bsp(backup=backup)
     if name in ("asp", "ssp"):
         return Async(name, staleness if name == "ssp" else None)
     raise ValueError(f"unknown sync mode {name!r}")

@@ -81,7 +81,8 @@ class FitResult:
         metrics: lead worker only: the final metrics by name: ``steps``, the held-out metrics of the
             task (``loss``, ``accuracy``; ``mse``, ``mae``, ``r2``; ``f1``; ``perplexity``; None
             without held-out samples or after a stop), ``last_train_loss``, ``samples_per_s``,
-            ``gradients_applied``, ``gradients_dropped``, ``max_staleness`` (and, unless stopped,
+            ``gradients_applied``, ``gradients_dropped``, ``gradients_late`` (bsp's backup workers: late
+            pushes dropped), ``max_staleness`` (and, unless stopped,
             ``bytes_pushed``, ``bytes_pulled``: all workers).
     """
 
@@ -126,7 +127,8 @@ def run_job(
     rank = comm.Get_rank()
     with dog.blocking("start-up: the host names of all ranks (allgather over the world)"):
         hosts = comm.allgather(MPI.Get_processor_name())
-    layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts)
+    layout = RoleLayout.from_counts(comm.Get_size(), cfg.roles.servers, cfg.roles.data_servers, hosts,
+                                    cfg.train.backup_workers)
     role = layout.role_of(rank)
     if who is not None:
         who["role"] = f"{role.value} {layout.index_of(rank)}"
@@ -370,6 +372,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         / max(1e-9, stats.pull_seconds + stats.compute_seconds + stats.push_seconds),
         "gradients_applied": sum(s.applied for s in servers),
         "gradients_dropped": sum(s.dropped for s in servers),
+        "gradients_late": sum(s.late for s in servers),
         "max_staleness": max(s.max_staleness for s in servers),
     }
     if stats.preempted:
@@ -396,6 +399,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         "samples/s (all workers)": out["samples_per_s"],
         "gradients applied": out["gradients_applied"],
         "gradients dropped": out["gradients_dropped"],
+        **({"gradients late, dropped (backup workers)": out["gradients_late"]} if cfg.train.backup_workers else {}),
         "max staleness applied": out["max_staleness"],
         "time pulling / computing / pushing (s)":
             f"{stats.pull_seconds:.2f} / {stats.compute_seconds:.2f} / {stats.push_seconds:.2f}",
@@ -411,7 +415,8 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         metrics.event("eval", steps, **held_out)
     metrics.event(
         "end", steps, **held_out, applied=out["gradients_applied"], dropped=out["gradients_dropped"],
-        max_staleness=out["max_staleness"], staleness=[x for s in servers for x in s.staleness],
+        late=out["gradients_late"], max_staleness=out["max_staleness"],
+        staleness=[x for s in servers for x in s.staleness],
         bytes_pushed=pushed, bytes_pulled=pulled, chunks_streamed=streamed, chunks_in_backward=early,
     )
     _save_model(cfg, flat)

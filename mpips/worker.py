@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ from mpips.transport import Slot
 if TYPE_CHECKING:
     from mpips.layout import PSContext
 
-__all__ = ["FlatModel", "Worker", "WorkerStats", "evaluate"]
+__all__ = ["FlatModel", "Worker", "WorkerStats", "evaluate", "slow_factor"]
 
 log = logging.getLogger("mpips.worker")
 
@@ -67,6 +68,20 @@ def evaluate(
     return metrics.result()
 
 
+def slow_factor(spec: str, index: int) -> float:
+    """How much slower worker ``index`` computes: ``MPIPS_SLOW_WORKER="w:f"`` (straggler benchmarks and
+    tests) makes worker ``w`` sleep ``f - 1`` times each step's measured forward and backward; 1.0
+    for every other worker and without the variable."""
+    if not spec:
+        return 1.0
+    try:
+        w, f = spec.split(":")
+        which, factor = int(w), float(f)
+    except ValueError:
+        raise ValueError(f"MPIPS_SLOW_WORKER={spec!r}: expected WORKER:FACTOR, e.g. 1:4.0") from None
+    return factor if which == index else 1.0
+
+
 class Worker(ParameterClient):
     """Worker ``index`` of mpips' own loop: pulls parameters, computes a gradient on its batch, pushes it.
 
@@ -95,17 +110,20 @@ class Worker(ParameterClient):
         self.loss = loss if loss is not None else cross_entropy  # (output, target) -> scalar tensor
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
+        self.slow = slow_factor(os.environ.get("MPIPS_SLOW_WORKER", ""), index)
 
     def run(self) -> WorkerStats:
         model, flat, tracer = self.flat.model, self.flat, self.tracer
         model.train()
         start = time.perf_counter()
         while self.position < self.total_steps:
-            step = self.position
             t0 = time.perf_counter()
             clock = self.await_step()
             if clock is None:
                 break  # checkpointed (or told to stop) at this boundary; the job stops here
+            step = self.position  # bsp --backup-workers: a worker whose push came late skipped ahead
+            if step >= self.total_steps:
+                break
             staleness = step - clock
             t1 = time.perf_counter()
             epoch, in_epoch = self.epoch_plan.position(step)
@@ -120,7 +138,10 @@ class Worker(ParameterClient):
                 self.backward_push.begin(step, {s: self._header(s, step, samples, clock) for s in self.streamed})
             if samples:
                 with tracer.span("forward/backward", step):
+                    began = time.perf_counter()
                     loss = self._compute(batch)
+                    if self.slow > 1.0:  # a straggler made on purpose (benchmarks, tests)
+                        time.sleep((self.slow - 1.0) * (time.perf_counter() - began))
             waited = 0.0
             if self.pull_ahead is not None and self.pull_ahead.pending:
                 with tracer.span("pull"):

@@ -207,6 +207,30 @@ def test_compress_dgc_row_is_measured_against_float32_on_its_own_optimizer():
     assert rows[2]["accuracy_delta"] == pytest.approx(-0.006) and rows[2]["push_ratio"] == pytest.approx(20.0)
 
 
+def test_straggler_rows_time_every_system_to_the_target_and_compare_with_bsp(tmp_path):
+    from mpips.bench.straggler import SYSTEMS
+
+    out = tmp_path / "straggler.json"
+    result = run_mpi(3, ["-m", "mpips.bench", "straggler", "--workers", "2", "--slow", "1.0,3.0", "--reps", "1",
+                         "--warmup", "0", "--steps", "30", "--hidden", "64", "--batch-size", "32",
+                         "--target-accuracy", "0.5", "--target-loss", "2.0", "--json", str(out)],
+                     timeout=280, check=True)
+    rows = json.loads(out.read_text())["straggler"]
+    assert "straggler: seconds to held-out accuracy 0.5" in result.stdout
+    assert {(r["system"], r["slow"]) for r in rows} == {(s, f) for s in SYSTEMS for f in (1.0, 3.0)}
+    for r in rows:
+        assert {"system", "workers", "slow", "time_to_target_s", "final_metric", "ratio_vs_bsp",
+                "time_to_loss_target_s", "late", "reached_target"} <= r.keys()
+        assert r["workers"] == 2 and r["reached_target"] == "1/1", r
+        assert positive(r["time_to_target_s"]) and 0.0 < r["final_metric"] <= 1.0  # a tiny run may end below
+        if r["system"] == "mpips-bsp":
+            assert r["ratio_vs_bsp"] == 1.0 and r["late"] == 0
+        else:
+            assert positive(r["ratio_vs_bsp"])
+        if r["system"].startswith("mpips-asp") or r["system"] == "mpips-ssp":
+            assert r["late"] == 0
+
+
 def test_sparse_moves_the_touched_rows_and_the_dense_path_the_whole_table(tmp_path):
     """``sparse`` at a small size: every system has a rate; mpips-sparse moves at most 2 x the
     unique rows (keys included) plus the dense parameters per step, the dense path the table."""

@@ -40,6 +40,16 @@ def _synthetic_metrics(path: Path, steps: int = 30, slow_worker: int = 1) -> Non
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def test_summary_counts_the_late_gradients_of_backup_workers(tmp_path):
+    path = tmp_path / "m.jsonl"
+    _synthetic_metrics(path)
+    assert "late gradients" not in summary(load_metrics(path), None)
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    events[-1].update(late=12, staleness=[])
+    path.write_text("".join(json.dumps(x) + "\n" for x in events))
+    assert "late gradients dropped (bsp --backup-workers): 12, their workers" in summary(load_metrics(path), None)
+
+
 def test_own_times_take_nested_spans_out_of_their_parent():
     spans = [
         Span(0, "pull", 0.0, 1.0), Span(0, "wait for parameters", 0.2, 0.7),  # nested: 0.5 of pull's 1.0

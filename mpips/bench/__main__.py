@@ -1,9 +1,10 @@
-"""``python -m mpips.bench {rma,apply,train,memory,data,compress,sparse,all}``: run under mpirun; rank 0 prints a table
-in which every figure stands next to its same-job baseline as a ratio, and writes ``--json FILE``.
+"""``python -m mpips.bench {rma,apply,train,memory,data,compress,sparse,straggler,all}``: run under
+mpirun; rank 0 prints a table in which every figure stands next to its same-job baseline as a ratio, and
+writes ``--json FILE``.
 
 The JSON holds ``machine`` (cores, memory, MPI library, mpi4py/torch/numpy versions, torch
 threads per rank, ranks), ``settings`` (the parsed flags) and one key per benchmark run:
-``rma``, ``apply``, ``train``, ``memory``, ``compress`` and ``sparse`` are lists of rows (see each
+``rma``, ``apply``, ``train``, ``memory``, ``compress``, ``sparse`` and ``straggler`` are lists of rows (see each
 module's docstring), ``data`` is what ``mpips.bench.data.main`` returns.
 
     mpirun -n 4 python -m mpips.bench all --json bench.json
@@ -27,6 +28,7 @@ from mpips.bench import compress as compress_bench
 from mpips.bench import memory as memory_bench
 from mpips.bench import rma as rma_bench
 from mpips.bench import sparse as sparse_bench
+from mpips.bench import straggler as straggler_bench
 from mpips.bench import train as train_bench
 from mpips.bench.common import BenchError, default_threads, load_average, machine_facts
 from mpips.watchdog import abort_job
@@ -35,8 +37,8 @@ __all__ = ["main"]
 
 BENCHMARKS = {"rma": rma_bench, "apply": apply_bench, "train": train_bench, "memory": memory_bench}
 # not in ``all``: compress trains the default job to the end once per codec (minutes); sparse
-# needs its own rank count (servers and 2 workers)
-SEPARATE = {"compress": compress_bench, "sparse": sparse_bench}
+# needs its own rank count (servers and 2 workers); straggler trains every mode to a target (minutes)
+SEPARATE = {"compress": compress_bench, "sparse": sparse_bench, "straggler": straggler_bench}
 
 
 def _data_module():
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sparse_bench.add_arguments(sub.add_parser("sparse", parents=[common], formatter_class=fmt,
                                               help="a sparse table on the servers vs one torch process and the"
                                                    " dense path"))
+    straggler_bench.add_arguments(sub.add_parser("straggler", parents=[common], formatter_class=fmt,
+                                                 help="time to a held-out target with one worker slowed"))
     sub.add_parser("data", add_help=False,
                    help="data-server throughput vs raw h5py (flags: python -m mpips.bench data -h)")
     every = sub.add_parser("all", parents=[common], formatter_class=fmt,

@@ -102,7 +102,7 @@ class ParameterClient:
         self.precision = precision if precision is not None else Precision("fp32", flat.device, flat.dtype)
         train = ctx.train
         self.comm, self.servers, self.checkpoints = ctx.comm, ctx.servers, ctx.checkpoints
-        self.mode = sync_mode(train.sync, train.staleness)  # mpips.sync: the client's half
+        self.mode = sync_mode(train.sync, train.staleness, train.backup_workers)  # mpips.sync: the client's half
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
         self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
         self.chunk_bytes = train.chunk_bytes
@@ -165,7 +165,7 @@ class ParameterClient:
         self.notices = (NoticeReceiver(self.comm, self.servers)
                         if self.mode.announces and self.pull_mode == "rma" else None)
         self.pull_ahead = None
-        if self.notices is not None and self.ctx.train.pull_ahead and self.flat.staging is None \
+        if self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead and self.flat.staging is None \
                 and self.flat.path == "host":
             self.pull_ahead = PullAhead(self.window, self.notices, self.servers, plan, self.chunk_bytes, self.shards,
                                         self.status, lambda need: self._lagging(need, self.notices.clock),
@@ -200,6 +200,8 @@ class ParameterClient:
     def await_step(self, ahead: bool = True) -> int | None:
         """Before computing step ``position``: pull its parameters and join a checkpoint the servers
         published at this boundary; returns the servers' clock, or None after a stop (preemption).
+        With bsp's backup workers, a worker whose last push came late skips ahead: ``position``
+        becomes the clock pulled.
 
         ``ahead``: pull ahead where this worker can (``pull``); else the whole version.
         """
@@ -207,6 +209,7 @@ class ParameterClient:
             step = self.position
             faults.at("pull", step)
             clock = self.pull(self._need(step), ahead=ahead)
+            self.position = step = self.mode.position(step, clock)
             joined = self._join_checkpoint(step)
             if self.stats.preempted:
                 return None

@@ -89,6 +89,10 @@ def summary(m: Metrics, trace: tuple[dict[int, str], list[Span], dict[str, Any]]
     else:
         lines.append(f"largest staleness: workers computed at most {max(seen)} steps behind"
                      + (" (bsp: the servers apply every gradient at staleness 0)" if max(seen) == 0 else ""))
+    late = int((m.end or {}).get("late") or 0)
+    if late:
+        lines.append(f"late gradients dropped (bsp --backup-workers): {late:,}, their workers skipped to the newest"
+                     " version")
     waits = [e.get("data_wait_s", 0.0) for e in m.steps]
     lines.append(f"data wait: median {np.median(waits) * 1e3:,.2f} ms per step, at most {max(waits) * 1e3:,.1f} ms")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """A DLRM-style click model whose embedding table lives on the parameter servers.
 
     python -m mpips.data clicks -o clicks.h5                 # 2 M impressions, 20 M keys, Zipf ids
-    mpirun -n 4 python examples/dlrm.py clicks.h5            # 2 servers, 2 workers
+    mpirun -n 4 python examples/dlrm.py clicks.h5            # from the repository root: 2 servers, 2 workers
 
 The table (``--keys`` rows of ``--dim``, 1.2 GiB at the defaults, with Adagrad's state as much
 again) is sharded over the servers by key and seeded there row by row: no worker ever holds it.

@@ -152,7 +152,8 @@ class EmbeddingSpec:
         opt, why = sparse_step(cls_, kwargs, dim)
         if why:
             raise ConfigError(f"job.embedding: {cls_.__name__} cannot step an embedding table's sparse gradients"
-                              f" (torch: {why}); use torch.optim.SGD, Adagrad or SparseAdam")
+                              f" (torch: {why}); use torch.optim.SGD, Adagrad or SparseAdam, with options torch"
+                              " allows for sparse gradients")
         settings = tuple(sorted((k, _plain(v)) for k, v in opt.param_groups[0].items() if k != "params"))
         return cls("", rows, dim, class_path(cls_), settings, init, float(std))
 

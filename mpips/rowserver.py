@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from mpips.sparse import EmbeddingSpec, RowShard, local_rows
 from mpips.transport import Backoff, MalformedMessage, StallError, wait_for
-from mpips.transport.rows import RowCodec, RowKind, RowRequest, receive_request, send_rows
+from mpips.transport.rows import EXPORT_CODEC, RowCodec, RowKind, RowRequest, receive_request, send_rows
 
 if TYPE_CHECKING:
     from mpips.server import ParameterServer
@@ -129,9 +129,9 @@ class RowServer:
                 if need >= 0 and slowest < need:
                     break
                 queue.popleft()
-                keys = req.keys if req.kind == RowKind.PULL else torch.arange(self.rows)
-                raw = self.pull_codec.encode(self.shard.gather(keys)) if req.kind == RowKind.PULL \
-                    else RowCodec("fp32").encode(self.shard.gather(keys))
+                pull = req.kind == RowKind.PULL
+                keys = req.keys if pull else torch.arange(self.rows)
+                raw = (self.pull_codec if pull else EXPORT_CODEC).encode(self.shard.gather(keys))
                 self.rows_pulled += len(keys)
                 self.sends.append((send_rows(self.server.comm, req.source, self.table, raw,
                                              self.server.chunk_bytes), raw))

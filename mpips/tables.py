@@ -121,12 +121,11 @@ def _rows_of(job: Job, t: Table, e: EmbeddingSpec, i: int, table: int) -> np.nda
     """This server's initial rows of table ``i``: worker 0's (``init=``) or the seeded ones, made
     in slabs of rows so that no more than one slab is ever held twice."""
     rows = local_rows(e.rows, job.index, job.num_servers)
+    out = np.empty((rows, e.dim), dtype=np.float32)
     if e.init == "given":
-        out = np.empty((rows, e.dim), dtype=np.float32)
         wait_all(recv_chunks(t.comm, out, job.worker_ranks[0], Tag.INIT, job.config.train.chunk_bytes),
                  f"worker 0's initial rows of table {e.name}", job.config.train.stall_timeout)
         return out
-    out = np.empty((rows, e.dim), dtype=np.float32)
     slab = max(1, (1 << 22) // e.dim)
     for lo in range(0, rows, slab):
         keys = np.arange(lo, min(rows, lo + slab), dtype=np.int64) * job.num_servers + job.index

@@ -31,9 +31,9 @@ from mpi4py import MPI
 from torch import nn
 
 from mpips.config import ConfigError
-from mpips.sparse import EmbeddingSpec, owner_split
+from mpips.sparse import EmbeddingSpec, local_rows, owner_split
 from mpips.transport import wait_all
-from mpips.transport.rows import RowCodec, RowKind, expect_rows, send_request
+from mpips.transport.rows import EXPORT_CODEC, RowCodec, RowKind, expect_rows, send_request
 
 __all__ = ["RowClient", "SparseEmbedding"]
 
@@ -123,13 +123,13 @@ class RowClient:
         S, dim = len(self.servers), self.spec.dim
         out = torch.empty(self.spec.rows, dim)
         for s, rank in enumerate(self.servers):
-            n = len(range(s, self.spec.rows, S))
-            raw = np.empty(n * dim * 4, dtype=np.uint8)
+            n = local_rows(self.spec.rows, s, S)
+            raw = EXPORT_CODEC.buffer(n, dim)
             reqs, _ = send_request(self.comm, rank, self.table, RowKind.EXPORT, step, torch.zeros(0, dtype=torch.int64),
                                    None, self.chunk_bytes)
             reqs += expect_rows(self.comm, rank, self.table, raw, self.chunk_bytes)
             wait_all(reqs, f"server {s}'s rows of table {self.spec.name}", self.timeout)
-            out[s::S] = torch.from_numpy(raw).view(torch.float32).reshape(n, dim)
+            out[s::S] = EXPORT_CODEC.decode(raw, n, dim)
         return out
 
 

@@ -29,8 +29,8 @@ from mpi4py import MPI
 from mpips.transport.chunked import recv_chunks, send_chunks, wait_all
 from mpips.transport.wire import MalformedMessage
 
-__all__ = ["RowCodec", "RowKind", "RowRequest", "expect_rows", "receive_request", "row_tags", "send_request",
-           "send_rows"]
+__all__ = ["EXPORT_CODEC", "RowCodec", "RowKind", "RowRequest", "expect_rows", "receive_request", "row_tags",
+           "send_request", "send_rows"]
 
 ROW_TAG_BASE = 100  # tags 100 + 4 * table .. + 3: far from mpips.transport.Tag's
 
@@ -66,6 +66,9 @@ class RowCodec:
 
     def decode(self, raw: np.ndarray, n: int, dim: int) -> torch.Tensor:
         return torch.from_numpy(raw).view(self.dtype).reshape(n, dim).to(torch.float32)
+
+
+EXPORT_CODEC = RowCodec("fp32")  # a whole shard for emb.state_dict() travels as it is held
 
 
 @dataclass

@@ -8,7 +8,7 @@ SGD with an evaluation forward of other ids between backward and step). The ``ba
 mistake each.
 ``seeded``: the servers' seeded rows (std 0.5) in the sync mode of the flags' ``sync``.
 ``resume``: the equal_adagrad job with a checkpoint directory (flags after OUT: config keys).
-``too_large``: a table of 4x this host's available memory. ``big``: a 20 M x 16 table (1.2 GiB,
+``too_large``: a table of 4x this host's total memory. ``big``: a 20 M x 16 table (1.2 GiB,
 seeded on the servers) trained 10 steps on Zipf ids; worker 0 writes its resident memory before
 the table and its peak after training to OUT (JSON).
 """
@@ -83,9 +83,10 @@ if case == "dense_adam":  # nn.Embedding(sparse=True) in the dense parameters, w
 if case == "bad_optimizer":
     job.embedding(ROWS, DIM, optimizer=torch.optim.Adam, lr=0.1)
 if case == "too_large":
-    from mpips.sparse import available_memory
+    import os
 
-    emb = job.embedding(4 * available_memory() // (DIM * 4), DIM, optimizer=torch.optim.SGD, lr=0.1)
+    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the same on every worker
+    emb = job.embedding(4 * host_memory // (DIM * 4), DIM, optimizer=torch.optim.SGD, lr=0.1)
 if case == "big":
     big_rows, big_dim = 20_000_000, 16
     rss0 = resident_mib()

@@ -123,8 +123,8 @@ class ParameterServer:
         # (mpips.client.pullahead); asp/ssp and message pulls publish a version whole
         if not self.window.rma:
             self.pull_mode = "message"
-        announce = self.mode.announces and self.pull_mode == "rma"
-        self.notices = NoticeSender(self.comm, self.workers) if announce else None
+        notices = (self.mode.announces or self.mode.acks) and self.pull_mode == "rma"
+        self.notices = NoticeSender(self.comm, self.workers) if notices else None
         self._build_optimizer(n)
         c = self.compression
         self.codec = (make_codec(c.compress, c.compress_ratio, c.qsgd_levels, c.feedback(), c.sparsity_warmup)
@@ -311,9 +311,14 @@ class ParameterServer:
     def publish(self) -> None:
         """Publish the working shard and status as the next version; in bsp, announce it."""
         buffer = self.window.publish()
-        if self.notices is not None:
+        if self.notices is not None and self.mode.announces:
             status = self.window.status
             self.notices.send(int(status[Slot.CLOCK]), buffer, int(status[Slot.VERSION]), int(status[Slot.CHECKPOINT]))
+
+    def acknowledge(self, w: int) -> None:
+        """asp/ssp over windows: tell worker ``w`` its pushes so far are applied (``SyncMode.acks``)."""
+        if self.notices is not None and self.mode.acks:
+            self.notices.ack(w, self.clocks[w])
 
     def serve_pulls(self) -> None:
         if self.pull_server is not None:

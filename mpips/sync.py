@@ -61,6 +61,7 @@ class SyncMode:
     marks_anytime = False  # a checkpoint mark may come with any version: it ends a wait, and a worker
     # pulls again after joining (the servers applied the others' last pushes meanwhile)
     ahead = True  # bsp over windows may apply, announce and pull a version bucket by bucket (--pull-ahead)
+    acks = False  # asp/ssp over windows: a server tells a worker when its push is applied (read your writes)
 
     # -- the client's half -------------------------------------------------------------------
     def need(self, step: int) -> int:
@@ -322,6 +323,7 @@ class Async(SyncMode):
     name: str = "asp"
     staleness: int | None = None
     marks_anytime = True
+    acks = True
     joined: dict[int, int] = field(default_factory=dict)  # worker -> its position, in the cut in progress
     dc: DelayCompensation | None = None  # --dc-lambda: the server's delay compensation
 
@@ -347,6 +349,7 @@ class Async(SyncMode):
 
     def accept(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:
         self.apply_push(server, w, header, grad, mask)
+        server.acknowledge(w)
         server.receiver.repost(w)
 
     def apply_push(self, server: ParameterServer, w: int, header: PushHeader, grad: Any, mask: np.ndarray) -> None:

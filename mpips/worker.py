@@ -31,7 +31,7 @@ from mpips.transport import Slot
 if TYPE_CHECKING:
     from mpips.layout import PSContext
 
-__all__ = ["FlatModel", "Worker", "WorkerStats", "evaluate", "slow_factor"]
+__all__ = ["FlatModel", "Worker", "WorkerStats", "device_time", "evaluate", "slow_factor"]
 
 log = logging.getLogger("mpips.worker")
 
@@ -82,6 +82,19 @@ def slow_factor(spec: str, index: int) -> float:
     return factor if which == index else 1.0
 
 
+def device_time(spec: str) -> float:
+    """Seconds each step's forward and backward also takes on a device that does not use this
+    host's cores: ``MPIPS_DEVICE_MS`` (straggler benchmarks on a host with fewer cores than
+    workers); 0.0 without the variable."""
+    try:
+        ms = float(spec or 0)
+    except ValueError:
+        raise ValueError(f"MPIPS_DEVICE_MS={spec!r}: expected milliseconds, e.g. 20") from None
+    if ms < 0:
+        raise ValueError(f"MPIPS_DEVICE_MS={spec!r}: expected milliseconds >= 0")
+    return ms / 1000.0
+
+
 class Worker(ParameterClient):
     """Worker ``index`` of mpips' own loop: pulls parameters, computes a gradient on its batch, pushes it.
 
@@ -111,6 +124,7 @@ class Worker(ParameterClient):
         self.data_wait = 0.0
         self._pulled_before = 0  # bytes_pulled at the end of the previous step (per-step figures)
         self.slow = slow_factor(os.environ.get("MPIPS_SLOW_WORKER", ""), index)
+        self.device_s = device_time(os.environ.get("MPIPS_DEVICE_MS", ""))
 
     def run(self) -> WorkerStats:
         model, flat, tracer = self.flat.model, self.flat, self.tracer
@@ -140,8 +154,9 @@ class Worker(ParameterClient):
                 with tracer.span("forward/backward", step):
                     began = time.perf_counter()
                     loss = self._compute(batch)
-                    if self.slow > 1.0:  # a straggler made on purpose (benchmarks, tests)
-                        time.sleep((self.slow - 1.0) * (time.perf_counter() - began))
+                    if self.slow > 1.0 or self.device_s:  # a straggler made on purpose (benchmarks, tests)
+                        took = time.perf_counter() - began
+                        time.sleep(self.slow * (took + self.device_s) - took)
             waited = 0.0
             if self.pull_ahead is not None and self.pull_ahead.pending:
                 with tracer.span("pull"):

@@ -57,7 +57,7 @@ SYSTEMS: dict[str, list[str]] = {
     "mpips-asp-dc": ["--sync", "asp", "--dc-lambda", "2.0"],
 }
 SMOOTH = 5  # steps in the moving mean of the training loss compared with --target-loss
-SLOW_VARIABLE = "MPIPS_SLOW_WORKER"
+SLOW_VARIABLE, DEVICE_VARIABLE = "MPIPS_SLOW_WORKER", "MPIPS_DEVICE_MS"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=2, help="worker 0 evaluates on the held-out split every N steps")
     g.add_argument("--target-accuracy", type=float, default=0.9, help="held-out accuracy target")
     g.add_argument("--target-loss", type=float, default=0.5, help="training-loss target (mean of worker 0's last 5)")
+    g.add_argument("--device-ms", type=float, default=0.0,
+                   help="milliseconds of device time every worker's step adds, off this host's cores"
+                        " (MPIPS_DEVICE_MS; the slow worker's is f times as long)")
     g.add_argument("--workdir", default=None, help="where metrics files go (default: a temp dir)")
 
 
@@ -99,10 +102,12 @@ def _one_run(args, comm: MPI.Comm, system: str, workers: int, slow: float, workd
         cfg = _config(args, system, metrics)
         torch.set_num_threads(args.threads)
         os.environ[SLOW_VARIABLE] = f"{workers - 1}:{slow}"
+        os.environ[DEVICE_VARIABLE] = str(args.device_ms)
         try:
             run_quietly(cfg, sub, metrics)
         finally:
             os.environ.pop(SLOW_VARIABLE, None)
+            os.environ.pop(DEVICE_VARIABLE, None)
         sub.Barrier()
         if sub.Get_rank() == 0:
             with open(metrics) as f:

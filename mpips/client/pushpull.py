@@ -162,11 +162,13 @@ class ParameterClient:
                               if self.streamed else None)
         # bsp over windows: the servers announce each version (transport.NoticeSender), bucket
         # by bucket, and a CPU worker pulls the buckets as they come (mpips.client.pullahead)
+        # asp/ssp over windows: a server acknowledges each push once applied, by the same notices
         self.notices = (NoticeReceiver(self.comm, self.servers)
-                        if self.mode.announces and self.pull_mode == "rma" else None)
+                        if (self.mode.announces or self.mode.acks) and self.pull_mode == "rma" else None)
+        self.pushed = 0  # the step after this process's last push (acks: what the next pull waits for)
         self.pull_ahead = None
-        if self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead and self.flat.staging is None \
-                and self.flat.path == "host":
+        if self.notices is not None and self.mode.announces and self.ctx.train.pull_ahead and self.mode.ahead \
+                and self.flat.staging is None and self.flat.path == "host":
             self.pull_ahead = PullAhead(self.window, self.notices, self.servers, plan, self.chunk_bytes, self.shards,
                                         self.status, lambda need: self._lagging(need, self.notices.clock),
                                         self.stall_timeout)
@@ -302,13 +304,17 @@ class ParameterClient:
         if self.puller is not None:
             with self.tracer.span("pull"):
                 self.puller.pull(need, self.status, self.shards)
-        elif self.notices is not None:  # bsp: wait for the notices, pull the buffers they name
+        elif self.notices is not None and self.mode.announces:  # bsp: wait for the notices, pull the buffers named
             with self.tracer.span("wait for parameters"):
                 self.notices.wait(need, lambda: self._lagging(need, self.notices.clock), self.stall_timeout)
             with self.tracer.span("pull"):
                 self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
+            if self.notices is not None:  # asp/ssp: read your own writes: every push so far applied
+                mine = self.pushed
+                with self.tracer.span("wait for parameters"):
+                    self.notices.wait(mine, lambda: self._lagging(mine, self.notices.clock), self.stall_timeout)
 
             def ready() -> bool:
                 nonlocal newest
@@ -361,6 +367,7 @@ class ParameterClient:
                 grad_norm, loss, applied_seen=int(self.status[s, Slot.APPLIED]),
             )
             self.pusher.push(s, header, *parts, mask)
+        self.pushed = step + 1
 
     def _parts(self, s: int, step: int, finite: bool) -> list[np.ndarray]:
         """Server ``s``'s slice of the gradient as it is sent: raw, or one codec record per chunk."""

@@ -56,6 +56,11 @@ class NoticeSender:
             if w not in self.closed:
                 self._send(w, (clock, buffer, version, exposed, mark))
 
+    def ack(self, w: int, clock: int) -> None:
+        """asp/ssp: worker ``w``'s pushes of steps ``< clock`` are applied (its newest version holds them)."""
+        if w not in self.closed:
+            self._send(w, (clock, 0, clock, WHOLE, 0))
+
     def close(self, w: int) -> None:
         self._send(w, (-1, 0, 0, 0, 0))
         self.closed.add(w)

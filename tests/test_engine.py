@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_train
 
 from mpips.config import parse_args
 from mpips.data import open_dataset
@@ -269,3 +270,20 @@ def test_asp_and_ssp_train_in_chunks_of_1000_bytes(sync, pull):
         if sync == "ssp":
             assert end["max_staleness"] <= 2
     comm.Barrier()
+
+
+def test_an_asynchronous_worker_reads_its_own_writes(tmp_path):
+    """asp over windows: a worker's next pull waits for every server's ack of its last push, so a
+    lone worker computes each gradient on the parameters its previous one made: staleness 0 and
+    bsp's losses (without the acks its pulls ran 1-3 updates behind its own pushes, and its first
+    steps all saw the initial parameters)."""
+    losses = {}
+    for sync in ("bsp", "asp"):
+        metrics = tmp_path / f"{sync}.jsonl"
+        run_train(2, "--data-servers", "0", "--sync", sync, "--steps", "12", "--metrics", str(metrics),
+                  timeout=120, cwd=tmp_path, check=True)
+        got = [json.loads(line) for line in metrics.read_text().splitlines()]
+        end = next(e for e in got if e["event"] == "end")
+        assert end["staleness"] == ([0] * 12 if sync == "asp" else [])
+        losses[sync] = [e["loss"] for e in got if e["event"] == "step"]
+    assert losses["asp"] == pytest.approx(losses["bsp"], rel=1e-4), losses

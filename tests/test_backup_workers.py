@@ -16,7 +16,7 @@ from mpips.checkpoint.preemption import REQUEUE_STATUS
 from mpips.config import ConfigError, parse_args
 from mpips.layout import LayoutError, RoleLayout
 from mpips.sync import Bsp, sync_mode
-from mpips.worker import slow_factor
+from mpips.worker import device_time, slow_factor
 
 FLAGS = ["--data-servers", "0", "--steps", "40", "--batch-size", "16"]
 WIDE = ["--data-servers", "0", "--steps", "40", "--batch-size", "64", "--hidden", "1024"]  # compute > overheads
@@ -45,6 +45,13 @@ def test_slow_factor_names_one_worker():
     assert slow_factor("1:4", 1) == 4.0 and slow_factor("1:4", 0) == 1.0
     with pytest.raises(ValueError, match="WORKER:FACTOR"):
         slow_factor("4", 0)
+
+
+def test_device_time_is_milliseconds_and_refuses_the_rest():
+    assert device_time("") == 0.0 and device_time("20") == 0.02
+    for bad in ("fast", "-5"):
+        with pytest.raises(ValueError, match="MPIPS_DEVICE_MS"):
+            device_time(bad)
 
 
 def _late(stdout: str) -> int:

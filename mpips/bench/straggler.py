@@ -5,14 +5,17 @@ every slow factor f and every system, in one mpirun job and on its first W + 1 r
 ``mpips.train.run`` trains the same seeded model (the digits MLP by default) from the same
 initial parameters on the same sample order, with the last worker's forward and backward made f
 times slower: it sleeps f - 1 times each step's measured compute (``MPIPS_SLOW_WORKER``,
-``mpips.worker.slow_factor``). Worker 0, never the slow one, evaluates on the held-out split every
-``--eval-every`` steps. The systems:
+``mpips.worker.slow_factor``). Every worker's step also takes ``--device-ms`` (20) of device time,
+a sleep that stands for an accelerator's kernels (``MPIPS_DEVICE_MS``), so a worker's step is
+dominated by its own device and not by the host's cores, which W + 1 ranks share on a small host
+(0: CPU compute only); the slow worker's device time is f times as long. Worker 0, never the slow
+one, evaluates on the held-out split every ``--eval-every`` steps. The systems:
 
 - ``mpips-bsp``: every step waits for every worker;
 - ``mpips-bsp-backup1``: bsp with ``--backup-workers 1``: a step takes the first W - 1 pushes;
 - ``mpips-asp``, ``mpips-ssp``: asynchronous, with the default rules: ``lr / W`` divided by the
   staleness (``--staleness-lr``), Adam's beta1 less the momentum asynchrony adds, 1 - 1/W
-  (``--implicit-momentum``);
+  (``--implicit-momentum``); a worker's pull waits for the servers' acks of its own pushes;
 - ``mpips-asp-no-im``, ``mpips-ssp-no-im``: with ``--no-implicit-momentum`` (Adam's own 0.9);
 - ``mpips-asp-plain``: asp with ``--no-staleness-lr`` (``lr / W`` whatever the staleness);
 - ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``).
@@ -24,7 +27,7 @@ same for the mean of worker 0's last 5 training losses at or below ``--target-lo
 ``final_metric``, the median held-out accuracy of the final model; ``ratio_vs_bsp``, the time to
 target over bsp's at the same W and f, in the same job; ``late``, bsp's dropped late pushes.
 
-    mpirun -n 4 python -m mpips.bench straggler --workers 2,3 --slow 1.0,2.0,4.0 --reps 3 --json F
+    mpirun -n 4 python -m mpips.bench straggler --workers 2,3 --slow 1.0,1.5,2.0,4.0 --reps 3 --json F
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=2, help="worker 0 evaluates on the held-out split every N steps")
     g.add_argument("--target-accuracy", type=float, default=0.9, help="held-out accuracy target")
     g.add_argument("--target-loss", type=float, default=0.5, help="training-loss target (mean of worker 0's last 5)")
-    g.add_argument("--device-ms", type=float, default=0.0,
+    g.add_argument("--device-ms", type=float, default=20.0,
                    help="milliseconds of device time every worker's step adds, off this host's cores"
-                        " (MPIPS_DEVICE_MS; the slow worker's is f times as long)")
+                        " (MPIPS_DEVICE_MS; the slow worker's is f times as long; 0: CPU compute only)")
     g.add_argument("--workdir", default=None, help="where metrics files go (default: a temp dir)")
 
 
@@ -187,6 +190,7 @@ def _row(args, runs: list[dict[str, Any]], system: str, workers: int, slow: floa
         "wall_s": _median([r["wall_s"] for r in runs]),
         "runs": {k: [r[k] for r in runs] for k in ("time_to_target_s", "time_to_loss_target_s", "final_metric")},
         "steps": args.steps, "batch_size": args.batch_size, "hidden": args.hidden, "threads": args.threads,
+        "device_ms": args.device_ms,
     }
 
 

@@ -2,8 +2,9 @@
 
 For every worker count W the ranks allow (W workers + 1 parameter server, ``--data-servers 0``),
 every slow factor f and every system, in one mpirun job and on its first W + 1 ranks,
-``mpips.train.run`` trains the same seeded model (the digits MLP by default) from the same
-initial parameters on the same sample order, with the last worker's forward and backward made f
+``mpips.train.run`` trains the digits MLP, repetition r with seed ``--seed`` + r (its initial
+parameters and sample order; the same for every system, so the median is over trajectories as
+well as timings), with the last worker's forward and backward made f
 times slower: it sleeps f - 1 times each step's measured compute (``MPIPS_SLOW_WORKER``,
 ``mpips.worker.slow_factor``). Every worker's step also takes ``--device-ms`` (20) of device time,
 a sleep that stands for an accelerator's kernels (``MPIPS_DEVICE_MS``), so a worker's step is
@@ -75,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=3e-3, help="learning rate (all systems)")
     g.add_argument("--staleness", type=int, default=2, help="ssp staleness bound")
     g.add_argument("--eval-every", type=int, default=2, help="worker 0 evaluates on the held-out split every N steps")
+    g.add_argument("--seed", type=int, default=0,
+                   help="repetition r trains with seed --seed + r (initialisation and sample order), the same for every"
+                        " system: the median is over r trajectories, not r timings of one")
     g.add_argument("--target-accuracy", type=float, default=0.9, help="held-out accuracy target")
     g.add_argument("--target-loss", type=float, default=0.5, help="training-loss target (mean of worker 0's last 5)")
     g.add_argument("--device-ms", type=float, default=20.0,
@@ -83,13 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workdir", default=None, help="where metrics files go (default: a temp dir)")
 
 
-def _config(args: argparse.Namespace, system: str, metrics: str) -> Config:
+def _config(args: argparse.Namespace, system: str, metrics: str, seed: int) -> Config:
     argv = [
         "--model", "mlp", "--dataset", "digits", "--servers", "1", "--data-servers", "0",
         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--staleness", str(args.staleness),
         "--optimizer", args.optimizer, "--lr", str(args.lr), "--hidden", str(args.hidden),
         "--threads", str(args.threads), "--log-every", str(10**9), "--eval-every", str(args.eval_every),
-        "--metrics", metrics, *SYSTEMS[system],
+        "--seed", str(seed), "--metrics", metrics, *SYSTEMS[system],
     ]
     return parse_args(argv)
 
@@ -102,7 +106,7 @@ def _one_run(args, comm: MPI.Comm, system: str, workers: int, slow: float, workd
     out = None
     if sub != MPI.COMM_NULL:
         metrics = os.path.join(workdir, f"{system}-{workers}-{slow}-{rep}.jsonl")
-        cfg = _config(args, system, metrics)
+        cfg = _config(args, system, metrics, args.seed + max(rep, 0))
         torch.set_num_threads(args.threads)
         os.environ[SLOW_VARIABLE] = f"{workers - 1}:{slow}"
         os.environ[DEVICE_VARIABLE] = str(args.device_ms)
@@ -188,7 +192,9 @@ def _row(args, runs: list[dict[str, Any]], system: str, workers: int, slow: floa
         "final_metric": _median([r["final_metric"] for r in runs]), "metric": "held-out accuracy",
         "late": _median([r["late"] for r in runs]), "max_staleness": max(r["max_staleness"] for r in runs),
         "wall_s": _median([r["wall_s"] for r in runs]),
-        "runs": {k: [r[k] for r in runs] for k in ("time_to_target_s", "time_to_loss_target_s", "final_metric")},
+        "runs": {k: [r[k] for r in runs] for k in ("time_to_target_s", "steps_to_target", "time_to_loss_target_s",
+                                                    "final_metric")},
+        "seeds": [args.seed + r for r in range(len(runs))],
         "steps": args.steps, "batch_size": args.batch_size, "hidden": args.hidden, "threads": args.threads,
         "device_ms": args.device_ms,
     }

@@ -4,8 +4,8 @@ For every worker count W the ranks allow (W workers + 1 parameter server, ``--da
 every slow factor f and every system, in one mpirun job and on its first W + 1 ranks,
 ``mpips.train.run`` trains the digits MLP, repetition r with seed ``--seed`` + r (its initial
 parameters and sample order; the same for every system, so the median is over trajectories as
-well as timings), with the last worker's forward and backward made f
-times slower: it sleeps f - 1 times each step's measured compute (``MPIPS_SLOW_WORKER``,
+well as timings), with the last worker's forward and backward made f times slower: it sleeps
+f - 1 times each step's measured compute (``MPIPS_SLOW_WORKER``,
 ``mpips.worker.slow_factor``). Every worker's step also takes ``--device-ms`` (20) of device time,
 a sleep that stands for an accelerator's kernels (``MPIPS_DEVICE_MS``), so a worker's step is
 dominated by its own device and not by the host's cores, which W + 1 ranks share on a small host
@@ -98,6 +98,11 @@ def _config(args: argparse.Namespace, system: str, metrics: str, seed: int) -> C
     return parse_args(argv)
 
 
+def _seed(args: argparse.Namespace, rep: int) -> int:
+    """Repetition ``rep``'s seed (the untimed warm-up runs, ``rep`` < 0, take the first)."""
+    return args.seed + max(rep, 0)
+
+
 def _one_run(args, comm: MPI.Comm, system: str, workers: int, slow: float, workdir: str, rep: int
              ) -> dict[str, Any] | None:
     """One run on the first W + 1 ranks (the others wait); its figures on rank 0."""
@@ -106,7 +111,7 @@ def _one_run(args, comm: MPI.Comm, system: str, workers: int, slow: float, workd
     out = None
     if sub != MPI.COMM_NULL:
         metrics = os.path.join(workdir, f"{system}-{workers}-{slow}-{rep}.jsonl")
-        cfg = _config(args, system, metrics, args.seed + max(rep, 0))
+        cfg = _config(args, system, metrics, _seed(args, rep))
         torch.set_num_threads(args.threads)
         os.environ[SLOW_VARIABLE] = f"{workers - 1}:{slow}"
         os.environ[DEVICE_VARIABLE] = str(args.device_ms)
@@ -194,7 +199,7 @@ def _row(args, runs: list[dict[str, Any]], system: str, workers: int, slow: floa
         "wall_s": _median([r["wall_s"] for r in runs]),
         "runs": {k: [r[k] for r in runs] for k in ("time_to_target_s", "steps_to_target", "time_to_loss_target_s",
                                                     "final_metric")},
-        "seeds": [args.seed + r for r in range(len(runs))],
+        "seeds": [_seed(args, r) for r in range(len(runs))],
         "steps": args.steps, "batch_size": args.batch_size, "hidden": args.hidden, "threads": args.threads,
         "device_ms": args.device_ms,
     }

@@ -75,7 +75,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     if job.worker_index == 0:
         scores, labels = [], []
-        with torch.no_grad():
+        with torch.no_grad(), opt.server_values():  # asp/ssp: the servers' values, not the led ones pulled
             for ids, x, y in batches(ClickLog(args.data, "val", 4096), 10**9):
                 scores.append(model(ids, x).numpy()), labels.append(y.numpy())
         held_out = auc(np.concatenate(scores), np.concatenate(labels))

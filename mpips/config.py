@@ -130,8 +130,15 @@ class OptimConfig:
         " root mean square of the gradients (the paper's 2.0); the server keeps its shard's last 4 W + 1"
         " versions; 0 = off"
     )
+    lookahead: float = _opt(
+        2.0, "asp/ssp: workers pull the parameters extrapolated along the servers' last update, by this many"
+        " times W - 1 updates (the staleness of a gradient when W workers run in step), so each gradient is"
+        " computed near where it will be applied (a look-ahead, as in DANA, Hakimi et al. 2019); the servers keep"
+        " the optimizer's own values for checkpoints and the final model (8 more bytes per parameter); 0 = off;"
+        " no effect in bsp"
+    )
     implicit_momentum: bool = _opt(
-        True, "asp/ssp: take the momentum asynchrony adds, 1 - 1/W (Mitliagkas et al. 2016), off the servers'"
+        False, "asp/ssp: take the momentum asynchrony adds, 1 - 1/W (Mitliagkas et al. 2016), off the servers'"
         " optimizer: SGD's momentum or Adam's beta1 (0.9) becomes max(0, it - (1 - 1/W)); the optimizer of"
         " --optimizer (an own loop's registered optimizer keeps the betas it pushes); no effect in bsp"
     )
@@ -300,6 +307,7 @@ class Config:
             (self.optim.weight_decay >= 0, "--weight-decay must be 0 or more"),
             (self.optim.clip_grad_norm >= 0, "--clip-grad-norm must be 0 or more"),
             (self.optim.dc_lambda >= 0, "--dc-lambda must be 0 or more"),
+            (self.optim.lookahead >= 0, "--lookahead must be 0 or more"),
             (self.train.epochs > 0, "--epochs must be positive"),
             (self.train.steps is None or self.train.steps >= 1, "--steps must be at least 1"),
             (self.train.staleness >= 0, "--staleness must be 0 or more"),

@@ -13,6 +13,13 @@ the shard by that count (a ring of copies: ``keep`` x the shard's memory); a pus
 ring is compensated from the oldest copy kept (the change since then is the larger part).
 
 Units: elements of one server's shard, float32.
+
+The look-ahead (``--lookahead L``, ``lookahead_lead``) works the other way round: instead of
+correcting a stale gradient where it lands, workers compute it at the parameters extrapolated
+along the last update, ``w + L (W - 1) (w - w_before)`` (``ParameterWindow``'s ``lead``), where
+the parameters will be after the ``W - 1`` updates other workers apply while it is computed (a
+look-ahead like DANA's, Hakimi et al. 2019; Adam's updates change direction slowly, so the last
+one is a fair guess of the next ones).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["DelayCompensation"]
+__all__ = ["DelayCompensation", "lookahead_lead"]
 
 
 class DelayCompensation:
@@ -80,3 +87,9 @@ class DelayCompensation:
         work.mul_(square).div_(self.mean_square.sqrt().add_(self.eps))
         grad.add_(work, alpha=self.lam)
         self.compensated += 1
+
+
+def lookahead_lead(lookahead: float, sync: str, workers: int) -> float:
+    """Updates ahead of the optimizer's values that workers pull: ``lookahead`` x (W - 1) in asp
+    and ssp, 0 in bsp (every gradient there is computed at the values it is applied to)."""
+    return lookahead * (workers - 1) if sync != "bsp" else 0.0

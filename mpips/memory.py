@@ -15,7 +15,7 @@ FLOAT = 4  # parameters, gradients and optimizer state are float32
 
 def expected_bytes_per_param(
     role: str, optimizer: str, workers: int, max_inflight: int, sync: str = "bsp", weight_decay: float = 0.0,
-    largest_tensor_fraction: float = 0.0, pull_codec: str = "fp32",
+    largest_tensor_fraction: float = 0.0, pull_codec: str = "fp32", lookahead: bool = False,
 ) -> dict[str, float]:
     """Bytes per parameter of a shard (server) or of the model (worker), by what holds them.
 
@@ -30,6 +30,8 @@ def expected_bytes_per_param(
         largest_tensor_fraction: the largest parameter tensor's share of all parameters.
         pull_codec: "fp32" (the optimizer updates an exposed buffer in place) or "bf16"/"fp16"
             (a float32 master, and exposed buffers of 2 bytes per parameter).
+        lookahead: asp/ssp pulls lead the servers' values (``--lookahead``): a float32 master,
+            and its values before the last update.
 
     Returns:
         {buffer name: bytes per parameter}, plus "total". Activations and the batch are not in it.
@@ -40,7 +42,8 @@ def expected_bytes_per_param(
         temporaries = 1 if optimizer == "nesterov" else 0
         temporaries += weight_decay != 0 and optimizer not in ("adam", "adamw")
         parts = {
-            "float32 master (bf16/fp16 pulls only)": 0 if pull_codec == "fp32" else FLOAT,
+            "float32 master (bf16/fp16 pulls, --lookahead)": FLOAT if pull_codec != "fp32" or lookahead else 0,
+            "values before the last update (--lookahead)": FLOAT if lookahead else 0,
             "two published versions (RMA windows)": 2 * (FLOAT if pull_codec == "fp32" else 2),
             f"{optimizer} state": STATE_FACTOR[optimizer] * FLOAT,
             "receive buffer (one push at a time)": FLOAT,

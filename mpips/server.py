@@ -33,6 +33,7 @@ from mpips.compression import (
     make_codec,
     parse_payload,
 )
+from mpips.delay import lookahead_lead
 from mpips.optim import STATE_FACTOR, build_optimizer, lr_factor
 from mpips.shard import split_pieces
 from mpips.sync import sync_mode
@@ -116,7 +117,8 @@ class ParameterServer:
     def start(self) -> None:
         n = self.init.size
         self.window = ParameterWindow(self.comm, n, init=self.init, chunk_bytes=self.chunk_bytes,
-                                      pull_codec=self.compression.pull_codec if self.compression else "fp32")
+                                      pull_codec=self.compression.pull_codec if self.compression else "fp32",
+                                      lead=lookahead_lead(self.cfg.lookahead, self.mode.name, len(self.workers)))
         self.init = None  # the window holds the values now
         # bsp over windows: every worker waits for every version, so each is announced by a
         # notice, and applied and published bucket by bucket, which workers pull as they come
@@ -155,7 +157,7 @@ class ParameterServer:
         pieces of each) are ``chunking.bucket_ranges`` in bsp over windows with pull-ahead,
         else the whole shard.
         """
-        ahead = self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead
+        ahead = self.notices is not None and self.ctx.train.pull_ahead and self.mode.ahead and not self.window.lead
         self.buckets = bucket_ranges(n, self.chunk_bytes) if ahead else [(0, n)]
         self.runs = self.plan.server_pieces(self.index)
         starts = [lo for lo, _ in self.buckets]
@@ -180,11 +182,13 @@ class ParameterServer:
 
         ``params``: float32 [shard elements]; ``optimizer``: torch.optim's state_dict over
         ``pieces`` (``mpips.shard.Piece``: the shard's tensor runs, cut where a bucket ends);
-        ``applied``: gradients applied; ``clocks``: steps completed per worker.
+        ``applied``: gradients applied; ``clocks``: steps completed per worker; ``params_before``:
+        ``params`` before the last update (``--lookahead``: what workers pull leads by their change), or None.
         """
         for rows in self.sparse:  # the tables at the same cut
             rows.catch_up(self.clocks)
-        return {"params": self.window.params, "optimizer": self.optimizer.state_dict(), "pieces": self.splits,
+        return {"params": self.window.params, "params_before": self.window.before,
+                "optimizer": self.optimizer.state_dict(), "pieces": self.splits,
                 "applied": self.stats.applied, "clocks": list(self.clocks),
                 "sparse": [rows.state_dict() for rows in self.sparse]}
 
@@ -192,6 +196,9 @@ class ParameterServer:
         """Resume from ``state`` (as ``state_dict`` returns it); call after ``start()``."""
         self.window.begin_update()
         self.window.params[:] = state["params"]
+        if self.window.lead:  # a checkpoint without it (bsp, --lookahead 0) leads by nothing at first
+            before = state.get("params_before")
+            self.window.before[:] = state["params"] if before is None else before
         self.optimizer.load_state_dict(state["optimizer"])
         self.stats.applied = int(state["applied"])
         self.clocks = [int(c) for c in state["clocks"]]
@@ -260,6 +267,11 @@ class ParameterServer:
                 continue
             if header.codec == Codec.JOIN:
                 self.mode.join_received(self, w, header)
+                self.receiver.repost(w)
+                continue
+            if header.codec == Codec.MASTER:  # after the worker's earlier pushes: they are applied
+                wait_all(send_chunks(self.comm, self.window.params, self.workers[w], Tag.MASTER, self.chunk_bytes),
+                         f"worker {w} to receive the optimizer's values", self.stall_timeout)
                 self.receiver.repost(w)
                 continue
             faults.at("push", header.step)

@@ -29,6 +29,7 @@ from mpips.chunking import chunk_count
 from mpips.config import CompressionConfig, Config, ConfigError, OptimConfig, TrainConfig
 from mpips.cuda_aware import CudaSupport, library_lookup, query
 from mpips.data import DatasetHandle, EpochPlan
+from mpips.delay import lookahead_lead
 from mpips.doctor import find_loaded_libmpi
 from mpips.memory import expected_bytes_per_param
 from mpips.models import ModelError, build_model, check_model
@@ -167,7 +168,8 @@ def memory_line(cfg: Config, plan: ShardPlan, workers: int) -> str:
     largest = max((t.numel for t in plan.tensors), default=0) / max(1, plan.numel)
     per = {role: expected_bytes_per_param(role, cfg.server_optim().optimizer, workers, cfg.train.max_inflight,
                                           cfg.train.sync, cfg.optim.weight_decay, largest,
-                                          cfg.compression.pull_codec)["total"]
+                                          cfg.compression.pull_codec,
+                                          lookahead_lead(cfg.optim.lookahead, cfg.train.sync, workers) > 0)["total"]
            for role in ("server", "worker")}
     shard = max(plan.shard_numel(s) for s in range(plan.servers))
     return (f"memory (expected, above a bare process): server {per['server']:.3g} bytes per parameter of its"

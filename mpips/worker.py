@@ -183,7 +183,7 @@ class Worker(ParameterClient):
             self._account(step, len(batch), float(loss), staleness, t1 - t0 + waited, t2 - t1 - waited, t3 - t2,
                           start)
             if self.on_eval and self.eval_every and (step + 1) % self.eval_every == 0:
-                with tracer.span("evaluate", step + 1):
+                with tracer.span("evaluate", step + 1), self.server_values():  # --lookahead: not the led ones
                     self.on_eval(step + 1)
         if not self.stats.preempted:
             self._final_checkpoint()

@@ -23,9 +23,13 @@ class Net(nn.Module):  # defined in __main__ only: the servers never import it
 
 case = sys.argv[1]
 with_data = case.startswith("loader")  # 1 server, 1 data server streaming the built-in digits, 2 workers
-sync = {"bad_sync": "bogus", "uneven_ssp": "ssp"}.get(case, "bsp")
+sync = {"bad_sync": "bogus", "uneven_ssp": "ssp", "lookahead": "asp"}.get(case, "bsp")
 job = mpips.init(servers=1 if with_data else 2, data_servers=1 if with_data else 0, sync=sync,
                  config={"stall_timeout": 30})
+if case == "lookahead":  # the workers' own communicator (every rank takes part in the split)
+    from mpi4py import MPI
+
+    workers_comm = MPI.COMM_WORLD.Split(0 if job.is_worker else MPI.UNDEFINED, job.worker_index or 0)
 if case == "optimizer_on_a_server":
     job.optimizer(Net(), torch.optim.SGD, lr=0.1)
 if not job.is_worker:
@@ -123,6 +127,41 @@ elif case in ("uneven_bsp", "uneven_ssp", "no_finish"):  # worker 1 leaves its l
     if case == "no_finish" and w == 1:
         sys.exit(0)  # returns without job.finish()
     print(f"worker {w}: {opt.steps} steps", flush=True)
+elif case == "lookahead":  # asp, 2 workers: pulls lead the servers' values by lookahead 2 x (W - 1) updates
+    model = Net()
+    opt = job.optimizer(model, torch.optim.Adam, lr=0.05)
+    g = torch.Generator().manual_seed(w)
+    x = torch.randn(32, 4, generator=g)
+    y = (x[:, 0] > x[:, 1]).long()
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def values() -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+    for _ in range(5):
+        step()
+    if w == 1:  # its pushes are applied once opt.step() returns: it waits while worker 0 alone steps
+        workers_comm.send(None, dest=0)
+        workers_comm.recv(source=0)
+    else:
+        workers_comm.recv(source=1)
+        step()
+        with opt.server_values():
+            before = values()
+        step()  # the only update between the two: worker 0's
+        led = values()
+        with opt.server_values():
+            now = values()
+        restored = torch.equal(values(), led)
+        moved = float((now - before).abs().max())
+        off = float((led - (now + 2 * (now - before))).abs().max()) / moved
+        print(f"lookahead: pulled {off:.2e} of a step off the servers' values led by 2 updates; moved {moved:.3g};"
+              f" restored after: {restored}", flush=True)
+        workers_comm.send(None, dest=1)
 elif case == "loader_bad_data":
     job.loader("/no/such/file.h5")
 elif case in ("trains", "trains_model_zero_grad"):  # a class from __main__, param groups, a scheduler

@@ -129,6 +129,16 @@ def test_uneven_loops_end_at_once_in_bsp_and_train_in_ssp(tmp_path):
         " every other rank job.serve())"], gone.stderr
 
 
+def test_asp_pulls_lead_the_servers_values_and_server_values_gives_them(tmp_path):
+    """asp with --lookahead 2 (the default) and W = 2: what a step pulls is the servers' values
+    led by 2 x (W - 1) = 2 updates along the last one (checked across an update only worker 0
+    made); ``opt.server_values()`` holds the servers' own values, and the pulled ones come back."""
+    out = run_mpi(4, [str(CASES), "lookahead"], timeout=120, cwd=tmp_path, check=True)
+    said = re.search(r"pulled (\S+) of a step off .* moved (\S+); restored after: (\w+)", out.stdout)
+    off, moved, restored = said.groups()
+    assert float(off) < 1e-4 and float(moved) > 1e-4 and restored == "True", out.stdout
+
+
 @pytest.mark.parametrize("case, line", [
     ("different_models", r"mpips: bad model: job.optimizer call #1: worker 1 registered tensor 0 as a.weight \[9, 4\],"
                          r" worker 0 as a.weight \[8, 4\]"),

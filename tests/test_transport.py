@@ -384,6 +384,48 @@ def test_a_broken_streamed_push_is_refused_naming_the_worker(fault):
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2,))
+@pytest.mark.parametrize("codec", ["fp32", "bf16"])
+def test_a_led_window_publishes_its_values_led_along_the_last_update(codec):
+    """--lookahead: readers pull ``params + lead * (params - before)``, ``before`` the values the
+    last update started from (a publish without an update keeps the lead); ``params`` stays the
+    optimizer's own values; a led window refuses bucket-by-bucket updates."""
+    from mpi4py import MPI
+
+    from mpips.transport import ParameterWindow
+
+    comm = MPI.COMM_WORLD
+    n, lead = 1000, 2.0
+    init = np.linspace(-1, 1, n, dtype=np.float32)
+    step = np.full(n, 0.25, dtype=np.float32)
+    window = ParameterWindow(comm, n if comm.rank == 0 else 0, init=init.copy() if comm.rank == 0 else None,
+                             pull_codec=codec, lead=lead if comm.rank == 0 else 0.0)
+    want = [init, init + step + lead * step, init + step + lead * step, init + 0.5 * step - lead * 0.5 * step]
+    have = [init, init + step, init + step, init + 0.5 * step]  # the optimizer's own values
+    status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
+    shard = np.zeros(n, dtype=np.float32)
+    for version, expected in enumerate(want):
+        if comm.rank == 0:
+            if version == 1:
+                window.begin_update()
+                window.params[:] += step
+            elif version == 3:
+                window.begin_update()
+                window.params[:] -= step / 2
+            window.publish()
+            np.testing.assert_allclose(window.params, have[version], rtol=0, atol=1e-6)
+        comm.Barrier()
+        if comm.rank == 1:
+            window.pull([0], status, [shard])
+            tol = 1e-6 if codec == "fp32" else 1e-2
+            np.testing.assert_allclose(shard, expected, rtol=tol, atol=tol)
+        comm.Barrier()
+    if comm.rank == 0:
+        with pytest.raises(RuntimeError, match="whole versions"):
+            window.begin_update(lazy=True)
+    window.free()
+
+
+@pytest.mark.mpi(min_size=2, sizes=(2,))
 def test_chunked_window_and_message_pulls_read_the_whole_shard():
     from mpi4py import MPI
 

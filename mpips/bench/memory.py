@@ -27,6 +27,7 @@ from mpi4py import MPI
 from mpips.bench.common import BenchError, format_table, parse_names, parse_sizes, run_quietly
 from mpips.config import parse_args
 from mpips.data import open_dataset
+from mpips.delay import lookahead_lead
 from mpips.layout import RoleLayout
 from mpips.memory import expected_bytes_per_param
 from mpips.optim import STATE_FACTOR
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict[str, Any]]:
         workers = size - 1
         largest = hidden * hidden / params  # the MLP's hidden-to-hidden weight
         expected = expected_bytes_per_param(role, optimizer, workers, cfg.train.max_inflight, cfg.train.sync,
-                                            cfg.optim.weight_decay, largest, cfg.compression.pull_codec)["total"]
+                                            cfg.optim.weight_decay, largest, cfg.compression.pull_codec,
+                                            lookahead_lead(cfg.optim.lookahead, cfg.train.sync, workers) > 0)["total"]
         mine = {"role": role, "rank": comm.Get_rank(), "optimizer": optimizer, "params": params,
                 "workers": workers, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
                 "bytes_per_param": (peak - baseline) / params,

@@ -10,14 +10,18 @@ f - 1 times each step's measured compute (``MPIPS_SLOW_WORKER``,
 a sleep that stands for an accelerator's kernels (``MPIPS_DEVICE_MS``), so a worker's step is
 dominated by its own device and not by the host's cores, which W + 1 ranks share on a small host
 (0: CPU compute only); the slow worker's device time is f times as long. Worker 0, never the slow
-one, evaluates on the held-out split every ``--eval-every`` steps. The systems:
+one, evaluates on the held-out split every ``--eval-every`` steps (with ``--lookahead``, the
+optimizer's own values, fetched from the servers for it, and that time counts). The systems:
 
 - ``mpips-bsp``: every step waits for every worker;
 - ``mpips-bsp-backup1``: bsp with ``--backup-workers 1``: a step takes the first W - 1 pushes;
 - ``mpips-asp``, ``mpips-ssp``: asynchronous, with the default rules: ``lr / W`` divided by the
-  staleness (``--staleness-lr``), Adam's beta1 less the momentum asynchrony adds, 1 - 1/W
-  (``--implicit-momentum``); a worker's pull waits for the servers' acks of its own pushes;
-- ``mpips-asp-no-im``, ``mpips-ssp-no-im``: with ``--no-implicit-momentum`` (Adam's own 0.9);
+  staleness (``--staleness-lr``), workers pull the parameters led along the last update by
+  ``--lookahead 2`` x (W - 1) updates; a worker's pull waits for the servers' acks of its own pushes;
+- ``mpips-asp-no-lookahead``, ``mpips-ssp-no-lookahead``: ``--lookahead 0 --implicit-momentum``
+  (Adam's beta1 less the momentum asynchrony adds, 1 - 1/W: the default rules before the look-ahead);
+- ``mpips-asp-im``: asp with the look-ahead and ``--implicit-momentum``;
+- ``mpips-asp-lookahead1``: asp with ``--lookahead 1`` (led by W - 1 updates, the staleness itself);
 - ``mpips-asp-plain``: asp with ``--no-staleness-lr`` (``lr / W`` whatever the staleness);
 - ``mpips-asp-dc``: asp with ``--dc-lambda 2`` (delay-compensated, DC-ASGD-a, ``mpips.delay``).
 
@@ -55,8 +59,10 @@ SYSTEMS: dict[str, list[str]] = {
     "mpips-bsp-backup1": ["--sync", "bsp", "--backup-workers", "1"],
     "mpips-asp": ["--sync", "asp"],
     "mpips-ssp": ["--sync", "ssp"],
-    "mpips-asp-no-im": ["--sync", "asp", "--no-implicit-momentum"],
-    "mpips-ssp-no-im": ["--sync", "ssp", "--no-implicit-momentum"],
+    "mpips-asp-no-lookahead": ["--sync", "asp", "--lookahead", "0", "--implicit-momentum"],
+    "mpips-ssp-no-lookahead": ["--sync", "ssp", "--lookahead", "0", "--implicit-momentum"],
+    "mpips-asp-im": ["--sync", "asp", "--implicit-momentum"],
+    "mpips-asp-lookahead1": ["--sync", "asp", "--lookahead", "1"],
     "mpips-asp-plain": ["--sync", "asp", "--no-staleness-lr"],
     "mpips-asp-dc": ["--sync", "asp", "--dc-lambda", "2.0"],
 }

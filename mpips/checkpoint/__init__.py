@@ -7,6 +7,8 @@ File ``ckpt-<step>.h5`` in ``--checkpoint-dir`` holds (tensors only, nothing pic
     optim_tensor/<key>      float64 [tensors]   per-tensor scalar optimizer state (Adam's step)
     optim_has_state         uint8 [tensors]     1 where torch.optim holds state for the tensor
     servers/applied         int64 [servers]     gradients applied (asp/ssp learning-rate scaling)
+    params_before           float32 [numel]     asp/ssp with --lookahead: params before the last update,
+                            what the pulled values lead by (absent: resumed leading by nothing)
     workers/position        int64 [workers, 3]  (next global step, epoch, step in epoch)
     workers/rng_torch       uint8 [workers, n]  each worker's torch CPU RNG state
     workers/buffers/<name>  uint8 [workers, n]  each worker's module buffers (raw bytes)

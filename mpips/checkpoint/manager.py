@@ -227,6 +227,7 @@ class Checkpointing:
             elem = {k: ds[lo:hi] for k, ds in f.get("optim", {}).items()}
             scalar = {k: ds[:] for k, ds in f.get("optim_tensor", {}).items()}
             applied = int(f["servers/applied"][0])
+            before = f["params_before"][lo:hi] if "params_before" in f else None
             sparse = [table_state(f, f"sparse/{t}", s, rows) for t, rows in enumerate(template.get("sparse", []))]
         state = {}
         for i, r in enumerate(runs):
@@ -235,8 +236,8 @@ class Checkpointing:
                 state[i] = {k: torch.from_numpy(v[a:b].copy()) for k, v in elem.items()}
                 state[i].update({k: torch.tensor(v[tix[i]], dtype=torch.float32) for k, v in scalar.items()})
         optimizer = dict(template["optimizer"], state=state)
-        return {"params": params, "optimizer": optimizer, "pieces": runs, "applied": applied,
-                "clocks": list(self.manifest["positions"]),
+        return {"params": params, "params_before": before, "optimizer": optimizer, "pieces": runs,
+                "applied": applied, "clocks": list(self.manifest["positions"]),
                 "sparse": [dict(t, clocks=list(self.manifest["positions"])) for t in sparse]}
 
     def restore_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -290,6 +291,8 @@ class Checkpointing:
             Piece("params", lo, st["params"].copy(), (numel,)),
             Piece("servers/applied", s, np.array([st["applied"]], np.int64), (plan.servers,)),
         ]
+        if st.get("params_before") is not None:  # asp/ssp --lookahead: the last update's start
+            pieces.append(Piece("params_before", lo, st["params_before"].copy(), (numel,)))
         # per-element state as flat vectors (re-cut on load); per-tensor scalars (Adam's step) and
         # whether a tensor has state at all, written by the server holding its first element
         firsts = [tix[i] for i, r in enumerate(runs) if r.tensor_offset == 0]

@@ -25,6 +25,7 @@ checkpoint where one is configured: catch it, save what the loop needs, and exit
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -111,6 +112,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if client.await_step(ahead=False) is None:
             raise Preempted(client.position, self._on_stop(client.position))
         return loss
+
+    def server_values(self) -> contextlib.AbstractContextManager[None]:
+        """``with opt.server_values(): evaluate(model)``: the model holds the servers' own values
+        inside, the values pulled for the next step after it. Only asp/ssp with ``--lookahead``
+        (the default there) pull other values: parameters led along the last update."""
+        return self._client.server_values()
 
     def _take_back_grads(self) -> None:
         """Gradients user code put outside the flat buffer: copied in (None: no gradient)."""

@@ -24,8 +24,10 @@ the window (collective).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from mpips.client.backwardpush import BackwardPush
 from mpips.client.flat import FlatModel
 from mpips.client.pullahead import PullAhead
 from mpips.compression import chunk_ranges, chunk_seed, make_codec, make_encoder, parse_chunk
+from mpips.delay import lookahead_lead
 from mpips.optim import sum_of_squares
 from mpips.precision import Precision
 from mpips.sync import sync_mode
@@ -105,6 +108,7 @@ class ParameterClient:
         self.mode = sync_mode(train.sync, train.staleness, train.backup_workers)  # mpips.sync: the client's half
         self.total_steps, self.pull_mode = ctx.total_steps, ctx.pull  # pull_mode: "message" if no RMA
         self.max_inflight, self.stall_timeout = train.max_inflight, train.stall_timeout
+        self.lead = lookahead_lead(ctx.optim.lookahead, train.sync, len(ctx.workers))  # pulls lead by it (asp/ssp)
         self.chunk_bytes = train.chunk_bytes
         self.compression, self.seed = ctx.compression, train.seed  # the push codec (None: float32)
         self.codec, self.encoder = None, None  # set by start()
@@ -276,6 +280,32 @@ class ParameterClient:
         self.window.free()
         self.server_stats = server_stats
         return final
+
+    @contextlib.contextmanager
+    def server_values(self) -> Iterator[None]:
+        """Inside, the model holds the servers' own parameter values, e.g. to evaluate them; after
+        it, the values pulled for the next step again. With ``--lookahead`` (asp/ssp) a step's pull
+        brings values led along the last update, so its gradient is computed where the parameters
+        will be when it lands; every server then sends its shard as its optimizer holds it, after
+        this worker's pushes so far. Without a lead a pull brings the servers' values: nothing to do.
+        """
+        if not self.lead:
+            yield
+            return
+        flat = self.flat
+        pulled = flat.host.copy() if isinstance(flat.host, np.ndarray) else flat.host.detach().cpu().numpy()
+        values = np.empty(flat.plan.numel, dtype=np.float32)
+        requests = [r for s, rank in enumerate(self.servers)
+                    for r in recv_chunks(self.comm, values[slice(*flat.plan.shard_range(s))], rank, Tag.MASTER,
+                                         self.chunk_bytes)]
+        for s in range(len(self.servers)):
+            self.pusher.push(s, PushHeader(self.position, self.index, Codec.MASTER, 0, 0, 0, 0.0, 0.0))
+        wait_all(requests, "the parameter values of every server (--lookahead)", self.stall_timeout)
+        flat.load_wire(values)
+        try:
+            yield
+        finally:
+            flat.load_wire(pulled)
 
     # -- pull and push -----------------------------------------------------------------------
     def _need(self, step: int) -> int:

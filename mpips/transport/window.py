@@ -42,6 +42,12 @@ class ParameterWindow:
     ``pull_codec`` (``--pull-codec``, the same on every rank): the exposed buffers hold the shard
     as float32, bf16 or fp16 elements; ``params`` stays float32, and ``pull`` widens.
 
+    ``lead`` (asp/ssp ``--lookahead``): the exposed buffers hold the shard extrapolated along its
+    last update, ``params + lead * (params - before)``, where ``before`` is ``params`` as the
+    last ``begin_update()`` found them: workers compute their gradients where the parameters will
+    be once ``lead`` more updates like it are applied. ``params`` (the optimizer's values, a
+    private float32 master then) is what checkpoints and the final model take.
+
     Server updates. With float32 pulls the server keeps no private copy: ``begin_update()`` takes
     the exclusive lock on the stale buffer, copies the current version's shard into it and makes
     ``params`` that buffer's shard, which the optimizer then updates in place; ``publish()``
@@ -61,14 +67,14 @@ class ParameterWindow:
 
     def __init__(
         self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES, pull_codec: str = "fp32",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES, pull_codec: str = "fp32", lead: float = 0.0,
     ):
         """``init``: the shard's initial values; a contiguous float32 vector becomes the working copy."""
-        self.comm, self.chunk_bytes, self.pull_codec = comm, chunk_bytes, pull_codec
+        self.comm, self.chunk_bytes, self.pull_codec, self.lead = comm, chunk_bytes, pull_codec, lead
         self.itemsize = PULL_CODECS[pull_codec].itemsize
         self._staging: list[np.ndarray] = []  # worker, low-precision pulls: the bytes read per target
         n = shard_elements
-        self.in_place = pull_codec == "fp32"  # the optimizer updates the stale exposed buffer itself
+        self.in_place = pull_codec == "fp32" and not lead  # the optimizer updates the stale exposed buffer itself
         self._updating: int | None = None  # the exposed buffer an update holds (in place)
         self._lazy = False  # the update in progress is exposed range by range (begin_update(lazy=True))
         # the values, set before the windows exist so no pull can see uninitialised memory: with
@@ -79,6 +85,7 @@ class ParameterWindow:
             self._master = np.zeros(n, dtype=np.float32)
             if init is not None:
                 self._master[:] = init
+        self.before = self._master.copy() if lead else None  # lead: the values before the last update
         self.status = np.zeros(HEADER_BYTES // 8, dtype=np.int64)  # server's working status
         nbytes = HEADER_BYTES + self.itemsize * n if n else 0
         # Win.Create over our own buffers: passive Get measured ~3x faster than Win.Allocate here.
@@ -130,11 +137,18 @@ class ParameterWindow:
         return 0 if v[0] >= v[1] else 1
 
     def _expose(self, out: np.ndarray) -> None:
-        """The master values into the bytes ``out`` of an exposed buffer, in the pull codec's type."""
-        if self.pull_codec == "fp32":
-            out.view(np.float32)[:] = self._master
-        else:
-            narrow(out, self._master, self.pull_codec)
+        """The master values (led, ``lead``) into the bytes ``out`` of an exposed buffer, in the pull codec's type."""
+        fp32 = self.pull_codec == "fp32"
+        values = self._master
+        if self.lead:  # in place where the exposed buffer is float32: no temporary of the shard's size
+            values = out.view(np.float32) if fp32 else np.empty_like(self._master)
+            np.subtract(self._master, self.before, out=values)
+            values *= np.float32(self.lead)
+            values += self._master
+        if not fp32:
+            narrow(out, values, self.pull_codec)
+        elif values is self._master:
+            out.view(np.float32)[:] = values
 
     def _expose_range(self, out: np.ndarray, lo: int, hi: int) -> None:
         """Master elements ``lo:hi`` into the exposed bytes ``out`` (the pull codec's type)."""
@@ -157,7 +171,8 @@ class ParameterWindow:
 
     def begin_update(self, lazy: bool = False) -> int | None:
         """Server, before changing ``params``: in place, lock the stale buffer exclusively and
-        bring it to the current values; returns its index (None with a private master).
+        bring it to the current values; returns its index (None with a private master). With a
+        ``lead``, ``before`` takes the values the update starts from.
 
         ``lazy`` (bsp, published bucket by bucket): take a *shared* lock on the stale buffer and
         copy nothing yet. The caller brings each range to the current values (``prepare``)
@@ -168,6 +183,10 @@ class ParameterWindow:
         """
         if self._updating is not None:
             return self._updating if self.in_place else None
+        if self.lead:
+            if lazy:
+                raise RuntimeError("a window with a lead publishes whole versions, not bucket by bucket")
+            self.before[:] = self._master
         if not self.in_place and not lazy:
             return None
         stale = 1 - self._current()

@@ -99,6 +99,7 @@ class Tag(IntEnum):
     CONTROL = 20  # worker -> server or data server, pickled: ("register", n), ("loader", request), ("finish", w)
     DATA_REQUEST = 21  # worker -> data server: sample ids wanted, or done
     DATA = 22  # data server -> worker: the samples
+    MASTER = 23  # server -> worker, asked by a MASTER push (--lookahead): the optimizer's own shard
 
 
 class Codec(IntEnum):
@@ -111,6 +112,7 @@ class Codec(IntEnum):
     RANDOMK = 4
     QSGD = 5
     SIGN = 6
+    MASTER = 253  # no payload: asp/ssp with --lookahead: send me the optimizer's own values (Tag.MASTER)
     JOIN = 254  # no payload: asp/ssp checkpoint join; step = position, clock_seen = the mark seen
     STOP = 255  # no payload: this worker is done (shutdown is a message)
 
@@ -210,7 +212,8 @@ class PushHeader:
         if step < 0 or samples < 0 or (clock < -1 and codec != Codec.JOIN) or applied < 0:
             problems.append(f"negative step/samples/clock/applied ({step}/{samples}/{clock}/{applied})")
         streamed = flags == STREAMED
-        if streamed and (nbytes != HEADER_BYTES or not 0 < length <= max_payload or codec in (Codec.JOIN, Codec.STOP)):
+        header_only = (Codec.JOIN, Codec.STOP, Codec.MASTER)
+        if streamed and (nbytes != HEADER_BYTES or not 0 < length <= max_payload or codec in header_only):
             problems.append(f"streamed header of {nbytes} bytes announcing {length} payload bytes"
                             f" (max {max_payload}) for codec {codec}")
         elif not streamed and (length != nbytes - HEADER_BYTES or length > max_payload):

@@ -270,9 +270,7 @@ class ParameterServer:
                 self.receiver.repost(w)
                 continue
             if header.codec == Codec.MASTER:  # after the worker's earlier pushes: they are applied
-                wait_all(send_chunks(self.comm, self.window.params, self.workers[w], Tag.MASTER, self.chunk_bytes),
-                         f"worker {w} to receive the optimizer's values", self.stall_timeout)
-                self.receiver.repost(w)
+                self.send_values(w)
                 continue
             faults.at("push", header.step)
             grad, mask = self._decode(header, payload)  # views of the receive buffer
@@ -331,6 +329,12 @@ class ParameterServer:
         """asp/ssp over windows: tell worker ``w`` its pushes so far are applied (``SyncMode.acks``)."""
         if self.notices is not None and self.mode.acks:
             self.notices.ack(w, self.clocks[w])
+
+    def send_values(self, w: int) -> None:
+        """Worker ``w`` asked for this shard as the optimizer holds it (a MASTER push, ``--lookahead``)."""
+        wait_all(send_chunks(self.comm, self.window.params, self.workers[w], Tag.MASTER, self.chunk_bytes),
+                 f"worker {w} to receive the optimizer's values", self.stall_timeout)
+        self.receiver.repost(w)
 
     def serve_pulls(self) -> None:
         if self.pull_server is not None:

@@ -406,9 +406,21 @@ class Async(SyncMode):
         # every server clears the mark before the collective save, so no worker sees it again
         window.status[Slot.CHECKPOINT] = 0
         server.publish()
-        server.checkpoints.save(abs(mark), mark < 0, server.state_dict(), server.serve_pulls)
+        server.checkpoints.save(abs(mark), mark < 0, server.state_dict(), lambda: self.while_saving(server))
         self.joined.clear()
         return True
+
+    def while_saving(self, server: ParameterServer) -> None:
+        """Pulls, and a worker's request for the servers' own values (``--lookahead``: it may
+        evaluate while the others wait in the checkpoint); a push waits for the next poll."""
+        server.serve_pulls()
+        if not server.window.lead:
+            return
+        for w, header, payload in server.receiver.poll():
+            if header.codec == Codec.MASTER:
+                server.send_values(w)
+            else:
+                server.deferred.append((w, header, payload))  # the next poll takes it (its buffer stays)
 
     @staticmethod
     def slowest(server: ParameterServer) -> int:

@@ -267,12 +267,8 @@ class ParameterClient:
         final = server_stats = None
         me = self.comm.Get_rank()
         if me == lead:  # every server sends its shard here, in chunks
-            plan = self.flat.plan
-            final = np.empty(plan.numel, dtype=np.float32)
-            requests = [r for s, rank in enumerate(self.servers)
-                        for r in recv_chunks(self.comm, final[slice(*plan.shard_range(s))], rank, Tag.FINAL,
-                                             self.chunk_bytes)]
-            wait_all(requests, "the final shards of every server", self.stall_timeout)
+            final = np.empty(self.flat.plan.numel, dtype=np.float32)
+            wait_all(self._receive_shards(final, Tag.FINAL), "the final shards of every server", self.stall_timeout)
         gathered = self.comm.gather(self.stats, root=lead)  # servers send theirs, workers these
         if me == lead:
             server_stats = [gathered[r] for r in self.servers]
@@ -280,6 +276,12 @@ class ParameterClient:
         self.window.free()
         self.server_stats = server_stats
         return final
+
+    def _receive_shards(self, out: np.ndarray, tag: int) -> list:
+        """Receives of every server's shard, sent by ``send_chunks`` with ``tag``, into float32 ``out`` [numel]."""
+        plan = self.flat.plan
+        return [r for s, rank in enumerate(self.servers)
+                for r in recv_chunks(self.comm, out[slice(*plan.shard_range(s))], rank, tag, self.chunk_bytes)]
 
     @contextlib.contextmanager
     def server_values(self) -> Iterator[None]:
@@ -295,9 +297,7 @@ class ParameterClient:
         flat = self.flat
         pulled = flat.host.copy() if isinstance(flat.host, np.ndarray) else flat.host.detach().cpu().numpy()
         values = np.empty(flat.plan.numel, dtype=np.float32)
-        requests = [r for s, rank in enumerate(self.servers)
-                    for r in recv_chunks(self.comm, values[slice(*flat.plan.shard_range(s))], rank, Tag.MASTER,
-                                         self.chunk_bytes)]
+        requests = self._receive_shards(values, Tag.MASTER)
         for s in range(len(self.servers)):
             self.pusher.push(s, PushHeader(self.position, self.index, Codec.MASTER, 0, 0, 0, 0.0, 0.0))
         wait_all(requests, "the parameter values of every server (--lookahead)", self.stall_timeout)

@@ -31,15 +31,17 @@ def test_header_round_trip_and_validation():
 
 
 @pytest.mark.mpi(min_size=2, sizes=(2, 4))
-def test_pulls_only_ever_see_whole_versions():
-    """Rank 0 publishes its whole shard set to v, 300 times; the others pull in a tight loop."""
+@pytest.mark.parametrize("lead", [0.0, 2.0])
+def test_pulls_only_ever_see_whole_versions(lead):
+    """Rank 0 publishes its whole shard set to v, 300 times; the others pull in a tight loop
+    (with a lead: the pulled values are v + lead, and the master they read as well is v, whole)."""
     from mpi4py import MPI
 
     from mpips.transport import ParameterWindow
 
     comm = MPI.COMM_WORLD
     n, versions = 200_000, 300
-    window = ParameterWindow(comm, n if comm.rank == 0 else 0)
+    window = ParameterWindow(comm, n if comm.rank == 0 else 0, lead=lead if comm.rank == 0 else 0.0)
     seen, torn = set(), 0
     if comm.rank == 0:
         for v in range(1, versions + 1):
@@ -50,10 +52,15 @@ def test_pulls_only_ever_see_whole_versions():
     else:
         status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
         shard = np.zeros(n, dtype=np.float32)
+        master = np.zeros(n, dtype=np.float32)
         while True:
             window.pull([0], status, [shard])
             v = int(status[0, Slot.VERSION])
-            torn += int(shard.min() != v or shard.max() != v)
+            led = v + lead if v else 0  # the update to v started from v - 1 (the first from 0, unpublished)
+            torn += int(shard.min() != led or shard.max() != led)
+            if lead:
+                window.pull_master([0], [master])
+                torn += int(master.min() != master.max() or master[0] < v)
             seen.add(v)
             if v == versions:
                 break
@@ -388,7 +395,8 @@ def test_a_broken_streamed_push_is_refused_naming_the_worker(fault):
 def test_a_led_window_publishes_its_values_led_along_the_last_update(codec):
     """--lookahead: readers pull ``params + lead * (params - before)``, ``before`` the values the
     last update started from (a publish without an update keeps the lead); ``params`` stays the
-    optimizer's own values; a led window refuses bucket-by-bucket updates."""
+    optimizer's own values, and readers read them too (``pull_master``, float32 whatever the pull
+    codec); a led window refuses bucket-by-bucket updates."""
     from mpi4py import MPI
 
     from mpips.transport import ParameterWindow
@@ -402,7 +410,8 @@ def test_a_led_window_publishes_its_values_led_along_the_last_update(codec):
     want = [init, init + step + lead * step, init + step + lead * step, init + 0.5 * step - lead * 0.5 * step]
     have = [init, init + step, init + step, init + 0.5 * step]  # the optimizer's own values
     status = np.zeros((1, HEADER_BYTES // 8), dtype=np.int64)
-    shard = np.zeros(n, dtype=np.float32)
+    shard, master = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+    assert window.exposes_master  # every rank, though only the server has a lead
     for version, expected in enumerate(want):
         if comm.rank == 0:
             if version == 1:
@@ -418,6 +427,8 @@ def test_a_led_window_publishes_its_values_led_along_the_last_update(codec):
             window.pull([0], status, [shard])
             tol = 1e-6 if codec == "fp32" else 1e-2
             np.testing.assert_allclose(shard, expected, rtol=tol, atol=tol)
+            window.pull_master([0], [master])
+            np.testing.assert_allclose(master, have[version], rtol=0, atol=1e-6)
         comm.Barrier()
     if comm.rank == 0:
         with pytest.raises(RuntimeError, match="whole versions"):

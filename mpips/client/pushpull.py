@@ -289,7 +289,10 @@ class ParameterClient:
         it, the values pulled for the next step again. With ``--lookahead`` (asp/ssp) a step's pull
         brings values led along the last update, so its gradient is computed where the parameters
         will be when it lands; every server then sends its shard as its optimizer holds it, after
-        this worker's pushes so far. Without a lead a pull brings the servers' values: nothing to do.
+        this worker's pushes so far: read from their windows once they acknowledged those pushes
+        (``ParameterWindow.pull_master``), or, without windows, sent by the servers when asked (a
+        MASTER push, after the pushes before it). Without a lead a pull brings the servers' values:
+        nothing to do.
         """
         if not self.lead:
             yield
@@ -297,10 +300,15 @@ class ParameterClient:
         flat = self.flat
         pulled = flat.host.copy() if isinstance(flat.host, np.ndarray) else flat.host.detach().cpu().numpy()
         values = np.empty(flat.plan.numel, dtype=np.float32)
-        requests = self._receive_shards(values, Tag.MASTER)
-        for s in range(len(self.servers)):
-            self.pusher.push(s, PushHeader(self.position, self.index, Codec.MASTER, 0, 0, 0, 0.0, 0.0))
-        wait_all(requests, "the parameter values of every server (--lookahead)", self.stall_timeout)
+        if self.notices is not None and self.window.exposes_master:
+            self._wait_for_acks()
+            self.window.pull_master(self.servers, [values[slice(*flat.plan.shard_range(s))]
+                                                   for s in range(len(self.servers))])
+        else:
+            requests = self._receive_shards(values, Tag.MASTER)
+            for s in range(len(self.servers)):
+                self.pusher.push(s, PushHeader(self.position, self.index, Codec.MASTER, 0, 0, 0, 0.0, 0.0))
+            wait_all(requests, "the parameter values of every server (--lookahead)", self.stall_timeout)
         flat.load_wire(values)
         try:
             yield
@@ -341,10 +349,8 @@ class ParameterClient:
                 self.window.pull(self.servers, self.status, self.shards, which=list(self.notices.buffer))
         else:
             targets, newest = self.servers, None
-            if self.notices is not None:  # asp/ssp: read your own writes: every push so far applied
-                mine = self.pushed
-                with self.tracer.span("wait for parameters"):
-                    self.notices.wait(mine, lambda: self._lagging(mine, self.notices.clock), self.stall_timeout)
+            if self.notices is not None:  # asp/ssp: read your own writes
+                self._wait_for_acks()
 
             def ready() -> bool:
                 nonlocal newest
@@ -361,6 +367,12 @@ class ParameterClient:
         self.stats.bytes_pulled += PULL_CODECS[self.pull_codec].itemsize * self.flat.plan.numel
         self.flat.after_pull()
         return int(self.status[:, Slot.CLOCK].min())
+
+    def _wait_for_acks(self) -> None:
+        """asp/ssp over windows: until every server acknowledged this worker's pushes so far (applied)."""
+        mine = self.pushed
+        with self.tracer.span("wait for parameters"):
+            self.notices.wait(mine, lambda: self._lagging(mine, self.notices.clock), self.stall_timeout)
 
     def _lagging(self, need: int, clocks: np.ndarray | None = None) -> str:
         """Which servers a pull waits for, for the stall message (``clocks``: from notices)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from mpi4py import MPI
 
 from mpips.chunking import DEFAULT_CHUNK_BYTES
@@ -46,7 +47,10 @@ class ParameterWindow:
     last update, ``params + lead * (params - before)``, where ``before`` is ``params`` as the
     last ``begin_update()`` found them: workers compute their gradients where the parameters will
     be once ``lead`` more updates like it are applied. ``params`` (the optimizer's values, a
-    private float32 master then) is what checkpoints and the final model take.
+    private float32 master then) is what checkpoints and the final model take, and a third
+    window exposes it where any rank has a lead (``pull_master``: an evaluation reads it without
+    the server's help; the server holds it under an exclusive lock from ``begin_update()`` to
+    ``publish()``, so a read sees one whole version).
 
     Server updates. With float32 pulls the server keeps no private copy: ``begin_update()`` takes
     the exclusive lock on the stale buffer, copies the current version's shard into it and makes
@@ -64,6 +68,7 @@ class ParameterWindow:
     """
 
     NEWEST = 0  # doorbell slot: the exposed buffer that holds the newest version (set by publish)
+    BELL, MASTER = 2, 3  # the doorbell's window and the master's (with a lead), after the two buffers'
 
     def __init__(
         self, comm: MPI.Comm, shard_elements: int, init: np.ndarray | None = None,
@@ -76,6 +81,7 @@ class ParameterWindow:
         n = shard_elements
         self.in_place = pull_codec == "fp32" and not lead  # the optimizer updates the stale exposed buffer itself
         self._updating: int | None = None  # the exposed buffer an update holds (in place)
+        self._master_locked = False  # a led update holds the master's window exclusively
         self._lazy = False  # the update in progress is exposed range by range (begin_update(lazy=True))
         # the values, set before the windows exist so no pull can see uninitialised memory: with
         # bf16/fp16 pulls the float32 master is ``init`` itself where it is a float32 vector
@@ -106,10 +112,14 @@ class ParameterWindow:
         multi-node Ethernet cluster) or for one rank. Pulls then go by messages.
         """
         error = ""
+        led = self.comm.allreduce(bool(self.lead), op=MPI.LOR)  # readers (lead 0) expose no master of their own
         try:
             for mem in self._memory:
                 self._wins.append(MPI.Win.Create(mem[:nbytes] if nbytes else None, 1, comm=self.comm))
             self._wins.append(MPI.Win.Create(self._bell_memory, 8, comm=self.comm))
+            if led:
+                master = self._master if self.lead and self._master.size else None
+                self._wins.append(MPI.Win.Create(master, 1, comm=self.comm))
         except MPI.Exception as exc:
             error = exc.Get_error_string()
         errors = self.comm.allgather(error)
@@ -123,6 +133,11 @@ class ParameterWindow:
             log.warning("no RMA windows on this MPI transport (%s, on %d of %d ranks): pulls go by messages",
                         failed[0], len(failed), len(errors))
         return False
+
+    @property
+    def exposes_master(self) -> bool:
+        """Whether ``pull_master`` can read the servers' optimizer values (RMA, and a lead somewhere)."""
+        return self.rma and len(self.wins) > self.MASTER
 
     @property
     def wins(self) -> list[MPI.Win]:
@@ -142,9 +157,9 @@ class ParameterWindow:
         values = self._master
         if self.lead:  # in place where the exposed buffer is float32: no temporary of the shard's size
             values = out.view(np.float32) if fp32 else np.empty_like(self._master)
-            np.subtract(self._master, self.before, out=values)
-            values *= np.float32(self.lead)
-            values += self._master
+            # params + lead (params - before), in one pass: before + (1 + lead) (params - before)
+            torch.lerp(torch.from_numpy(self.before), torch.from_numpy(self._master), 1.0 + self.lead,
+                       out=torch.from_numpy(values))
         if not fp32:
             narrow(out, values, self.pull_codec)
         elif values is self._master:
@@ -186,6 +201,9 @@ class ParameterWindow:
         if self.lead:
             if lazy:
                 raise RuntimeError("a window with a lead publishes whole versions, not bucket by bucket")
+            if self.exposes_master:  # readers of the master wait for this update's publish
+                self.wins[self.MASTER].Lock(self.comm.Get_rank(), MPI.LOCK_EXCLUSIVE)
+                self._master_locked = True
             self.before[:] = self._master
         if not self.in_place and not lazy:
             return None
@@ -247,6 +265,9 @@ class ParameterWindow:
             self._updating, self._lazy = None, False
             if self.rma:
                 self.wins[stale].Unlock(me)
+            if self._master_locked:
+                self._master_locked = False
+                self.wins[self.MASTER].Unlock(me)
         if self.rma:  # readers go there from now on
             self._bell_accumulate(me, self.NEWEST, stale, MPI.REPLACE)
         return stale
@@ -323,6 +344,17 @@ class ParameterWindow:
             for (lo, hi), out in zip(ranges, raw, strict=True):
                 widen(shard[lo:hi], out, self.pull_codec)
 
+    def pull_master(self, targets: list[int], shards: list[np.ndarray]) -> None:
+        """Worker: each target's optimizer values (its float32 master, with a lead: ``exposes_master``)
+        into ``shards[i]``, whole: read under a shared lock, which waits for an update in progress."""
+        win = self.wins[self.MASTER]
+        for t in targets:
+            win.Lock(t, MPI.LOCK_SHARED)
+        MPI.Request.Waitall([r for t, shard in zip(targets, shards, strict=True)
+                             for r in get_chunks(win, shard, t, 0, self.chunk_bytes)])
+        for t in targets:
+            win.Unlock(t)
+
     def raise_flag(self, target: int, slot: int, value: int) -> None:
         """Atomically raise doorbell ``slot`` of ``target`` to at least ``value`` (MPI_MAX).
 
@@ -337,7 +369,7 @@ class ParameterWindow:
 
     def _bell_accumulate(self, target: int, slot: int, value: int, op: MPI.Op) -> None:
         """``op`` (MAX, REPLACE) ``value`` into doorbell ``slot`` of ``target``, atomically."""
-        win = self.wins[2]
+        win = self.wins[self.BELL]
         win.Lock(target, MPI.LOCK_SHARED)
         # origin and target must name the same datatype: numpy's int64 maps to MPI_LONG (ERR_ARG)
         win.Accumulate([np.array([value], dtype=np.int64), MPI.INT64_T], target, (slot, 1, MPI.INT64_T), op=op)
@@ -345,7 +377,7 @@ class ParameterWindow:
 
     def _bell_read(self, target: int, slot: int) -> int:
         """Doorbell ``slot`` of ``target``, read atomically in one shared epoch."""
-        win, out = self.wins[2], np.zeros(1, dtype=np.int64)
+        win, out = self.wins[self.BELL], np.zeros(1, dtype=np.int64)
         win.Lock(target, MPI.LOCK_SHARED)
         win.Get_accumulate(np.zeros(1, dtype=np.int64), out, target, (slot, 1, MPI.INT64_T), op=MPI.NO_OP)
         win.Unlock(target)

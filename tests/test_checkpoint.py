@@ -384,10 +384,12 @@ def test_async_run_preempted_and_resumed_reaches_the_uninterrupted_accuracy(sync
 
 def test_ssp_checkpoints_with_message_pulls_do_not_deadlock(tmp_path):
     """A waiting ssp worker must see the checkpoint mark also when pulls go by messages
-    (MPICH, TCP-only Open MPI): servers answer a waiting pull once a checkpoint is open."""
+    (MPICH, TCP-only Open MPI): servers answer a waiting pull once a checkpoint is open. Worker 0
+    evaluates at the checkpoints' steps: without a notice to wait on, it asks every server for its
+    values (a MASTER message), answered in a checkpoint too."""
     ck = tmp_path / "ck"
     run_train(4, "--data-servers", "0", "--sync", "ssp", "--staleness", "1", "--pull", "message",
-              "--steps", "60", "--checkpoint-dir", str(ck), "--checkpoint-every", "10",
+              "--steps", "60", "--checkpoint-dir", str(ck), "--checkpoint-every", "10", "--eval-every", "10",
               "--model", "toymodels:slow_on_rank", "--stall-timeout", "20",
               env={"PYTHONPATH": str(REPO / "tests"), "MPIPS_TEST_SLOW_RANK": "1"}, timeout=180, check=True)
     steps = [s for s, _ in list_checkpoints(ck)]

@@ -398,7 +398,7 @@ def _report(cfg, flat, final, worker, data, device, stats, metrics, steps, ckpt,
         "last train loss (worker 0)": stats.last_loss,
         "samples/s (all workers)": out["samples_per_s"],
         "gradients applied": out["gradients_applied"],
-        "gradients dropped": out["gradients_dropped"],
+        "gradients dropped (NaN/Inf)": out["gradients_dropped"],
         **({"gradients late, dropped (backup workers)": out["gradients_late"]} if cfg.train.backup_workers else {}),
         "max staleness applied": out["max_staleness"],
         "time pulling / computing / pushing (s)":

@@ -51,6 +51,13 @@ def _data_module():
         return None, "mpips.bench.data is not installed in this checkout"
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common")
@@ -62,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         " (default: cores on the host / ranks on the host, at least 1)")
     parser = argparse.ArgumentParser(
         prog="python -m mpips.bench", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     rma_bench.add_arguments(sub.add_parser("rma", parents=[common], formatter_class=fmt,
                                            help="pull bandwidth vs raw Get, Isend, memcpy"))
     apply_bench.add_arguments(sub.add_parser("apply", parents=[common], formatter_class=fmt,

@@ -277,11 +277,15 @@ class ParameterClient:
         self.server_stats = server_stats
         return final
 
+    def _shard_views(self, out: np.ndarray) -> list[np.ndarray]:
+        """Server s's shard of the float32 model vector ``out`` [numel], as views, in server order."""
+        plan = self.flat.plan
+        return [out[slice(*plan.shard_range(s))] for s in range(len(self.servers))]
+
     def _receive_shards(self, out: np.ndarray, tag: int) -> list:
         """Receives of every server's shard, sent by ``send_chunks`` with ``tag``, into float32 ``out`` [numel]."""
-        plan = self.flat.plan
-        return [r for s, rank in enumerate(self.servers)
-                for r in recv_chunks(self.comm, out[slice(*plan.shard_range(s))], rank, tag, self.chunk_bytes)]
+        return [r for rank, shard in zip(self.servers, self._shard_views(out), strict=True)
+                for r in recv_chunks(self.comm, shard, rank, tag, self.chunk_bytes)]
 
     @contextlib.contextmanager
     def server_values(self) -> Iterator[None]:
@@ -302,8 +306,7 @@ class ParameterClient:
         values = np.empty(flat.plan.numel, dtype=np.float32)
         if self.notices is not None and self.window.exposes_master:
             self._wait_for_acks()
-            self.window.pull_master(self.servers, [values[slice(*flat.plan.shard_range(s))]
-                                                   for s in range(len(self.servers))])
+            self.window.pull_master(self.servers, self._shard_views(values))
         else:
             requests = self._receive_shards(values, Tag.MASTER)
             for s in range(len(self.servers)):
